@@ -1,0 +1,1 @@
+"""cram-sweep: capacity sweeps of trainable input vectors for frozen language models."""

@@ -1,0 +1,178 @@
+"""`cram-sweep run | resume | status | report | decode | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import UserError, compose_config, load_sweep_config, to_yaml, validate
+from .store import StoreError, SweepDir
+
+# Keys whose change would change results: a sweep directory refuses a config that differs in them.
+RESULT_KEYS = ("seed", "precision", "grid", "optim", "models", "datasets")
+
+
+def _result_config(cfg) -> str:
+    return OmegaConf.to_yaml({k: cfg[k] for k in RESULT_KEYS}, resolve=True)
+
+
+def _write_config(sweep: SweepDir, cfg) -> None:
+    tmp = sweep.config.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, sweep.config)
+
+
+def _finish(cfg, sweep: SweepDir, tokens) -> int:
+    from .orchestrate import run_sweep
+
+    code = run_sweep(cfg, sweep, tokens)
+    print_status(sweep, seconds=True)
+    if cfg.report:
+        publish_report(sweep)
+    if code:
+        print(f"some samples failed: see `cram-sweep status {sweep.path}`, then `cram-sweep resume {sweep.path}`")
+    return code
+
+
+def cmd_run(overrides, show_config: bool) -> int:
+    cfg = compose_config(overrides)
+    if show_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    validate(cfg)
+    from .orchestrate import prepare_tokens
+
+    tokens = prepare_tokens(cfg)
+    sweep = SweepDir(Path(cfg.out_dir) / cfg.name)
+    with sweep.lock():
+        if sweep.config.is_file():
+            if _result_config(load_sweep_config(sweep.config)) != _result_config(cfg):
+                raise UserError(f"{sweep.path} holds a different sweep named {cfg.name}: use `cram-sweep resume {sweep.path}` or another name=")
+            print(f"{sweep.path} holds this sweep already: running its missing samples")
+        _write_config(sweep, cfg)
+        return _finish(cfg, sweep, tokens)
+
+
+def cmd_resume(path: str) -> int:
+    sweep = SweepDir(path).require()
+    cfg = load_sweep_config(sweep.config)
+    validate(cfg)
+    from .orchestrate import prepare_tokens
+
+    tokens = prepare_tokens(cfg)
+    with sweep.lock():
+        return _finish(cfg, sweep, tokens)
+
+
+def print_status(sweep: SweepDir, seconds: bool = False) -> int:
+    from .report import cell_table
+
+    table = cell_table(sweep)
+    width = max(len(c) for c in table["cell"])
+    for row in table.to_dict("records"):
+        line = f"{row['cell']:<{width}}  done {row['done']:>4}  failed {row['failed']:>3}  pending {row['pending']:>4}  mean acc {row['acc_mean']:.3f}"
+        if seconds:
+            line += f"  gain {row['gain_tokens_mean']:6.1f} tok  info gain {row['info_gain_bits_mean']:7.1f} bits  {row['seconds_mean']:.2f} s/sample"
+        print(line)
+    done, failed, pending = (int(table[k].sum()) for k in ("done", "failed", "pending"))
+    print(f"total: {done} done, {failed} failed, {pending} pending")
+    return 0 if failed == 0 and pending == 0 else 1
+
+
+def cmd_status(path: str) -> int:
+    sweep = SweepDir(path).require()
+    print_status(sweep)
+    from .store import read_failures, read_results
+
+    done = set(zip(*(read_results(sweep, ["cell", "sample"])[k].to_pylist() for k in ("cell", "sample"))))
+    failures = [r for r in read_failures(sweep).to_pylist() if (r["cell"], r["sample"]) not in done]
+    latest = {(r["cell"], r["sample"]): r for r in sorted(failures, key=lambda r: r["attempt"])}
+    for (cell, sample), row in sorted(latest.items()):
+        print(f"failed: {cell} sample {sample} (attempt {row['attempt']}): {row['error'][:300]}")
+    return 0
+
+
+def publish_report(sweep: SweepDir) -> None:
+    """Write the report and log it to the sweep's MLflow parent run (MLflow failing loses no file)."""
+    from .orchestrate import Sweep
+    from .report import build_report
+    from .tracking import Tracker, log_report
+
+    report = build_report(sweep.path)
+    print(f"report: {sweep.report / 'capacity.md'}")
+    cfg = load_sweep_config(sweep.config)
+    tracker = Tracker(cfg, sweep)
+    try:
+        tracker.start()
+        Sweep(cfg, sweep, tracker).load_existing()
+        tracker.flush(force=True)
+        log_report(tracker, report)
+    except Exception as err:  # the files are written; MLflow can be re-synced with `report` later
+        logging.getLogger("cram_sweep").warning("report not logged to MLflow (%s): run `cram-sweep report %s` again", " ".join(str(err).split())[:200], sweep.path)
+
+
+def cmd_report(path: str) -> int:
+    sweep = SweepDir(path).require()
+    publish_report(sweep)
+    print((sweep.report / "capacity.md").read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cram-sweep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a sweep: cram-sweep run [hydra overrides...]")
+    run.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'grid.lengths=[16,32]' grid.samples=8")
+    for name, text in (("resume", "finish a sweep's missing or failed samples"), ("status", "one line per cell"), ("report", "write and log the capacity report")):
+        sub.add_parser(name, help=text).add_argument("sweep_dir")
+    decode = sub.add_parser("decode", help="greedy-decode a stored sample from its vectors")
+    decode.add_argument("sweep_dir")
+    decode.add_argument("--cell", help="cell id as `status` prints it")
+    decode.add_argument("--sample", type=int, default=0)
+    decode.add_argument("--model")
+    decode.add_argument("--dataset")
+    decode.add_argument("--length", type=int)
+    decode.add_argument("--n-mem", type=int)
+    bench = sub.add_parser("bench", help="throughput of the engine against the paper's one-sample loop")
+    bench.add_argument("overrides", nargs="*", help="bench.* overrides, e.g. bench.length=64 'bench.batch_sizes=[1,8]'")
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args.overrides, args.cfg == "job")
+        if args.command == "resume":
+            return cmd_resume(args.sweep_dir)
+        if args.command == "status":
+            return cmd_status(args.sweep_dir)
+        if args.command == "report":
+            return cmd_report(args.sweep_dir)
+        if args.command == "decode":
+            from .decode import decode_command
+
+            return decode_command(args)
+        from .bench import bench_command
+
+        return bench_command(args.overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted: finished samples are stored; continue with `cram-sweep resume SWEEP_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The cramming loop: optimize `n_mem` input vectors per text so a frozen LM reproduces the text.
+
+Many samples of one cell share each forward/backward. The loss is the SUM of the samples' mean
+cross-entropies and AdamW is elementwise with per-parameter state, so every sample follows the
+trajectory it would follow alone. A finished sample leaves at once and a waiting one takes its slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import OptimConfig
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class SampleSpec:
+    sample: int
+    token_ids: List[int]
+    init_seed: int
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str):
+    """Per-sample mean CE and accuracy of the `length - 1` next-token predictions of the text.
+
+    memory: (B, n_mem, H) or None; text_embeds: (B, L, H); targets: (B, L-1) = token ids 1..L-1.
+    """
+    length = text_embeds.shape[1]
+    inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
+    with autocast(precision, text_embeds.device):
+        logits = model(inputs_embeds=inputs, logits_to_keep=length).logits[:, :-1]
+    logits = logits.float()
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
+    acc = (logits.argmax(dim=-1) == targets).float().mean(dim=1)
+    return ce, acc
+
+
+@torch.no_grad()
+def greedy_decode(model, memory: torch.Tensor, first_tokens: torch.Tensor, n_new: int, precision: str) -> torch.Tensor:
+    """Greedy continuation of [memory, first text token] for `n_new` tokens: (B, n_new) ids."""
+    embed = model.get_input_embeddings()
+    inputs = torch.cat([memory, embed(first_tokens[:, None])], dim=1)
+    out_tokens = []
+    with autocast(precision, memory.device):
+        out = model(inputs_embeds=inputs, use_cache=True, logits_to_keep=1)
+        for i in range(n_new):
+            token = out.logits[:, -1].float().argmax(dim=-1)
+            out_tokens.append(token)
+            if i + 1 < n_new:
+                out = model(input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(out_tokens, dim=1)
+
+
+def matched_prefix(decoded: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Number of leading positions where decoded equals targets, per row."""
+    mismatch = decoded != targets
+    first = torch.where(mismatch.any(dim=1), mismatch.float().argmax(dim=1), torch.full_like(mismatch[:, 0], targets.shape[1], dtype=torch.long))
+    return first.long()
+
+
+class _Batch:
+    """The samples currently being optimized, with their best-so-far state, all as (B, ...) tensors."""
+
+    def __init__(self, model, n_mem: int, optim: OptimConfig):
+        self.model = model
+        self.n_mem = n_mem
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.init_std = self.embed.weight.float().std().item()
+        self.specs: List[SampleSpec] = []
+        self.params: List[torch.nn.Parameter] = []
+        self.optimizer = torch.optim.AdamW(
+            [torch.nn.Parameter(torch.zeros(1, device=self.device))],
+            lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay,
+        )
+        self.optimizer.param_groups[0]["params"] = self.params
+        self.tensors: dict = {}
+        self.started: List[float] = []
+        self.seconds: List[float] = []
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def add(self, specs: List[SampleSpec], precision: str) -> None:
+        ids = torch.tensor([s.token_ids for s in specs], device=self.device)
+        text_embeds = self.embed(ids)
+        targets = ids[:, 1:]
+        with torch.no_grad():
+            ce0, acc0 = score(self.model, None, text_embeds, targets, precision)
+        hidden = self.embed.weight.shape[1]
+        for spec in specs:
+            gen = torch.Generator().manual_seed(spec.init_seed)
+            init = torch.randn(self.n_mem, hidden, generator=gen) * self.init_std
+            self.params.append(torch.nn.Parameter(init.to(self.device)))
+        count = len(specs)
+        new = {
+            "ids": ids, "text_embeds": text_embeds, "targets": targets, "ce_no_mem": ce0, "acc_no_mem": acc0,
+            "steps": torch.zeros(count, dtype=torch.long, device=self.device),
+            "best_acc": torch.full((count,), -1.0, device=self.device),
+            "best_step": torch.zeros(count, dtype=torch.long, device=self.device),
+            "best_ce": torch.full((count,), math.inf, device=self.device),
+            "best_mem": torch.stack([p.detach().clone() for p in self.params[-count:]]),
+            "done": torch.zeros(count, dtype=torch.bool, device=self.device),
+            "nonfinite": torch.zeros(count, dtype=torch.bool, device=self.device),
+        }
+        self.tensors = {k: torch.cat([self.tensors[k], v]) if self.tensors else v for k, v in new.items()}
+        self.specs += specs
+        self.seconds += [0.0] * count
+
+    def step(self, precision: str, optim: OptimConfig) -> None:
+        t = self.tensors
+        memory = torch.stack(self.params)
+        ce, acc = score(self.model, memory, t["text_embeds"], t["targets"], precision)
+        finite = torch.isfinite(ce)
+        loss = torch.where(finite, ce, torch.zeros_like(ce)).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            live = ~t["done"]
+            t["steps"] += live.long()
+            improved = live & (acc > t["best_acc"])
+            t["best_acc"] = torch.where(improved, acc, t["best_acc"])
+            t["best_step"] = torch.where(improved, t["steps"], t["best_step"])
+            t["best_mem"] = torch.where(improved[:, None, None], memory.detach(), t["best_mem"])
+            t["best_ce"] = torch.where(live & (ce < t["best_ce"]), ce, t["best_ce"])
+            stale = t["steps"] - t["best_step"] >= optim.patience
+            t["nonfinite"] |= live & ~finite
+            t["done"] |= live & ((acc >= 1.0) | stale | (t["steps"] >= optim.max_steps) | ~finite)
+        self.optimizer.step()
+
+    def take_finished(self, precision: str) -> List[dict]:
+        t = self.tensors
+        done = t["done"].cpu()
+        if not done.any():
+            return []
+        index = done.nonzero().flatten().tolist()
+        rows = self._rows(index, precision)
+        keep = (~done).nonzero().flatten().tolist()
+        for i in sorted(index, reverse=True):
+            self.optimizer.state.pop(self.params[i], None)
+            del self.params[i]
+        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.tensors = {k: v.index_select(0, keep_t) for k, v in t.items()} if keep else {}
+        self.specs = [self.specs[i] for i in keep]
+        self.seconds = [self.seconds[i] for i in keep]
+        return rows
+
+    def _rows(self, index: List[int], precision: str) -> List[dict]:
+        t = self.tensors
+        idx = torch.tensor(index, dtype=torch.long, device=self.device)
+        targets = t["targets"][idx]
+        best_mem = t["best_mem"][idx]
+        length = targets.shape[1] + 1
+        decoded = greedy_decode(self.model, best_mem, t["ids"][idx, 0], length - 1, precision)
+        prefix = matched_prefix(decoded, targets).cpu().tolist()
+        cols = {k: t[k][idx].cpu().tolist() for k in ("ce_no_mem", "acc_no_mem", "best_ce", "best_acc", "steps", "nonfinite")}
+        memory = best_mem.float().cpu().flatten(1).tolist()
+        rows = []
+        for j, i in enumerate(index):
+            n_pred = length - 1
+            ce_no_mem_bits = cols["ce_no_mem"][j] * n_pred / LN2
+            ce_bits = cols["best_ce"][j] * n_pred / LN2
+            acc, acc_no_mem = cols["best_acc"][j], cols["acc_no_mem"][j]
+            rows.append({
+                "sample": self.specs[i].sample,
+                "token_ids": self.specs[i].token_ids,
+                "acc_no_mem": acc_no_mem,
+                "acc": acc,
+                "ce_no_mem_bits": ce_no_mem_bits,
+                "ce_bits": ce_bits,
+                "info_gain_bits": ce_no_mem_bits - ce_bits,
+                "gain_tokens": (acc - acc_no_mem) * n_pred,
+                "seconds": self.seconds[i],
+                "steps": cols["steps"][j],
+                "converged": acc >= 1.0,
+                "greedy_prefix": prefix[j],
+                "greedy_exact": prefix[j] == n_pred,
+                "memory": memory[j],
+                "error": f"loss became non-finite at step {cols['steps'][j]}" if cols["nonfinite"][j] else None,
+            })
+        return rows
+
+
+def cram(
+    model,
+    samples: Iterable[SampleSpec],
+    n_mem: int,
+    optim: OptimConfig,
+    precision: str = "fp32",
+    batch_size: int = 16,
+    check_every: int = 1,
+) -> Iterator[dict]:
+    """Optimize every sample of one cell (all of one length); yield one result row per sample as it finishes."""
+    waiting = deque(samples)
+    batch = _Batch(model, n_mem, optim)
+    while waiting or len(batch):
+        free = batch_size - len(batch)
+        if free > 0 and waiting:
+            batch.add([waiting.popleft() for _ in range(min(free, len(waiting)))], precision)
+        started = time.perf_counter()
+        for _ in range(check_every):
+            batch.step(precision, optim)
+        share = (time.perf_counter() - started) / len(batch)
+        batch.seconds = [s + share for s in batch.seconds]
+        yield from batch.take_finished(precision)

