@@ -1,0 +1,67 @@
+"""`cram-sweep decode`: greedy-decode a stored sample from its vectors and compare with the original."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from .config import UserError, load_sweep_config
+from .cram import greedy_decode, matched_prefix
+from .model import load_model
+from .store import SweepDir, read_results
+
+
+def select_row(table, args) -> dict:
+    """The stored row chosen by --cell/--sample, or by --model/--dataset/--length/--n-mem/--sample."""
+    if table.empty:
+        raise UserError("the sweep has no finished samples yet: see `cram-sweep status`")
+    if args.cell:
+        rows = table[table["cell"] == args.cell]
+        if rows.empty:
+            raise UserError(f"no finished sample in cell {args.cell!r}: cells with samples are {sorted(table['cell'].unique())}")
+    else:
+        rows = table
+        for column, value in (("model", args.model), ("dataset", args.dataset), ("length", args.length), ("n_mem", args.n_mem)):
+            if value is not None:
+                rows = rows[rows[column] == value]
+        if rows.empty or rows["cell"].nunique() > 1:
+            found = sorted(rows["cell"].unique() if not rows.empty else table["cell"].unique())
+            raise UserError(f"--model/--dataset/--length/--n-mem must pick one cell; they match {len(rows['cell'].unique())}: choose --cell from {found}")
+    match = rows[rows["sample"] == args.sample]
+    if match.empty:
+        raise UserError(f"no finished sample {args.sample} in cell {rows['cell'].iloc[0]}: finished samples are {sorted(rows['sample'].tolist())}")
+    return match.iloc[0].to_dict()
+
+
+def decode_row(lm, row: dict) -> Tuple[List[int], int]:
+    """Greedy tokens after the first text token, and how many match the text before the first error."""
+    ids = torch.tensor(row["token_ids"], device=lm.device)
+    memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
+    decoded = greedy_decode(lm.model, memory, ids[:1], len(ids) - 1, row["precision"])
+    prefix = int(matched_prefix(decoded, ids[None, 1:])[0])
+    return decoded[0].tolist(), prefix
+
+
+def decode_command(args) -> int:
+    sweep = SweepDir(args.sweep_dir).require()
+    row = select_row(read_results(sweep).to_pandas(), args)
+    cfg = load_sweep_config(sweep.config)
+    lm = load_model(row["model"], cfg.models[row["model"]], cfg.device)
+    decoded, prefix = decode_row(lm, row)
+    ids = list(row["token_ids"])
+    tok = lm.tokenizer
+    matched = tok.decode(ids[: prefix + 1])
+    print(f"cell {row['cell']} sample {row['sample']}: acc {row['acc']:.4f}, precision {row['precision']}")
+    print("--- original ---")
+    print(tok.decode(ids))
+    print("--- decoded from the vectors (first differing token in [[ ]]) ---")
+    if prefix == len(ids) - 1:
+        print(tok.decode(ids[:1] + decoded))
+    else:
+        print(matched + "[[" + tok.decode(decoded[prefix : prefix + 1]) + "]]" + tok.decode(decoded[prefix + 1 :]))
+        print(f"--- expected at the first difference: {tok.decode(ids[prefix + 1 : prefix + 2])!r}")
+    exact = prefix == len(ids) - 1
+    print(f"matched prefix: {prefix} of {len(ids) - 1} predicted tokens; exact match: {'yes' if exact else 'no'}"
+          f" (stored: greedy_prefix {row['greedy_prefix']}, greedy_exact {row['greedy_exact']})")
+    return 0

@@ -1,0 +1,275 @@
+"""The capacity report of a sweep: capacity table, per-cell table, Markdown summary and plots.
+
+Everything is computed from the results store and `sweep.yaml`; nothing here talks to MLflow.
+Definitions (per model, dataset, n_mem) follow the design's "The method": `max_tokens` is the largest
+length whose mean accuracy is >= 0.99; gain and information gain are averaged over the samples that
+did not fit (acc <= 0.99) across all lengths; utilization is that mean gain over the theoretical
+capacity n_mem * hidden * 16 / log2(vocab_size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .config import UserError, cells, load_sweep_config  # noqa: E402
+from .store import SweepDir, read_failures, read_results  # noqa: E402
+
+FIT = 0.99
+GROUP = ["model", "dataset", "n_mem"]
+CAPACITY_COLUMNS = [
+    "model", "dataset", "n_mem", "max_tokens", "gain_tokens_mean", "gain_tokens_std",
+    "info_gain_bits_mean", "info_gain_bits_std", "theoretical_tokens", "utilization",
+]
+CELL_COLUMNS = [
+    "model", "dataset", "n_mem", "length", "cell", "done", "failed", "pending",
+    "acc_mean", "gain_tokens_mean", "info_gain_bits_mean", "greedy_exact_share", "seconds_mean",
+]
+
+
+@dataclass
+class Report:
+    capacity: pd.DataFrame
+    cells: pd.DataFrame
+    files: List[Path]
+
+
+def _sweep(sweep) -> SweepDir:
+    return sweep if isinstance(sweep, SweepDir) else SweepDir(sweep)
+
+
+def load_results(sweep_dir) -> pd.DataFrame:
+    return read_results(_sweep(sweep_dir)).to_pandas()
+
+
+def load_capacity(sweep_dir) -> pd.DataFrame:
+    """report/capacity.csv where `report` wrote it, else computed from the results (nothing written)."""
+    path = _sweep(sweep_dir).report / "capacity.csv"
+    return pd.read_csv(path) if path.is_file() else capacity_table(load_results(sweep_dir))
+
+
+def _max_tokens(group: pd.DataFrame) -> int:
+    mean_acc = group.groupby("length")["acc"].mean()
+    fits = mean_acc.index[mean_acc >= FIT]
+    return int(fits.max()) if len(fits) else 0
+
+
+def _capacity_row(group: pd.DataFrame) -> dict:
+    saturated = group[group["acc"] <= FIT]
+    n_mem, hidden, vocab = (int(group[key].iloc[0]) for key in ("n_mem", "hidden", "vocab_size"))
+    theoretical = n_mem * hidden * 16 / math.log2(vocab)
+    gain_mean = saturated["gain_tokens"].mean()
+    return {
+        "max_tokens": _max_tokens(group),
+        "gain_tokens_mean": gain_mean,
+        "gain_tokens_std": saturated["gain_tokens"].std(),
+        "info_gain_bits_mean": saturated["info_gain_bits"].mean(),
+        "info_gain_bits_std": saturated["info_gain_bits"].std(),
+        "theoretical_tokens": theoretical,
+        "utilization": gain_mean / theoretical,
+    }
+
+
+def capacity_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, dataset, n_mem) with the columns of report/capacity.csv."""
+    rows = [
+        {**dict(zip(GROUP, key)), **_capacity_row(group)}
+        for key, group in results.groupby(GROUP, sort=True)
+    ]
+    return pd.DataFrame(rows, columns=CAPACITY_COLUMNS)
+
+
+def cell_table(sweep) -> pd.DataFrame:
+    """One row per cell of the grid in sweep.yaml; cells without finished samples have NaN means."""
+    sweep = _sweep(sweep).require()
+    cfg = load_sweep_config(sweep.config)
+    results = load_results(sweep)
+    failures = read_failures(sweep).to_pandas()
+    rows = []
+    for cell in cells(cfg):
+        done = results[results["cell"] == cell.id]
+        done_samples = set(done["sample"])
+        failed = set(failures.loc[failures["cell"] == cell.id, "sample"]) - done_samples
+        rows.append({
+            "model": cell.model, "dataset": cell.dataset, "n_mem": cell.n_mem, "length": cell.length,
+            "cell": cell.id, "done": len(done_samples), "failed": len(failed),
+            "pending": max(cfg.grid.samples - len(done_samples) - len(failed), 0),
+            "acc_mean": done["acc"].mean(), "gain_tokens_mean": done["gain_tokens"].mean(),
+            "info_gain_bits_mean": done["info_gain_bits"].mean(),
+            "greedy_exact_share": done["greedy_exact"].astype(float).mean(),
+            "seconds_mean": done["seconds"].mean(),
+        })
+    return pd.DataFrame(rows, columns=CELL_COLUMNS)
+
+
+def _label(model, dataset, n_mem=None) -> str:
+    return f"{model} / {dataset}" + ("" if n_mem is None else f" / n_mem={n_mem}")
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if pd.isna(value) else format(value, spec)
+
+
+def _pm(mean, std) -> str:
+    return _fmt(mean, ".1f") if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _md_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+
+
+def _progress_note(cell_rows: pd.DataFrame, samples: int) -> str:
+    done, failed, pending = (int(cell_rows[key].sum()) for key in ("done", "failed", "pending"))
+    if failed + pending == 0:
+        return f"All {done} samples done."
+    total = len(cell_rows) * samples
+    return (f"**Partial sweep:** {done} of {total} samples done, {failed} failed, {pending} pending: "
+            "means are over finished samples.")
+
+
+def _capacity_markdown(capacity: pd.DataFrame) -> str:
+    header = ["model", "dataset", "n_mem", "max tokens", "gain tokens", "info gain (bits)",
+              "theoretical tokens", "utilization"]
+    rows = [
+        [r.model, r.dataset, r.n_mem, r.max_tokens, _pm(r.gain_tokens_mean, r.gain_tokens_std),
+         _pm(r.info_gain_bits_mean, r.info_gain_bits_std), _fmt(r.theoretical_tokens, ".1f"),
+         _fmt(r.utilization * 100, ".1f") + ("" if pd.isna(r.utilization) else "%")]
+        for r in capacity.itertuples()
+    ]
+    return _md_table(header, rows)
+
+
+def _cells_markdown(cell_rows: pd.DataFrame) -> str:
+    header = ["length", "done", "mean acc", "mean gain (tokens)", "greedy-exact share", "failed / pending"]
+    parts = []
+    for (model, dataset, n_mem), group in cell_rows.groupby(GROUP, sort=False):
+        rows = [
+            [r.length, r.done, _fmt(r.acc_mean, ".3f"), _fmt(r.gain_tokens_mean, ".1f"),
+             _fmt(r.greedy_exact_share, ".2f"), f"{r.failed} / {r.pending}"]
+            for r in group.itertuples()
+        ]
+        parts.append(f"### {_label(model, dataset, n_mem)}\n\n" + _md_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def _markdown(name: str, capacity: pd.DataFrame, cell_rows: pd.DataFrame, samples: int) -> str:
+    return f"""# Capacity report: {name}
+
+{_progress_note(cell_rows, samples)}
+
+## Capacity per model, dataset and n_mem
+
+{_capacity_markdown(capacity)}
+
+max tokens: the longest length whose mean accuracy is >= {FIT}. Gain tokens and info gain: mean ± std
+over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit).
+Theoretical tokens: n_mem · hidden · 16 / log2(vocab size); utilization: mean gain / theoretical tokens.
+
+## Cells
+
+{_cells_markdown(cell_rows)}
+"""
+
+
+def _colours(keys) -> dict:
+    """Distinct colours for up to 20 keys (tab10 while it suffices)."""
+    keys = sorted(set(keys))
+    cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
+
+
+def _save(fig, ax, path: Path) -> Path:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", frameon=False)
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finished = cell_rows.dropna(subset=["acc_mean"])
+    groups = finished.groupby(GROUP)
+    colours = _colours(groups.groups)
+    for key, group in groups:
+        ax.plot(group["length"], group["acc_mean"], marker="o", color=colours[key], label=_label(*key))
+    ax.axhline(FIT, color="grey", linestyle="--", linewidth=1, label=f"fits (mean acc ≥ {FIT})")
+    lengths = sorted(cell_rows["length"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(min(0.0, finished["acc_mean"].min()) - 0.02, 1.03)
+    ax.set(xlabel="text length (tokens)", ylabel="mean token accuracy (teacher forcing)",
+           title="Accuracy of decoding the text from the vectors")
+    return _save(fig, ax, path)
+
+
+def _plot_ce(results: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    colours = _colours(zip(results["model"], results["n_mem"]))
+    datasets = sorted(results["dataset"].unique())
+    markers = dict(zip(datasets, "osD^vP*X"))
+    for (model, dataset, n_mem), group in results.groupby(GROUP):
+        label = f"{model} / n_mem={n_mem}" + (f" / {dataset}" if len(datasets) > 1 else "")
+        ax.scatter(group["ce_no_mem_bits"], group["ce_bits"], s=22, alpha=0.75, label=label,
+                   color=colours[(model, n_mem)], marker=markers.get(dataset, "o"))
+    top = float(np.nanmax(results[["ce_no_mem_bits", "ce_bits"]].to_numpy())) * 1.05
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="y = x (no gain)")
+    ax.set_xlim(-0.02 * top, top)
+    ax.set_ylim(-0.02 * top, top)
+    ax.set(xlabel="CE of the text without vectors (bits, summed)", ylabel="CE with the vectors (bits, summed)",
+           title="Cross-entropy with vs without the vectors, per sample")
+    return _save(fig, ax, path)
+
+
+def _plot_info_gain(capacity: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = capacity.groupby(["model", "dataset"])
+    colours = _colours(groups.groups)
+    for key, group in groups:
+        ax.errorbar(group["n_mem"], group["info_gain_bits_mean"], yerr=group["info_gain_bits_std"].fillna(0),
+                    marker="o", capsize=4, color=colours[key], label=_label(*key))
+    if capacity["info_gain_bits_mean"].isna().all():
+        ax.text(0.5, 0.5, f"no saturated sample yet (every sample has acc > {FIT}):\nadd longer lengths",
+                transform=ax.transAxes, ha="center", va="center", color="grey")
+    n_mems = sorted(capacity["n_mem"].unique())
+    pad = 0.5 + 0.05 * (n_mems[-1] - n_mems[0])
+    ax.set_xticks(n_mems, [str(n) for n in n_mems])
+    ax.set_xlim(n_mems[0] - pad, n_mems[-1] + pad)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="number of vectors (n_mem)", ylabel=f"information gain (bits), samples with acc ≤ {FIT}",
+           title="Information gain vs number of vectors (mean ± std)")
+    return _save(fig, ax, path)
+
+
+def build_report(sweep_dir) -> Report:
+    """Write report/capacity.csv, report/capacity.md and the PNG plots of a sweep directory."""
+    sweep = _sweep(sweep_dir).require()
+    results = load_results(sweep)
+    if results.empty:
+        raise UserError(f"{sweep.path} has no finished samples yet: run `cram-sweep resume {sweep.path}` first")
+    cfg = load_sweep_config(sweep.config)
+    capacity = capacity_table(results)
+    cell_rows = cell_table(sweep)
+    out = sweep.report
+    out.mkdir(parents=True, exist_ok=True)
+    capacity.to_csv(out / "capacity.csv", index=False)
+    (out / "capacity.md").write_text(_markdown(cfg.name, capacity, cell_rows, cfg.grid.samples))
+    files = [
+        out / "capacity.csv", out / "capacity.md",
+        _plot_accuracy(cell_rows, out / "accuracy_vs_length.png"),
+        _plot_ce(results, out / "ce_with_vs_without.png"),
+        _plot_info_gain(capacity, out / "info_gain_vs_n_mem.png"),
+    ]
+    return Report(capacity=capacity, cells=cell_rows, files=files)
