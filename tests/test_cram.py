@@ -1,0 +1,152 @@
+"""The cramming loop against the design's semantics, on seeded random models (same code path as real ones)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cram_sweep.config import Cell, sample_seed
+from cram_sweep.cram import SampleSpec, cram, score
+from cram_sweep.data import sample_token_ids
+
+from .conftest import tiny_config
+
+CFG = tiny_config()
+OPTIM = CFG.optim
+
+
+def specs_for(lm, length, count, n_mem=2, dataset="pydoc"):
+    ids = sample_token_ids(CFG.datasets[dataset] if dataset in CFG.datasets else tiny_config(f"grid.datasets=[{dataset}]").datasets[dataset],
+                           dataset, lm.tokenizer, count, length, seed=0)
+    cell = Cell(lm.name, dataset, n_mem, length)
+    return [SampleSpec(i, ids[i], sample_seed(0, cell, i)) for i in range(count)]
+
+
+def by_sample(rows):
+    return {r["sample"]: r for r in rows}
+
+
+def naive_cram(model, token_ids, n_mem, init_seed, optim):
+    """The paper's procedure, one sample at a time, written independently of the engine."""
+    embed = model.get_input_embeddings()
+    gen = torch.Generator().manual_seed(init_seed)
+    memory = torch.nn.Parameter(torch.randn(n_mem, embed.weight.shape[1], generator=gen) * embed.weight.std())
+    opt = torch.optim.AdamW([memory], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    ids = torch.tensor(token_ids)[None]
+    text = embed(ids)
+    target = ids[0, 1:]
+    with torch.no_grad():
+        logits = model(inputs_embeds=text).logits[0, :-1]
+        ce0 = F.cross_entropy(logits, target).item()
+        acc0 = (logits.argmax(-1) == target).float().mean().item()
+    best_acc, best_step, best_ce, best_memory, step = -1.0, 0, math.inf, None, 0
+    for step in range(1, optim.max_steps + 1):
+        logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
+        loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(-1) == target).float().mean().item()
+        if acc > best_acc:
+            best_acc, best_step, best_memory = acc, step, memory.detach().clone()
+        best_ce = min(best_ce, loss.item())
+        if acc == 1.0 or step - best_step >= optim.patience:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    n_pred = len(token_ids) - 1
+    return {"acc_no_mem": acc0, "ce_no_mem_bits": ce0 * n_pred / math.log(2), "acc": best_acc, "steps": step,
+            "ce_bits": best_ce * n_pred / math.log(2), "memory": best_memory.flatten().tolist()}
+
+
+def assert_same_result(a, b, atol=1e-3):
+    assert a["steps"] == b["steps"]
+    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
+    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
+    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
+    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_neox"])
+def test_engine_matches_naive_paper_loop(fixture, request):
+    lm = request.getfixturevalue(fixture)
+    specs = specs_for(lm, 8, 3)
+    engine = by_sample(cram(lm.model, specs, 2, OPTIM, "fp32", batch_size=3))
+    for spec in specs:
+        naive = naive_cram(lm.model, spec.token_ids, 2, spec.init_seed, OPTIM)
+        assert_same_result(engine[spec.sample], naive)
+
+
+def test_batch_does_not_change_a_sample(tiny_llama):
+    specs = specs_for(tiny_llama, 8, 5)
+    alone = {s.sample: next(iter(cram(tiny_llama.model, [s], 2, OPTIM, "fp32", batch_size=1))) for s in specs}
+    for batch_size, order in ((2, specs), (5, specs[::-1]), (3, specs[2:] + specs[:2])):
+        batched = by_sample(cram(tiny_llama.model, order, 2, OPTIM, "fp32", batch_size=batch_size))
+        assert sorted(batched) == sorted(alone)
+        for sample, row in batched.items():
+            assert_same_result(row, alone[sample])
+
+
+def test_continuous_batching_refills_slots(tiny_llama):
+    """With more samples than slots, finished samples leave early and every sample still finishes."""
+    specs = specs_for(tiny_llama, 4, 6)
+    rows = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
+    assert sorted(r["sample"] for r in rows) == list(range(6))
+    first_two_done = [r["sample"] for r in rows[:2]]
+    assert set(first_two_done) != {0, 1} or rows[0]["steps"] < OPTIM.max_steps
+
+
+def test_short_text_converges_and_greedy_reproduces_it(tiny_llama):
+    rows = list(cram(tiny_llama.model, specs_for(tiny_llama, 6, 3), 2, OPTIM, "fp32", batch_size=3))
+    converged = [r for r in rows if r["converged"]]
+    assert converged, [r["acc"] for r in rows]
+    for row in converged:
+        assert row["acc"] == 1.0 and row["greedy_exact"] and row["greedy_prefix"] == 5
+        assert row["gain_tokens"] == pytest.approx((1.0 - row["acc_no_mem"]) * 5)
+        assert row["info_gain_bits"] == pytest.approx(row["ce_no_mem_bits"] - row["ce_bits"])
+
+
+def test_stored_vectors_give_stored_accuracy(tiny_neox):
+    """The kept vectors are those of the best forward pass, so re-running them reproduces `acc`."""
+    specs = specs_for(tiny_neox, 8, 3)
+    for row in cram(tiny_neox.model, specs, 2, OPTIM, "fp32", batch_size=3):
+        ids = torch.tensor(row["token_ids"])[None]
+        memory = torch.tensor(row["memory"]).view(1, 2, -1)
+        with torch.no_grad():
+            _, acc = score(tiny_neox.model, memory, tiny_neox.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
+        assert acc.item() == pytest.approx(row["acc"], abs=1e-6)
+
+
+def test_bos_counts_toward_length(tiny_llama, tiny_neox):
+    llama_ids = specs_for(tiny_llama, 8, 1)[0].token_ids
+    neox_ids = specs_for(tiny_neox, 8, 1)[0].token_ids
+    assert len(llama_ids) == len(neox_ids) == 8
+    assert llama_ids[0] == tiny_llama.tokenizer.bos_token_id
+    assert neox_ids[0] != tiny_neox.tokenizer.bos_token_id
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_vectors(tiny_llama):
+    rows = list(cram(tiny_llama.model, specs_for(tiny_llama, 6, 2), 2, OPTIM, "bf16", batch_size=2))
+    assert len(rows) == 2 and all(0.0 <= r["acc"] <= 1.0 for r in rows)
+    assert tiny_llama.model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_nonfinite_sample_fails_alone(tiny_llama):
+    """A sample whose loss turns NaN (its token embedding is poisoned by a forward hook) fails; its batch-mates are untouched."""
+    specs = specs_for(tiny_llama, 6, 3)
+    clean = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=3))
+    poisoned_token = specs[1].token_ids[3]
+    assert all(poisoned_token not in s.token_ids for s in (specs[0], specs[2])), "pick a token unique to sample 1"
+
+    def poison(module, inputs, output):
+        return output.masked_fill((inputs[0] == poisoned_token)[..., None], float("nan"))
+
+    handle = tiny_llama.model.get_input_embeddings().register_forward_hook(poison)
+    try:
+        rows = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=3))
+    finally:
+        handle.remove()
+    assert "non-finite" in rows[1]["error"]
+    for sample in (0, 2):
+        assert rows[sample]["error"] is None
+        assert_same_result(rows[sample], clean[sample])

@@ -1,0 +1,85 @@
+"""Real local Ray sweeps through the console entry point: store rows, MLflow runs, kill -9 and resume, bad input."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cram_sweep.store import SweepDir, read_results
+
+from .conftest import CLI, ROOT, TINY, run_cli
+
+
+def mlflow_runs(out_dir: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{out_dir.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("cram-sweep")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_local_ray_sweep_end_to_end(tmp_path):
+    proc = run_cli("run", "name=e2e", f"out_dir={tmp_path}", *TINY, "grid.models=[tiny_llama,tiny_neox]", "report=true")
+    assert "sweep directory:" in proc.stdout and "MLflow parent run:" in proc.stdout
+    assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
+    table = ds.dataset(tmp_path / "e2e" / "results").to_table()
+    keys = set(zip(table["cell"].to_pylist(), table["sample"].to_pylist()))
+    expected = {(f"{m}/pydoc/n_mem=2/L={L}", i) for m in ("tiny_llama", "tiny_neox") for L in (4, 8) for i in range(3)}
+    assert keys == expected and table.num_rows == 12
+    assert set(table["precision"].to_pylist()) == {"fp32"}
+    assert all(len(m) == 2 * 64 for m in table["memory"].to_pylist())
+    parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.run_id in proc.stdout
+    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == sorted({k[0] for k in expected})
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.metrics["done"] == 3
+        for key in ("acc_mean", "gain_tokens_mean", "info_gain_bits_mean", "greedy_prefix_max"):
+            assert key in child.data.metrics
+    assert any(k.startswith("max_tokens/tiny_llama") for k in parents[0].data.metrics)
+    status = run_cli("status", str(tmp_path / "e2e"))
+    assert status.stdout.count("done    3  failed   0  pending    0") == 4
+
+
+def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
+    args = ["run", "name=killed", f"out_dir={tmp_path}", *TINY, "grid.samples=8", "grid.lengths=[4,8,12]", "batch_size=1",
+            "optim.patience=150", "optim.max_steps=300"]
+    proc = subprocess.Popen(CLI + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    sweep = SweepDir(tmp_path / "killed")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(sweep.results.glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_results(sweep, ["cell", "sample"])
+    assert 0 < before.num_rows < 24, "the kill must land mid-sweep"
+    parent_before, _ = mlflow_runs(tmp_path)
+
+    resumed = run_cli("resume", str(sweep.path))
+    assert f"{before.num_rows} done, {24 - before.num_rows} to run" in resumed.stdout
+    after = read_results(sweep, ["cell", "sample"])
+    raw = ds.dataset(sweep.results).to_table(columns=["cell", "sample"])
+    assert after.num_rows == raw.num_rows == 24, "every sample exactly once"
+    parents, _ = mlflow_runs(tmp_path)
+    assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
+
+
+def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path):
+    run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]")
+    again = run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]")
+    assert "3 done, 0 to run" in again.stdout
+    other = run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "seed=1", check=False)
+    assert other.returncode == 2
+    assert "holds a different sweep" in other.stderr and "resume" in other.stderr
+
+
+def test_print_config():
+    proc = run_cli("run", "--cfg", "job", "grid.samples=3", "grid.models=[tiny_neox]")
+    assert "samples: 3" in proc.stdout and "tiny_neox:" in proc.stdout and "architecture: gpt_neox" in proc.stdout
