@@ -87,7 +87,6 @@ class TrackingConfig:
     kind: str = "local"  # local: SQLite under out_dir | server: an MLflow tracking server
     uri: Optional[str] = None  # server: tracking URI; None = MLFLOW_TRACKING_URI
     experiment: str = "cram-sweep"
-    flush_seconds: float = 5.0
 
 
 @dataclass
@@ -99,6 +98,7 @@ class SweepConfig:
     batch_size: Any = 16  # int, or "auto"
     device: str = "auto"  # auto | cpu | cuda
     report: bool = True
+    flush_seconds: float = 5.0  # finished samples reach the store and MLflow at least this often
     grid: GridConfig = field(default_factory=GridConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)

@@ -28,7 +28,6 @@ from .model import cpu_threads, load_model, load_tokenizer, model_context, resol
 from .tracking import Tracker
 
 log = logging.getLogger("cram_sweep")
-STORE_FLUSH_SECONDS = 5.0
 STORE_FLUSH_ROWS = 512
 
 
@@ -223,7 +222,7 @@ class Sweep:
             self._track(cell)
 
     def flush(self, force: bool = False) -> None:
-        due = force or len(self.rows) >= STORE_FLUSH_ROWS or time.monotonic() - self.last_store_flush > STORE_FLUSH_SECONDS
+        due = force or len(self.rows) >= STORE_FLUSH_ROWS or time.monotonic() - self.last_store_flush > self.cfg.flush_seconds
         if due:
             store.write_results(self.sweep, self.rows)
             store.write_failures(self.sweep, self.failures)

@@ -119,7 +119,7 @@ class Tracker:
 
     def flush(self, force: bool = False) -> bool:
         """Send the latest metrics of every changed cell; False (and kept for later) if MLflow failed."""
-        if not self.pending or (not force and time.monotonic() - self.last_flush < self.cfg.tracking.flush_seconds):
+        if not self.pending or (not force and time.monotonic() - self.last_flush < self.cfg.flush_seconds):
             return True
         from mlflow.entities import Metric
 
