@@ -140,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--length", type=int)
     decode.add_argument("--n-mem", type=int)
     bench = sub.add_parser("bench", help="throughput of the engine against the paper's one-sample loop")
-    bench.add_argument("overrides", nargs="*", help="bench.* overrides, e.g. bench.length=64 'bench.batch_sizes=[1,8]'")
+    bench.add_argument("--model", default="smollm2", help="a name from conf/model/")
+    bench.add_argument("--dataset", default="pydoc")
+    bench.add_argument("--length", type=int, default=64)
+    bench.add_argument("--n-mem", type=int, default=1)
+    bench.add_argument("--steps", type=int, default=20, help="optimization steps per sample")
+    bench.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
+    bench.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"])
+    bench.add_argument("--paper-samples", type=int, default=2, help="samples run by the paper's loop")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--out", default="outputs/bench.csv", help="CSV file for the table")
     return parser
 
 
@@ -162,7 +171,7 @@ def main(argv=None) -> int:
             return decode_command(args)
         from .bench import bench_command
 
-        return bench_command(args.overrides)
+        return bench_command(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

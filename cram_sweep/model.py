@@ -6,7 +6,6 @@ Loaded models are cached per process (a Ray worker loads each model once, never 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
@@ -156,6 +155,10 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
     dev = resolve_device(device)
     key = _cache_key(name, cfg) + str(dev)
     if key not in _MODELS:
+        _MODELS.clear()  # one model per worker: sweeps run model by model, and GPU memory is for batches
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         tokenizer = load_tokenizer(name, cfg)
         model = _build_model(name, cfg, tokenizer).to(dev)
         model.eval().requires_grad_(False)
@@ -164,8 +167,9 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
     return _MODELS[key]
 
 
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def clear_cache() -> None:
+    _MODELS.clear()
+    _TOKENIZERS.clear()
 
 
 def model_context(name: str, cfg: ModelConfig) -> int:
