@@ -24,17 +24,25 @@ def mlflow_runs(out_dir: Path):
     return parents, children
 
 
-def test_local_ray_sweep_end_to_end(tmp_path):
-    proc = run_cli("run", "name=e2e", f"out_dir={tmp_path}", *TINY, "grid.models=[tiny_llama,tiny_neox]", "report=true")
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """One real sweep (two models, two lengths, report on) shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("sweep")
+    proc = run_cli("run", "name=e2e", f"out_dir={out}", *TINY, "grid.models=[tiny_llama,tiny_neox]", "report=true")
+    return out, proc
+
+
+def test_local_ray_sweep_end_to_end(tiny_sweep):
+    out, proc = tiny_sweep
     assert "sweep directory:" in proc.stdout and "MLflow parent run:" in proc.stdout
     assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
-    table = ds.dataset(tmp_path / "e2e" / "results").to_table()
+    table = ds.dataset(out / "e2e" / "results").to_table()
     keys = set(zip(table["cell"].to_pylist(), table["sample"].to_pylist()))
     expected = {(f"{m}/pydoc/n_mem=2/L={L}", i) for m in ("tiny_llama", "tiny_neox") for L in (4, 8) for i in range(3)}
     assert keys == expected and table.num_rows == 12
     assert set(table["precision"].to_pylist()) == {"fp32"}
     assert all(len(m) == 2 * 64 for m in table["memory"].to_pylist())
-    parents, children = mlflow_runs(tmp_path)
+    parents, children = mlflow_runs(out)
     assert len(parents) == 1 and parents[0].info.run_id in proc.stdout
     assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == sorted({k[0] for k in expected})
     for child in children:
@@ -42,9 +50,41 @@ def test_local_ray_sweep_end_to_end(tmp_path):
         assert child.data.metrics["done"] == 3
         for key in ("acc_mean", "gain_tokens_mean", "info_gain_bits_mean", "greedy_prefix_max"):
             assert key in child.data.metrics
-    assert any(k.startswith("max_tokens/tiny_llama") for k in parents[0].data.metrics)
-    status = run_cli("status", str(tmp_path / "e2e"))
+    status = run_cli("status", str(out / "e2e"))
     assert status.stdout.count("done    3  failed   0  pending    0") == 4
+
+
+def test_report_is_logged_to_mlflow(tiny_sweep):
+    out, _ = tiny_sweep
+    report = out / "e2e" / "report"
+    assert {p.name for p in report.iterdir()} >= {"capacity.csv", "capacity.md", "accuracy_vs_length.png", "ce_with_vs_without.png", "info_gain_vs_n_mem.png"}
+    parents, _ = mlflow_runs(out)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert logged == {f"report/{p.name}" for p in report.iterdir()}
+    local = client.download_artifacts(parents[0].info.run_id, "report/capacity.csv", str(out / "download"))
+    assert Path(local).read_text() == (report / "capacity.csv").read_text()
+    metrics = parents[0].data.metrics
+    for key in ("max_tokens", "gain_tokens_mean", "info_gain_bits_mean", "utilization"):
+        assert f"{key}/tiny_llama/pydoc/n_mem_2" in metrics
+
+
+def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
+    from cram_sweep.cli import main
+
+    out, _ = tiny_sweep
+    rows = read_results(SweepDir(out / "e2e")).to_pylist()
+    exact = next(r for r in rows if r["greedy_exact"])
+    inexact = next(r for r in rows if not r["greedy_exact"])
+    assert main(["decode", str(out / "e2e"), "--cell", exact["cell"], "--sample", str(exact["sample"])]) == 0
+    text = capsys.readouterr().out
+    assert f"matched prefix: {exact['length'] - 1} of {exact['length'] - 1}" in text and "exact match: yes" in text
+    model, _, n_mem, length = inexact["cell"].split("/")
+    assert main(["decode", str(out / "e2e"), "--model", model, "--length", length[2:], "--n-mem", n_mem[6:], "--sample", str(inexact["sample"])]) == 0
+    text = capsys.readouterr().out
+    assert f"matched prefix: {inexact['greedy_prefix']} of" in text and "exact match: no" in text and "[[" in text
+    assert main(["decode", str(out / "e2e"), "--cell", exact["cell"], "--sample", "99"]) == 2
+    assert "finished samples are [0, 1, 2]" in capsys.readouterr().err
 
 
 def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
