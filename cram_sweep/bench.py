@@ -98,7 +98,7 @@ def paper_sample(model, token_ids: List[int], n_mem: int, steps: int, init_seed:
     ids = torch.tensor(token_ids, device=device)[None]
     text = embed(ids)
     for _ in range(steps):
-        with autocast(precision, device):
+        with autocast(model, precision, cast_cache=False):
             logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
         loss = F.cross_entropy(logits.float(), ids[0, 1:])
         (logits.argmax(-1) == ids[0, 1:]).float().mean().item()

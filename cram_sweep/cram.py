@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional
@@ -29,20 +30,46 @@ class SampleSpec:
     init_seed: int
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+_BF16_LINEAR_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str):
+@contextlib.contextmanager
+def autocast(model, precision: str, cast_cache: bool = True):
+    """bf16: the forward under bf16 autocast, as the reference runs Llama-family models.
+
+    Autocast re-casts frozen (requires_grad=False) fp32 weights on every call; with `cast_cache` each
+    Linear's weight is cast once and kept, which gives the same numbers without the per-step casts.
+    """
+    if precision != "bf16":
+        yield
+        return
+    device_type = model.get_input_embeddings().weight.device.type
+    if not cast_cache:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model not in _BF16_LINEAR_WEIGHTS:
+        _BF16_LINEAR_WEIGHTS[model] = [torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False) for m in linears]
+    originals = [m.weight for m in linears]
+    for module, weight in zip(linears, _BF16_LINEAR_WEIGHTS[model]):
+        module.weight = weight
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for module, weight in zip(linears, originals):
+            module.weight = weight
+
+
+def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str, cast_cache: bool = True):
     """Per-sample mean CE and accuracy of the `length - 1` next-token predictions of the text.
 
     memory: (B, n_mem, H) or None; text_embeds: (B, L, H); targets: (B, L-1) = token ids 1..L-1.
     """
     length = text_embeds.shape[1]
     inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
-    with autocast(precision, text_embeds.device):
+    with autocast(model, precision, cast_cache):
         logits = model(inputs_embeds=inputs, logits_to_keep=length).logits[:, :-1]
     logits = logits.float()
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
@@ -56,7 +83,7 @@ def greedy_decode(model, memory: torch.Tensor, first_tokens: torch.Tensor, n_new
     embed = model.get_input_embeddings()
     inputs = torch.cat([memory, embed(first_tokens[:, None])], dim=1)
     out_tokens = []
-    with autocast(precision, memory.device):
+    with autocast(model, precision):
         out = model(inputs_embeds=inputs, use_cache=True, logits_to_keep=1)
         for i in range(n_new):
             token = out.logits[:, -1].float().argmax(dim=-1)
@@ -76,9 +103,12 @@ def matched_prefix(decoded: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class _Batch:
     """The samples currently being optimized, with their best-so-far state, all as (B, ...) tensors."""
 
-    def __init__(self, model, n_mem: int, optim: OptimConfig):
+    def __init__(self, model, n_mem: int, optim: OptimConfig, precision: str, cast_cache: bool):
         self.model = model
         self.n_mem = n_mem
+        self.optim = optim
+        self.precision = precision
+        self.cast_cache = cast_cache
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.init_std = self.embed.weight.float().std().item()
@@ -96,12 +126,12 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def add(self, specs: List[SampleSpec], precision: str) -> None:
+    def add(self, specs: List[SampleSpec]) -> None:
         ids = torch.tensor([s.token_ids for s in specs], device=self.device)
         text_embeds = self.embed(ids)
         targets = ids[:, 1:]
         with torch.no_grad():
-            ce0, acc0 = score(self.model, None, text_embeds, targets, precision)
+            ce0, acc0 = score(self.model, None, text_embeds, targets, self.precision, self.cast_cache)
         hidden = self.embed.weight.shape[1]
         for spec in specs:
             gen = torch.Generator().manual_seed(spec.init_seed)
@@ -122,10 +152,10 @@ class _Batch:
         self.specs += specs
         self.seconds += [0.0] * count
 
-    def step(self, precision: str, optim: OptimConfig) -> None:
-        t = self.tensors
+    def step(self) -> None:
+        t, optim = self.tensors, self.optim
         memory = torch.stack(self.params)
-        ce, acc = score(self.model, memory, t["text_embeds"], t["targets"], precision)
+        ce, acc = score(self.model, memory, t["text_embeds"], t["targets"], self.precision, self.cast_cache)
         finite = torch.isfinite(ce)
         loss = torch.where(finite, ce, torch.zeros_like(ce)).sum()
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,13 +173,13 @@ class _Batch:
             t["done"] |= live & ((acc >= 1.0) | stale | (t["steps"] >= optim.max_steps) | ~finite)
         self.optimizer.step()
 
-    def take_finished(self, precision: str) -> List[dict]:
+    def take_finished(self) -> List[dict]:
         t = self.tensors
         done = t["done"].cpu()
         if not done.any():
             return []
         index = done.nonzero().flatten().tolist()
-        rows = self._rows(index, precision)
+        rows = self._rows(index)
         keep = (~done).nonzero().flatten().tolist()
         for i in sorted(index, reverse=True):
             self.optimizer.state.pop(self.params[i], None)
@@ -160,13 +190,13 @@ class _Batch:
         self.seconds = [self.seconds[i] for i in keep]
         return rows
 
-    def _rows(self, index: List[int], precision: str) -> List[dict]:
+    def _rows(self, index: List[int]) -> List[dict]:
         t = self.tensors
         idx = torch.tensor(index, dtype=torch.long, device=self.device)
         targets = t["targets"][idx]
         best_mem = t["best_mem"][idx]
         length = targets.shape[1] + 1
-        decoded = greedy_decode(self.model, best_mem, t["ids"][idx, 0], length - 1, precision)
+        decoded = greedy_decode(self.model, best_mem, t["ids"][idx, 0], length - 1, self.precision)
         prefix = matched_prefix(decoded, targets).cpu().tolist()
         cols = {k: t[k][idx].cpu().tolist() for k in ("ce_no_mem", "acc_no_mem", "best_ce", "best_acc", "steps", "nonfinite")}
         memory = best_mem.float().cpu().flatten(1).tolist()
@@ -204,17 +234,22 @@ def cram(
     precision: str = "fp32",
     batch_size: int = 16,
     check_every: int = 1,
+    cast_cache: bool = True,
 ) -> Iterator[dict]:
-    """Optimize every sample of one cell (all of one length); yield one result row per sample as it finishes."""
+    """Optimize every sample of one cell (all of one length); yield one result row per sample as it finishes.
+
+    Speed options that leave results unchanged: `batch_size`, `check_every` (steps between host syncs;
+    finished samples are frozen on the device meanwhile) and `cast_cache` (bf16 weight copies).
+    """
     waiting = deque(samples)
-    batch = _Batch(model, n_mem, optim)
+    batch = _Batch(model, n_mem, optim, precision, cast_cache)
     while waiting or len(batch):
         free = batch_size - len(batch)
         if free > 0 and waiting:
-            batch.add([waiting.popleft() for _ in range(min(free, len(waiting)))], precision)
+            batch.add([waiting.popleft() for _ in range(min(free, len(waiting)))])
         started = time.perf_counter()
         for _ in range(check_every):
-            batch.step(precision, optim)
+            batch.step()
         share = (time.perf_counter() - started) / len(batch)
         batch.seconds = [s + share for s in batch.seconds]
-        yield from batch.take_finished(precision)
+        yield from batch.take_finished()

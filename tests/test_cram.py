@@ -150,3 +150,15 @@ def test_nonfinite_sample_fails_alone(tiny_llama):
     for sample in (0, 2):
         assert rows[sample]["error"] is None
         assert_same_result(rows[sample], clean[sample])
+
+
+def test_speed_options_leave_results_unchanged(tiny_llama):
+    """bf16 weight-cast cache, fewer host syncs and batching give the results of the plain loop."""
+    specs = specs_for(tiny_llama, 8, 4)
+    plain = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "bf16", batch_size=1, check_every=1, cast_cache=False))
+    fast = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "bf16", batch_size=4, check_every=7, cast_cache=True))
+    synced = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "bf16", batch_size=4, check_every=1, cast_cache=False))
+    for sample in plain:
+        assert fast[sample]["steps"] == synced[sample]["steps"]
+        assert fast[sample]["memory"] == synced[sample]["memory"], "cast cache and check_every change nothing"
+        assert_same_result(fast[sample], plain[sample], atol=5e-2)
