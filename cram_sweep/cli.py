@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -23,8 +24,28 @@ def _result_config(cfg) -> str:
 
 def _write_config(sweep: SweepDir, cfg) -> None:
     tmp = sweep.config.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, sweep.config)
+    try:
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, sweep.config)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {sweep.config} ({err.strerror}): free space or fix the permissions of {sweep.path}") from None
+
+
+def _check_models(cfg) -> None:
+    """Read every model's config and tokenizer before any work: a broken path or file is bad input (exit 2)."""
+    from .model import load_tokenizer, model_context
+
+    for name in cfg.grid.models:
+        try:
+            model_context(name, cfg.models[name])
+            load_tokenizer(name, cfg.models[name])
+        except UserError:
+            raise
+        except Exception as err:  # e.g. a .gguf that is not a model fails inside the gguf parser
+            short = " ".join(str(err).split())[:150]
+            raise UserError(f"model {name}: cannot load it from {cfg.models[name].path!r} ({type(err).__name__}: {short}): "
+                            f"fix models.{name}.path / models.{name}.gguf_file") from None
 
 
 def _finish(cfg, sweep: SweepDir, tokens) -> int:
@@ -47,6 +68,7 @@ def cmd_run(overrides, show_config: bool) -> int:
     validate(cfg)
     from .orchestrate import prepare_tokens
 
+    _check_models(cfg)
     tokens = prepare_tokens(cfg)
     sweep = SweepDir(Path(cfg.out_dir) / cfg.name)
     with sweep.lock():
@@ -64,6 +86,7 @@ def cmd_resume(path: str) -> int:
     validate(cfg)
     from .orchestrate import prepare_tokens
 
+    _check_models(cfg)
     tokens = prepare_tokens(cfg)
     with sweep.lock():
         return _finish(cfg, sweep, tokens)
@@ -155,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow's SQL store logs every failed query with a full traceback before raising; the tracker
+    # reports each MLflow failure in one warning line (a full disk must end in one `error:` line).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -177,6 +203,11 @@ def main(argv=None) -> int:
         return 2
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(f"error: no space left for {err.filename or 'a file'}: free space, then `cram-sweep resume SWEEP_DIR`", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("interrupted: finished samples are stored; continue with `cram-sweep resume SWEEP_DIR`", file=sys.stderr)

@@ -149,10 +149,27 @@ def _compose(overrides: List[str]) -> DictConfig:
 
 
 def _one_line(err: Exception) -> str:
+    """Hydra's multi-line composition errors as one line that names the key or option to change."""
+    import re
+
     text = " ".join(str(err).split())
-    cause = err.__cause__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text += " (" + " ".join(str(cause).split()) + ")"
+    cause = " ".join(str(err.__cause__ or "").split())
+    cause = re.sub(r" (full_key|reference_type|object_type)=.*$", "", re.sub(r" full_key: (\S+)", r" (\1)", cause))
+    unknown_key = re.match(r"Could not override '([^']+)'", text)
+    if unknown_key and "not in" in cause:
+        return f"unknown config key {unknown_key.group(1)}: check its spelling (`cram-sweep run --cfg job` prints every key)"
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.search(r"Available options in '[^']+':(.*?)(Config search path|$)", str(err), re.S)
+        names = [o for o in options.group(1).split() if not o.endswith("_schema")] if options else []
+        return f"unknown option {group}={option}: choose from {', '.join(names)} or add conf/{group}/{option}.yaml"
+    bad_value = re.match(r"Error merging override (\S+?)=(.*)$", text)
+    if bad_value and cause:
+        return f"{bad_value.group(1)}={bad_value.group(2)}: {cause}"
+    text = text.split(" Config search path:")[0]
+    if cause and cause not in text:
+        text += f" ({cause})"
     return text
 
 
@@ -180,7 +197,27 @@ def to_yaml(cfg: DictConfig) -> str:
 def load_sweep_config(path: Path) -> DictConfig:
     _register()
     schema = OmegaConf.structured(SweepConfig)
-    return OmegaConf.merge(schema, OmegaConf.load(path))
+    try:
+        return OmegaConf.merge(schema, OmegaConf.load(path))
+    except Exception as err:  # YAML syntax, unknown keys, wrong types: a file from elsewhere or edited by hand
+        raise UserError(f"{path} is not a valid cram-sweep config ({' '.join(str(err).split())[:200]}): fix the file or run the sweep again with `cram-sweep run`") from None
+
+
+MODEL_SOURCES = ("hf", "gguf_package", "random")
+RANDOM_ARCHITECTURES = ("llama", "gpt_neox")
+DATASET_SOURCES = ("pydoc", "pg19", "files", "random")
+
+
+def _unknown_keys(node, schema, prefix: str) -> List[str]:
+    """Keys appended with `+key=value` that the schema does not know (Hydra accepts them)."""
+    unknown = []
+    known = set(schema.keys())
+    for key in node.keys():
+        if key not in known:
+            unknown.append(f"{prefix}{key}")
+        elif not OmegaConf.is_missing(schema, key) and OmegaConf.is_dict(schema[key]) and len(schema[key]) and OmegaConf.is_dict(node[key]):
+            unknown += _unknown_keys(node[key], schema[key], f"{prefix}{key}.")
+    return unknown
 
 
 def validate(cfg: DictConfig) -> None:
@@ -216,6 +253,25 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("worker.gpus must be > 0 and worker.cpus, worker.count, worker.max_retries >= 0")
     if any(ch in cfg.name for ch in "/\\") or cfg.name in ("", ".", ".."):
         raise UserError(f"name={cfg.name!r}: a sweep name must be a plain directory name")
+    if cfg.flush_seconds < 0:
+        raise UserError(f"flush_seconds={cfg.flush_seconds}: must be >= 0")
+    unknown = _unknown_keys(cfg, OmegaConf.structured(SweepConfig), "")
+    for key, schema in (("models", ModelConfig), ("datasets", DatasetConfig)):
+        for name in cfg[key]:
+            unknown += _unknown_keys(cfg[key][name], OmegaConf.structured(schema), f"{key}.{name}.")
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]}: check its spelling (`cram-sweep run --cfg job` prints every key)")
+    for name in grid.models:
+        model = cfg.models[name]
+        if model.source not in MODEL_SOURCES:
+            raise UserError(f"models.{name}.source={model.source}: choose {', '.join(MODEL_SOURCES)}")
+        if model.source == "random" and model.architecture not in RANDOM_ARCHITECTURES:
+            raise UserError(f"models.{name}.architecture={model.architecture}: a random model needs one of {', '.join(RANDOM_ARCHITECTURES)}")
+        if model.source != "random" and not model.path:
+            raise UserError(f"models.{name}.path is empty: give a HuggingFace id, a local directory or (gguf_package) a package name")
+    for name in grid.datasets:
+        if cfg.datasets[name].source not in DATASET_SOURCES:
+            raise UserError(f"datasets.{name}.source={cfg.datasets[name].source}: choose {', '.join(DATASET_SOURCES)}")
 
 
 def cells(cfg: DictConfig) -> List[Cell]:

@@ -1,8 +1,13 @@
 """The sweep directory and its Parquet stores: one row per finished sample, one per failed attempt.
 
-Files are written to a hidden temporary name and renamed into place, so a reader (pyarrow.dataset
-skips names starting with '.') never sees half a file. Rows are deduplicated by (cell, sample) on
-read, so a crash between writing a merged file and deleting its parts loses and duplicates nothing.
+Files are written to a hidden temporary name (`.part-*.parquet.tmp`), fsynced and renamed into place
+(then the directory is fsynced), so a reader (pyarrow.dataset skips names starting with '.') never
+sees half a file. A process killed mid-write leaves only a hidden `.tmp`, removed by the next process
+that takes the sweep's lock. Rows are deduplicated by (cell, sample) on read, so a crash between
+writing a merged file and deleting its parts loses and duplicates nothing.
+
+Fault injection for the reliability tests (docs/reliability.md): CRAM_SWEEP_FAULT holds
+comma-separated `kind:arg[:arg]` entries; see `faults()`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ FAILURES_SCHEMA = pa.schema([
 ], metadata={_VERSION_KEY: SCHEMA_VERSION.encode()})
 
 
+def faults() -> dict:
+    """CRAM_SWEEP_FAULT=kind:arg[:arg],... parsed to {kind: [args]}; empty (no fault) in normal use.
+
+    store_write_sleep:SECONDS        sleep between writing a store file's .tmp and renaming it
+    nan_sample:CELL_SUBSTRING:SAMPLE (worker) that sample's text embedding turns NaN
+    oom_above_batch:N                (worker) a forward with more than N samples raises torch.OutOfMemoryError
+    """
+    spec = os.environ.get("CRAM_SWEEP_FAULT", "")
+    parsed = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        kind, _, args = entry.partition(":")
+        parsed[kind] = args.split(":") if args else []
+    return parsed
+
+
 class StoreError(Exception):
     """Writing the store failed (disk full, permissions); what was written before is intact."""
 
@@ -73,29 +93,62 @@ class SweepDir:
             holder = handle.read().strip() or "?"
             handle.close()
             raise UserError(f"another cram-sweep process (pid {holder}) is working on {self.path}: wait for it or stop it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:  # who holds the lock, for the message above; a full disk must not stop the lock itself
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError:
+            pass
+        remove_partial(self)
         try:
             yield
         finally:
             handle.close()
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def remove_partial(sweep: "SweepDir") -> List[Path]:
+    """Delete the hidden `.part-*.tmp` files a killed writer left; call only while holding the lock."""
+    removed = []
+    for folder in (sweep.results, sweep.failures):
+        if folder.is_dir():
+            for tmp in folder.glob(".part-*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_table(folder: Path, table: pa.Table) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write-then-rename: the file appears whole under its final name, or not at all."""
     name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = folder / f".{name}.tmp"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        pause = faults().get("store_write_sleep")
+        if pause:
+            time.sleep(float(pause[0]))
         os.replace(tmp, folder / name)
+        _fsync_dir(folder)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        hint = "the disk is full: free space" if err.errno == errno.ENOSPC else f"{err.strerror}: fix it"
-        raise StoreError(f"cannot write {folder} ({hint}), then run `cram-sweep resume {folder.parent}`") from None
+        then = f"then run `cram-sweep resume {folder.parent}`; what was stored before is intact"
+        if err.errno in _NO_SPACE:
+            raise StoreError(f"no space left to write {folder} ({err.strerror}): free space, {then}") from None
+        raise StoreError(f"cannot write {folder} ({' '.join(str(err).split())[:200]}): fix it, {then}") from None
     return folder / name
 
 
@@ -112,12 +165,17 @@ def write_failures(sweep: SweepDir, rows: List[dict]) -> None:
 def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
     if not folder.is_dir():
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    dataset = ds.dataset(folder, format="parquet", schema=schema)
+    dataset = ds.dataset(folder, format="parquet", schema=schema)  # skips hidden names: .part-*.tmp
     for fragment in dataset.get_fragments():
-        meta = pq.read_metadata(fragment.path).metadata or {}
+        try:
+            meta = pq.read_metadata(fragment.path).metadata or {}
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"{fragment.path} is not a readable Parquet file ({' '.join(str(err).split())[:120]}): "
+                            f"move it out of {folder} (cram-sweep never leaves half files under a visible name)") from None
         if meta.get(_VERSION_KEY) != SCHEMA_VERSION.encode():
             found = meta.get(_VERSION_KEY, b"none").decode()
-            raise UserError(f"{fragment.path} has store schema version {found}, this cram-sweep reads {SCHEMA_VERSION}: use a matching cram-sweep version")
+            raise UserError(f"{fragment.path} has store schema version {found}, this cram-sweep reads {SCHEMA_VERSION}: "
+                            f"use a matching cram-sweep version or move the file out of {folder}")
     return dataset.to_table(columns=columns)
 
 
@@ -132,8 +190,8 @@ def _dedup(table: pa.Table) -> pa.Table:
 
 def read_results(sweep: SweepDir, columns=None) -> pa.Table:
     """Every finished sample once (the first copy where a crash left two)."""
-    if columns is not None and ("cell" not in columns or "sample" not in columns):
-        columns = ["cell", "sample", *columns]
+    if columns is not None:
+        columns = ["cell", "sample", *(c for c in columns if c not in ("cell", "sample"))]
     return _dedup(_read(sweep.results, RESULTS_SCHEMA, columns))
 
 

@@ -14,7 +14,7 @@ CLI = [sys.executable, "-m", "cram_sweep.cli"]
 TINY = [
     "grid.models=[tiny_llama]", "grid.datasets=[pydoc]", "grid.lengths=[4,8]", "grid.n_mem=[2]", "grid.samples=3",
     "optim.lr=0.1", "optim.max_steps=150", "optim.patience=60", "precision=fp32", "batch_size=2",
-    "cluster.num_cpus=2", "report=false", "flush_seconds=0.5",
+    "cluster.num_cpus=2", "worker.cpus=1", "report=false", "flush_seconds=0.5",
 ]
 
 

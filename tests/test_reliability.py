@@ -1,0 +1,568 @@
+"""Faults and bad input, on real local Ray and real MLflow (SQLite): nothing finished is lost or duplicated.
+
+docs/reliability.md lists each fault, how it is injected, what is guaranteed and which test proves it.
+Real kills need a sweep in its own process (started here with Popen); everything that needs no Ray runs
+in-process (cram_sweep.cli.main) to keep the suite fast.
+"""
+
+import contextlib
+import errno
+import io
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cram_sweep import cli, store
+from cram_sweep.config import to_yaml
+from cram_sweep.cram import cram
+from cram_sweep.model import load_model
+from cram_sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.store import SweepDir, read_failures, read_results
+
+from .conftest import CLI, ROOT, TINY, tiny_config
+
+# One torch thread per worker: on a loaded 2-core machine two OpenMP threads per worker crawl (spin-waits).
+BASE = [*TINY, "worker.cpus=1"]
+# Samples that never converge (tiny lr) run exactly max_steps: predictable durations to kill into.
+SLOW = ["grid.lengths=[8]", "optim.lr=0.001", "optim.patience=1000"]
+KEYS = ["cell", "sample"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def start(args, log: Path, fault: str = None, preexec_fn=None) -> subprocess.Popen:
+    """The console entry point in its own session; its output is copied to `log` by a thread of this process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    env.pop("CRAM_SWEEP_FAULT", None)
+    if fault:
+        env["CRAM_SWEEP_FAULT"] = fault
+    proc = subprocess.Popen(CLI + list(args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=preexec_fn)
+
+    def copy():
+        with open(log, "wb", buffering=0) as sink:
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                sink.write(chunk)
+
+    proc.copier = threading.Thread(target=copy, daemon=True)
+    proc.copier.start()
+    return proc
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"the sweep did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+    proc.copier.join(timeout=30)
+    return log.read_text()
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    kill_tree(proc)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the sweep process, its group, and every process it started (Ray's workers run in their own sessions)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
+def cram_workers(proc: subprocess.Popen) -> list:
+    """The sweep's Ray worker processes (descendants of this sweep only, never another session's)."""
+    found = []
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.name().startswith("ray::CramWorker"):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def stored(sweep: SweepDir, columns=None) -> dict:
+    """(cell, sample) -> row of every finished sample a reader sees now."""
+    return {(r["cell"], r["sample"]): r for r in read_results(sweep, columns).to_pylist()}
+
+
+def raw_count(sweep: SweepDir) -> int:
+    """Rows as a plain pyarrow reader sees them, before deduplication."""
+    return ds.dataset(sweep.results).count_rows() if sweep.results.is_dir() else 0
+
+
+def tmp_files(sweep: SweepDir) -> list:
+    return [p for folder in (sweep.results, sweep.failures) if folder.is_dir() for p in folder.glob(".part-*.tmp")]
+
+
+def error_lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def cli_main(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_same_result(a, b, atol=1e-3):
+    assert a["steps"] == b["steps"]
+    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
+    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
+    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
+    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
+
+
+def same_rows(before: dict, after: dict) -> None:
+    """Rows stored earlier are kept as they were (a recomputed sample would differ in `seconds`)."""
+    for key, row in before.items():
+        assert after[key]["seconds"] == row["seconds"] and after[key]["memory"] == row["memory"], f"{key} changed"
+
+
+# ---------------------------------------------------------------- NaN + OOM in one faulted sweep; a second process on it
+
+FAULTED = ["worker.cpus=1", "grid.lengths=[4,8]", "grid.samples=3", "batch_size=4"]
+NAN_CELL = "tiny_llama/pydoc/n_mem=2/L=8"
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory):
+    """One sweep with an injected OOM (any forward with more than 2 samples) and a NaN sample (sample 1 of L=8).
+
+    While it runs, a second `resume` and a second `run` on the same directory are tried in this process.
+    """
+    out = tmp_path_factory.mktemp("faulted")
+    args = ["name=faulted", f"out_dir={out}", *TINY, *FAULTED]
+    log = out / "run.log"
+    sweep = SweepDir(out / "faulted")
+    proc = start(["run", *args], log, fault="oom_above_batch:2,nan_sample:L=8:1")
+    second = {}
+    try:
+        wait_for(lambda: sweep.config.is_file() and sweep.lock_file.read_text() == str(proc.pid), proc, log, "the lock")
+        for name, argv in (("resume", ["resume", str(sweep.path)]), ("run", ["run", *args])):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = cli.main(argv)
+            second[name] = (code, err.getvalue())
+        still_running = proc.poll() is None
+        text = finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    # The un-faulted baseline: the engine on the same samples at the configured batch size (4), in this process.
+    cfg = tiny_config(*FAULTED)
+    lm = load_model("tiny_llama", cfg.models.tiny_llama, "cpu")
+    baseline = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (worker.cpus=1); also immune to busy cores
+    try:
+        for item in work_items(cfg, prepare_tokens(cfg), set()):
+            for row in cram(lm.model, item.specs, item.cell.n_mem, cfg.optim, "fp32", batch_size=4):
+                baseline[item.cell.id, row["sample"]] = row
+    finally:
+        torch.set_num_threads(threads)
+    return {"proc": proc, "text": text, "sweep": sweep, "second": second, "still_running": still_running, "baseline": baseline}
+
+
+def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
+    text, sweep = faulted["text"], faulted["sweep"]
+    for length in (4, 8):  # the worker's own warning, forwarded by Ray
+        assert f"out of memory on tiny_llama/pydoc/n_mem=2/L={length}: retrying 3 samples with batch_size=2" in text
+    rows = stored(sweep)
+    assert len(rows) == 5 and raw_count(sweep) == 5
+    for key, row in rows.items():  # batch 2 after the OOM, batch 4 in the baseline: the same trajectories
+        assert_same_result(row, faulted["baseline"][key])
+    assert not any("oom" in r["error"].lower() or "memory" in r["error"].lower() for r in read_failures(sweep).to_pylist())
+
+
+def test_nan_sample_fails_alone_with_its_reason_and_sweep_exits_1(faulted, capsys):
+    proc, text, sweep = faulted["proc"], faulted["text"], faulted["sweep"]
+    assert proc.returncode == 1
+    assert f"{NAN_CELL}  done    2  failed   1  pending    0" in text
+    assert "total: 5 done, 1 failed, 0 pending" in text
+    assert f"some samples failed: see `cram-sweep status {sweep.path}`" in text
+    failures = read_failures(sweep).to_pylist()
+    assert [(f["cell"], f["sample"], f["attempt"]) for f in failures] == [(NAN_CELL, 1, 1)]
+    assert failures[0]["error"].startswith("loss became non-finite at step 1")
+    rows = stored(sweep)
+    assert (NAN_CELL, 1) not in rows
+    for sample in (0, 2):  # its batch-mates: stored, and exactly what they are without the NaN neighbour
+        assert_same_result(rows[NAN_CELL, sample], faulted["baseline"][NAN_CELL, sample])
+    code, out, err = cli_main(capsys, "status", str(sweep.path))
+    assert code == 0 and err == ""
+    assert f"failed: {NAN_CELL} sample 1 (attempt 1): loss became non-finite at step 1" in out
+    assert "total: 5 done, 1 failed, 0 pending" in out
+
+
+def test_second_process_on_the_same_sweep_refuses(faulted):
+    sweep = faulted["sweep"]
+    assert faulted["still_running"], "the first sweep must still hold the lock while the others try"
+    for name in ("resume", "run"):
+        code, err = faulted["second"][name]
+        assert code == 2, err
+        lines = error_lines(err)
+        assert len(lines) == 1 and "another cram-sweep process" in lines[0] and str(sweep.path) in lines[0], err
+        assert f"pid {faulted['proc'].pid}" in lines[0]
+        assert "Traceback" not in err
+    # The refused processes wrote nothing: every sample once, in the first process's files only.
+    assert raw_count(sweep) == len(stored(sweep)) == 5
+    assert faulted["proc"].returncode == 1  # the first one finished normally (1: the injected NaN sample)
+
+
+# ---------------------------------------------------------------- a Ray worker killed mid-batch, twice
+
+def test_worker_killed_mid_batch_retries_then_records_failures(tmp_path, capsys):
+    """worker.max_retries=1: after the first kill the samples in flight run again on the restarted worker;
+    after the second kill the ones still in flight have used their tries and are recorded failed."""
+    args = ["run", "name=wkill", f"out_dir={tmp_path}", *BASE, *SLOW, "grid.samples=10", "optim.max_steps=400",
+            "batch_size=2", "worker.samples_per_item=10", "worker.max_retries=1"]
+    log = tmp_path / "run.log"
+    sweep = SweepDir(tmp_path / "wkill")
+    proc = start(args, log)
+    try:
+        wait_for(lambda: read_results(sweep, KEYS).num_rows >= 1, proc, log, "the first stored rows")
+        first = wait_for(lambda: cram_workers(proc), proc, log, "the worker process")[0]
+        first.kill()
+        done_at_kill = set(stored(sweep, KEYS))
+
+        def retried_and_progressing():  # the driver recorded the retry, the restarted worker returned a retried sample
+            failed = {(f["cell"], f["sample"]) for f in read_failures(sweep).to_pylist()}
+            again = failed & set(stored(sweep, KEYS))
+            workers = [w for w in cram_workers(proc) if w.pid != first.pid]
+            return again and failed - again and workers and (failed, workers)
+
+        _, workers = wait_for(retried_and_progressing, proc, log, "a retried sample finished on the restarted worker")
+        for worker in workers:
+            worker.kill()
+        text = finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 1, text
+    failures = read_failures(sweep).to_pylist()
+    rows = stored(sweep)
+    first_try = {(f["cell"], f["sample"]) for f in failures if f["attempt"] == 1}
+    final = {(f["cell"], f["sample"]) for f in failures if f["attempt"] == 2}
+    assert not first_try & done_at_kill, "a sample stored before the kill was not redone"
+    assert first_try & set(rows), "samples of the killed worker ran again on the restarted one"
+    assert final and final <= first_try and not final & set(rows), "the second loss used the last try: recorded failed"
+    assert all("Actor" in f["error"] for f in failures), failures
+    assert set(rows) | final == {("tiny_llama/pydoc/n_mem=2/L=8", i) for i in range(10)}
+    assert raw_count(sweep) == len(rows), "no duplicates"
+    assert f"total: {len(rows)} done, {len(final)} failed, 0 pending" in text
+    code, out, _ = cli_main(capsys, "status", str(sweep.path))
+    assert code == 0
+    print(f"stored at the first kill: {len(done_at_kill)}, retried: {len(first_try)}, failed for good: {len(final)}")
+    for cell, sample in final:
+        assert f"failed: {cell} sample {sample} (attempt 2): Actor" in out
+    assert f"total: {len(rows)} done, {len(final)} failed, 0 pending" in out
+
+
+# ---------------------------------------------------------------- the driver killed during a store write; the disk fills
+
+def _mount_tmpfs(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _fill(path: Path) -> Path:
+    """Write a file until the filesystem is full."""
+    filler = path / "filler.bin"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    with open(filler, "ab", buffering=0) as handle:  # the last pages too
+        try:
+            while True:
+                handle.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture(scope="module")
+def store_faults(tmp_path_factory):
+    """One sweep of 8 samples on a small filesystem of its own:
+    1. `run`, SIGKILLed while a results file is being written (.tmp written, not yet renamed);
+    2. `resume`, during which the disk fills up (a tmpfs, or where mounting is not allowed, the
+       driver's file-size limit: RLIMIT_FSIZE set on the running driver, SIGXFSZ ignored);
+    3. `resume` after space is freed, to the end."""
+    base = tmp_path_factory.mktemp("store")
+    disk = base / "disk"
+    tmpfs = not os.environ.get("CRAM_TEST_NO_TMPFS") and _mount_tmpfs(disk)  # CRAM_TEST_NO_TMPFS=1: test the fallback
+    sweep = SweepDir(disk / "st")
+    args = [f"out_dir={disk}", *BASE, *SLOW, "grid.samples=8", "optim.max_steps=300", "batch_size=2"]
+    seen = {"tmpfs": tmpfs}
+    try:
+        # 1. killed in the middle of a store write
+        log1 = base / "1.log"
+        proc = start(["run", "name=st", *args], log1, fault="store_write_sleep:2")
+        try:
+            wait_for(lambda: list(sweep.results.glob("part-*.parquet")) and tmp_files(sweep), proc, log1,
+                     "a results write in progress after one stored part")
+            kill_tree(proc)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc)
+        seen["tmp_after_kill"] = tmp_files(sweep)
+        seen["tmp_rows"] = sum(pq.read_metadata(p).num_rows for p in seen["tmp_after_kill"] if p.parent == sweep.results)
+        seen["after_kill"] = stored(sweep)
+        seen["raw_after_kill"] = raw_count(sweep)
+
+        # 2. resume; the disk fills while it writes
+        log2 = base / "2.log"
+        preexec = None if tmpfs else (lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+        proc = start(["resume", str(sweep.path)], log2, preexec_fn=preexec)
+        try:
+            count = len(seen["after_kill"])
+            wait_for(lambda: read_results(sweep, KEYS).num_rows > count, proc, log2, "a new stored part")
+            seen["stale_left"] = [t for t in seen["tmp_after_kill"] if t.exists()]
+            if tmpfs:
+                filler = _fill(disk)
+            else:
+                psutil.Process(proc.pid).rlimit(psutil.RLIMIT_FSIZE, (4096, 4096))
+            seen["log2"] = finish(proc, log2)
+            seen["code2"] = proc.returncode
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc)
+        seen["after_full"] = stored(sweep)
+        seen["tmp_after_full"] = tmp_files(sweep)
+
+        # 3. space freed: resume to the end
+        if tmpfs:
+            filler.unlink()
+        log3 = base / "3.log"
+        proc = start(["resume", str(sweep.path)], log3)
+        seen["log3"] = finish(proc, log3)
+        seen["code3"] = proc.returncode
+        seen["final"] = stored(sweep)
+        seen["raw_final"] = raw_count(sweep)
+        seen["tmp_final"] = tmp_files(sweep)
+        seen["files_final"] = sorted(p.name for p in sweep.results.iterdir())
+        yield seen
+    finally:
+        if tmpfs:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_driver_killed_during_store_write_then_resume_completes_exactly_the_rest(store_faults):
+    seen = store_faults
+    assert seen["tmp_after_kill"], "the kill must land while a store file is being written"
+    assert seen["tmp_rows"] >= 1, "the write in flight held finished samples"
+    done = len(seen["after_kill"])
+    assert 0 < done < 8
+    assert seen["raw_after_kill"] == done, "a reader never sees the half-written file"
+    assert seen["stale_left"] == [], "the next run removed the leftover .tmp under the lock"
+    assert f"8 samples in 1 cells: {done} done, {8 - done} to run" in seen["log2"]
+    refilled = len(seen["after_full"])
+    assert f"8 samples in 1 cells: {refilled} done, {8 - refilled} to run" in seen["log3"]
+    assert seen["code3"] == 0, seen["log3"]
+    assert len(seen["final"]) == 8 and seen["raw_final"] == 8, "every sample exactly once"
+    assert set(seen["final"]) == {("tiny_llama/pydoc/n_mem=2/L=8", i) for i in range(8)}
+    same_rows(seen["after_kill"], seen["final"])
+    assert seen["tmp_final"] == [] and len(seen["files_final"]) == 1, "compacted to one file, no leftovers"
+
+
+def test_disk_full_is_one_clear_error_and_store_stays_intact(store_faults):
+    seen = store_faults
+    assert seen["code2"] == 3, seen["log2"][-3000:]
+    lines = error_lines(seen["log2"])
+    assert len(lines) == 1, seen["log2"][-3000:]
+    assert "no space left" in lines[0] and "free space" in lines[0] and "cram-sweep resume" in lines[0]
+    assert "Traceback" not in seen["log2"]
+    assert len(seen["after_full"]) > len(seen["after_kill"]), "what was stored before the disk filled is there"
+    same_rows(seen["after_kill"], seen["after_full"])
+    assert seen["tmp_after_full"] == [], "the failed write left no file behind"
+    same_rows(seen["after_full"], seen["final"])
+
+
+# ---------------------------------------------------------------- the store, in-process: atomic files, leftovers, compaction
+
+def _rows(cell, samples):
+    return [{"cell": cell, "model": "m", "dataset": "d", "precision": "fp32", "length": 4, "n_mem": 1, "sample": i, "seed": 0,
+             "token_ids": [1, 2, 3, 4], "acc_no_mem": 0.0, "acc": 1.0, "ce_no_mem_bits": 9.0, "ce_bits": 1.0,
+             "info_gain_bits": 8.0, "gain_tokens": 3.0, "seconds": 0.1 * i, "steps": 5, "converged": True,
+             "greedy_prefix": 3, "greedy_exact": True, "memory": [0.5, -0.5], "hidden": 2, "vocab_size": 10}
+            for i in samples]
+
+
+def test_store_ignores_and_cleans_half_files_and_survives_a_crashed_compaction(tmp_path):
+    sweep = SweepDir(tmp_path / "s")
+    store.write_results(sweep, _rows("c", [0, 1]))
+    store.write_results(sweep, _rows("c", [2]))
+    # A writer killed mid-write leaves a hidden, truncated .tmp: readers skip it.
+    whole = next(iter(sweep.results.glob("part-*.parquet"))).read_bytes()
+    (sweep.results / ".part-1-dead.parquet.tmp").write_bytes(whole[: len(whole) // 2])
+    (sweep.failures).mkdir()
+    (sweep.failures / ".part-2-dead.parquet.tmp").write_bytes(b"PAR1 half")
+    assert sorted(read_results(sweep)["sample"].to_pylist()) == [0, 1, 2]
+    assert ds.dataset(sweep.results).count_rows() == 3 and read_failures(sweep).num_rows == 0
+    # A compaction killed after its merged file was renamed in but before the parts were deleted: duplicates on disk only.
+    store._write_table(sweep.results, read_results(sweep))
+    assert ds.dataset(sweep.results).count_rows() == 6 and read_results(sweep).num_rows == 3
+    # The next process to take the lock removes the leftovers; its compaction leaves one file, each sample once.
+    with sweep.lock():
+        assert tmp_files(sweep) == []
+        store.compact(sweep)
+    assert len(list(sweep.results.glob("part-*.parquet"))) == 1 and ds.dataset(sweep.results).count_rows() == 3
+
+
+def test_store_write_failure_is_a_store_error_and_leaves_nothing(tmp_path, monkeypatch):
+    sweep = SweepDir(tmp_path / "s")
+    store.write_results(sweep, _rows("c", [0]))
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.pq, "write_table", no_space)
+    with pytest.raises(store.StoreError, match="no space left to write .*: free space, then run `cram-sweep resume"):
+        store.write_results(sweep, _rows("c", [1]))
+    monkeypatch.undo()
+    assert tmp_files(sweep) == [] and read_results(sweep)["sample"].to_pylist() == [0]
+
+
+# ---------------------------------------------------------------- bad input: one `error:` line naming the key, exit 2, no work
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "short.txt").write_text("Too short to cram.")
+    (root / "gguf").mkdir()
+    (root / "gguf" / "garbage.gguf").write_bytes(b"GGUF" + os.urandom(60))
+    (root / "empty").mkdir()
+    return root
+
+
+RUN_CASES = [
+    # (id, overrides, the key or words the one error line must name)
+    ("unknown-key", ["grid.bogus=1"], "unknown config key grid.bogus"),
+    ("appended-unknown-key", ["+optim.bogus=1"], "unknown config key optim.bogus"),
+    ("unknown-group-option", ["cluster=nope"], "unknown option cluster=nope: choose from local, ray"),
+    ("unknown-model", ["grid.models=[nope]"], "grid.models"),
+    ("unknown-dataset", ["grid.datasets=[nope]"], "grid.datasets"),
+    ("wrong-type", ["grid.samples=abc"], "grid.samples=abc"),
+    ("wrong-type-list", ["grid.lengths=[a]"], "grid.lengths"),
+    ("zero-samples", ["grid.samples=0"], "grid.samples=0"),
+    ("zero-n-mem", ["grid.n_mem=[0]"], "grid.n_mem"),
+    ("negative-steps", ["optim.max_steps=-1"], "optim.max_steps=-1"),
+    ("negative-lr", ["optim.lr=-1"], "optim.lr"),
+    ("zero-batch", ["batch_size=0"], "batch_size=0"),
+    ("length-below-2", ["grid.lengths=[1]"], "grid.lengths"),
+    ("length-above-context", ["grid.lengths=[2000]"], "grid.lengths max 2000"),
+    ("n-mem-above-context", ["grid.lengths=[8]", "grid.n_mem=[1020]"], "grid.n_mem max 1020"),
+    ("empty-grid", ["grid.lengths=[]"], "grid is empty"),
+    ("unreadable-files-glob", ["grid.datasets=[files]", "datasets.files.path=/nonexistent/*.txt"], "datasets.files.path"),
+    ("text-too-short", ["grid.datasets=[files]", "datasets.files.path={root}/short.txt", "grid.samples=1", "grid.lengths=[64]"],
+     "grid.lengths"),
+    ("too-many-samples", ["grid.samples=100000"], "grid.samples"),
+    ("unknown-model-source", ["models.tiny_llama.source=bogus"], "models.tiny_llama.source"),
+    ("model-path-missing", ["models.tiny_llama.source=hf", "models.tiny_llama.path=/nonexistent"], "models.tiny_llama.path"),
+    ("gguf-not-a-model", ["models.tiny_llama.source=hf", "models.tiny_llama.path={root}/gguf",
+                          "models.tiny_llama.gguf_file=garbage.gguf"], "models.tiny_llama"),
+    ("bad-precision", ["precision=fp8"], "precision=fp8"),
+]
+
+
+@pytest.mark.parametrize("overrides,names", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_bad_run_input_is_one_line_exit_2_before_any_work(overrides, names, bad_files, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    argv = ["run", "name=bad", f"out_dir={out_dir}", *BASE, *(o.format(root=bad_files) for o in overrides)]
+    code, out, err = cli_main(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert names in lines[0], lines[0]
+    assert not (out_dir / "bad").exists(), "no sweep directory, no results: nothing ran"
+
+
+def _sweep_dir(root: Path) -> SweepDir:
+    sweep = SweepDir(root / "sw")
+    sweep.path.mkdir(parents=True)
+    sweep.config.write_text(to_yaml(tiny_config("name=sw", f"out_dir={root}")))
+    return sweep
+
+
+def _old_schema_part(root: Path) -> Path:
+    sweep = _sweep_dir(root)
+    table = pa.Table.from_pylist(_rows("tiny_llama/pydoc/n_mem=2/L=4", [0]), schema=store.RESULTS_SCHEMA)
+    sweep.results.mkdir()
+    pq.write_table(table.replace_schema_metadata({b"cram_sweep_schema": b"0"}), sweep.results / "part-0.parquet")
+    return sweep.path
+
+
+def _junk_part(root: Path) -> Path:
+    sweep = _sweep_dir(root)
+    sweep.results.mkdir()
+    (sweep.results / "part-0.parquet").write_bytes(b"not parquet at all")
+    return sweep.path
+
+
+def _bad_yaml(root: Path) -> Path:
+    sweep = _sweep_dir(root)
+    sweep.config.write_text(sweep.config.read_text() + "\nbogus_key: 1\n")
+    return sweep.path
+
+
+DIR_CASES = [
+    ("not-a-sweep", "resume", lambda root: root, "is not a sweep directory"),
+    ("status-not-a-sweep", "status", lambda root: root / "missing", "is not a sweep directory"),
+    ("incompatible-schema", "status", _old_schema_part, "store schema version 0"),
+    ("unreadable-store-file", "status", _junk_part, "is not a readable Parquet file"),
+    ("edited-sweep-yaml", "resume", _bad_yaml, "is not a valid cram-sweep config"),
+]
+
+
+@pytest.mark.parametrize("command,make,names", [c[1:] for c in DIR_CASES], ids=[c[0] for c in DIR_CASES])
+def test_bad_sweep_dir_is_one_line_exit_2(command, make, names, tmp_path, capsys):
+    path = make(tmp_path)
+    before = sorted(p.name for p in Path(path).rglob("*")) if Path(path).exists() else None
+    code, out, err = cli_main(capsys, command, str(path))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert names in lines[0] and str(path) in lines[0], lines[0]
+    after = sorted(p.name for p in Path(path).rglob("*")) if Path(path).exists() else None
+    assert after == before, "nothing written"
