@@ -6,6 +6,7 @@ Loaded models are cached per process (a Ray worker loads each model once, never 
 from __future__ import annotations
 
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
@@ -15,6 +16,8 @@ from omegaconf import OmegaConf
 
 from .config import ModelConfig, UserError
 
+# What transformers raises for a missing, unreadable or malformed model (a GGUF that is not a model: struct.error).
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, struct.error)
 BF16_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
 _MODELS: Dict[str, "LoadedModel"] = {}
 _TOKENIZERS: Dict[str, object] = {}
@@ -123,7 +126,7 @@ def load_tokenizer(name: str, cfg: ModelConfig):
             path, args = _pretrained_args(name, cfg)
             try:
                 _TOKENIZERS[key] = AutoTokenizer.from_pretrained(path, **args)
-            except (OSError, ValueError, RuntimeError) as err:
+            except LOAD_ERRORS as err:
                 raise UserError(f"model {name}: cannot load a tokenizer from {path!r} ({_short(err)}): fix models.{name}") from None
     return _TOKENIZERS[key]
 
@@ -146,7 +149,7 @@ def _build_model(name: str, cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     path, args = _pretrained_args(name, cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **args)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except LOAD_ERRORS as err:
         raise UserError(f"model {name}: cannot load a causal LM from {path!r} ({_short(err)}): fix models.{name}") from None
 
 
@@ -181,6 +184,6 @@ def model_context(name: str, cfg: ModelConfig) -> int:
     path, args = _pretrained_args(name, cfg)
     try:
         config = AutoConfig.from_pretrained(path, **args)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except LOAD_ERRORS as err:
         raise UserError(f"model {name}: cannot read a model config from {path!r} ({_short(err)}): fix models.{name}") from None
     return int(getattr(config, "max_position_embeddings", 1 << 30))
