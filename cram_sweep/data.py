@@ -80,25 +80,43 @@ def _file_chunks(cfg: DatasetConfig) -> List[str]:
 
 
 def _pg19_chunks(cfg: DatasetConfig) -> List[str]:
+    """The reference's chunks: `yurakuratov/pg19_valid_1k_chunks` (one `text` column, split `train`) from
+    the hub, or a local copy: a directory in the hub's layout (`data/train-*.parquet`, as
+    `huggingface-cli download --repo-type dataset` leaves it), a `save_to_disk` directory, or one
+    .parquet / .csv / .jsonl file (e.g. the reference's `pg19_valid_1k_chunks.csv`)."""
     try:
         import datasets
     except ImportError:
         raise UserError("dataset pg19 needs the `datasets` package: pip install 'cram-sweep[hub]'") from None
+    path = Path(cfg.path).expanduser()
+    kinds = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+    local = "a directory in the hub's layout (data/train-*.parquet) or one .parquet/.csv/.jsonl file"
     try:
-        if Path(cfg.path).exists():
-            local = Path(cfg.path)
-            files = sorted(str(p) for p in local.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json", ".csv"))
-            kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}[Path(files[0]).suffix]
-            table = datasets.load_dataset(kind, data_files=files, split="train")
+        if path.is_file():
+            if path.suffix not in kinds:
+                raise UserError(f"datasets.pg19.path={cfg.path!r} is not a .parquet/.csv/.jsonl file: give {local}")
+            table = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+        elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                table = table[cfg.split]
+        elif path.is_dir():  # the split comes from the file names (datasets reads "valid" in a name as validation)
+            splits = datasets.load_dataset(str(path))
+            if cfg.split not in splits and len(splits) != 1:
+                raise UserError(f"datasets.pg19.path={cfg.path!r} has splits {sorted(splits)}, not {cfg.split!r}: set datasets.pg19.split")
+            table = splits[cfg.split] if cfg.split in splits else next(iter(splits.values()))
         else:
             table = datasets.load_dataset(cfg.path, split=cfg.split)
-    except (IndexError, KeyError):
-        raise UserError(f"datasets.pg19.path={cfg.path!r} holds no .parquet/.jsonl/.csv files") from None
+    except UserError:
+        raise
     except Exception as err:  # the hub being unreachable surfaces as several exception types
-        raise UserError(f"cannot load pg19 from {cfg.path!r} ({type(err).__name__}): set datasets.pg19.path to a local copy") from None
+        why = f"{type(err).__name__}: {' '.join(str(err).split())[:150]}"
+        if path.exists():
+            raise UserError(f"cannot read pg19 from {cfg.path!r} (split {cfg.split!r}; {why}): give {local}") from None
+        raise UserError(f"cannot load pg19 from {cfg.path!r} ({why}): where the hub is unreachable, set datasets.pg19.path to {local}") from None
     if cfg.text_field not in table.column_names:
         raise UserError(f"pg19 data has no column {cfg.text_field!r} (has {table.column_names}): set datasets.pg19.text_field")
-    return list(table[cfg.text_field])
+    return [text for text in table[cfg.text_field] if isinstance(text, str) and text.strip()]
 
 
 def _word_list(cfg: DatasetConfig, tokenizer) -> List[str]:

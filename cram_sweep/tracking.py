@@ -2,6 +2,9 @@
 
 The Parquet store is the source of truth: when MLflow fails mid-sweep the failure is logged, the
 sweep goes on, and the next flush (or `resume` / `report`) re-syncs every cell from the store.
+While MLflow is failing, flushes back off (flush_seconds, doubling up to MAX_BACKOFF_SECONDS) and
+each attempt fails fast (no HTTP retries, a short timeout), so a dead server costs the driver
+milliseconds (connection refused) to FAST_FAIL_TIMEOUT seconds (a hung server) per attempt.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +23,63 @@ from .config import UserError
 from .store import SweepDir
 
 log = logging.getLogger("cram_sweep")
+
+# Healthy server: MLflow's own retries ride out a brief 5xx or a dropped connection, within ~3 s
+# (MLflow's defaults retry for minutes); the user's env wins.
+HTTP_RETRIES = "2"
+HTTP_BACKOFF_FACTOR = "1"
+HTTP_TIMEOUT = "20"
+# Failing server: one try with a short timeout, then wait before the next.
+FAST_FAIL_TIMEOUT = "5"
+MAX_BACKOFF_SECONDS = 60.0
+
+
+@contextmanager
+def _fast_fail(active: bool = True):
+    """MLflow reads these per request: no retries and a short timeout while the server is failing."""
+    if not active:
+        yield
+        return
+    fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": FAST_FAIL_TIMEOUT}
+    saved = {key: os.environ.get(key) for key in fast}
+    os.environ.update(fast)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _why(err: Exception) -> str:
+    """A short reason for an MLflow failure, for one-line messages."""
+    text = " ".join(str(err).split())
+    for needle, reason in (("Failed to resolve", "unknown host"), ("NameResolutionError", "unknown host"),
+                           ("Connection refused", "connection refused"), ("NewConnectionError", "connection refused"),
+                           ("timed out", "timed out"), ("RemoteDisconnected", "connection closed"),
+                           ("Connection aborted", "connection closed")):
+        if needle in text:
+            return reason
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+def _start_error(uri: str, err: Exception) -> str:
+    """One line for a server that cannot be reached, or that answers with an HTTP error."""
+    text = " ".join(str(err).split())
+    code = re.search(r"error code (\d{3})", text)
+    if code is None:
+        return f"cannot reach MLflow at {uri} ({_why(err)}): start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
+    status = int(code.group(1))
+    body = re.search(r"Response body: '(.*)'", text)
+    detail = f"HTTP {status}" + (f": {body.group(1)[:120]}" if body else "")
+    if status == 401:
+        return f"MLflow at {uri} refused the request ({detail}): give credentials (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)"
+    if status == 403:
+        return f"MLflow at {uri} refused the request ({detail}): allow this client on the server (mlflow server --allowed-hosts, credentials) or fix tracking.uri"
+    verb = "refused the request" if status < 500 else "failed"
+    return f"MLflow at {uri} {verb} ({detail}): check tracking.uri / MLFLOW_TRACKING_URI and the server's log"
 
 
 def tracking_uri(cfg: DictConfig, sweep: SweepDir) -> str:
@@ -58,25 +120,44 @@ class Tracker:
         self.pending: Dict[str, Dict[str, float]] = {}
         self.last_flush = 0.0
         self.failed_since: Optional[float] = None
+        self.backoff = 0.0
+        self.retry_at = 0.0
 
     def start(self) -> str:
         """Connect (one clear error if the server is down), then create or reuse the parent run."""
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", HTTP_BACKOFF_FACTOR)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT)
         self.client = MlflowClient(tracking_uri=self.uri)
         mlflow.set_tracking_uri(self.uri)
         try:
             experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         except Exception as err:
-            raise UserError(f"cannot reach MLflow at {self.uri} ({type(err).__name__}): start the server or fix tracking.uri / MLFLOW_TRACKING_URI") from None
+            raise UserError(_start_error(self.uri, err)) from None
+        try:
+            return self._parent(experiment)
+        except MlflowException as err:
+            raise UserError(f"MLflow at {self.uri} failed while creating the sweep's runs ({_why(err)}): check the server's log") from None
+
+    def _parent(self, experiment) -> str:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
         if self.sweep.tracking.is_file():
-            self.ids = json.loads(self.sweep.tracking.read_text())
-            if self.ids.get("uri") == self.uri:
-                self.client.update_run(self.ids["parent"], status="RUNNING")
-                return self.ids["parent"]
+            ids = json.loads(self.sweep.tracking.read_text())
+            if ids.get("uri") == self.uri:
+                try:
+                    self.client.update_run(ids["parent"], status="RUNNING")
+                    self.ids = ids
+                    return self.ids["parent"]
+                except MlflowException as err:
+                    if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    log.warning("the sweep's MLflow runs are gone from %s: creating new ones", self.uri)
         if experiment is None:
             location = None
             if self.cfg.tracking.kind == "local":
@@ -87,12 +168,13 @@ class Tracker:
         parent = self.client.create_run(experiment_id, run_name=self.cfg.name, tags={"cram_sweep.sweep_dir": str(self.sweep.path.resolve())})
         self.ids = {"uri": self.uri, "experiment": experiment_id, "parent": parent.info.run_id, "cells": {}}
         self._save_ids()
-        from mlflow.entities import Param
-
         params = [Param(k, v) for k, v in _flat_params(self.cfg).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.ids["parent"], params=params[i : i + 100])
-        self.client.log_artifact(self.ids["parent"], str(self.sweep.config))
+        try:  # an artifact store that fails must not stop the sweep: the config is in SWEEP_DIR too
+            self.client.log_artifact(self.ids["parent"], str(self.sweep.config))
+        except Exception as err:
+            log.warning("could not log sweep.yaml to MLflow's artifact store (%s)", _why(err))
         return self.ids["parent"]
 
     @property
@@ -118,27 +200,40 @@ class Tracker:
         self.pending[cell_id] = (metrics, tags)
 
     def flush(self, force: bool = False) -> bool:
-        """Send the latest metrics of every changed cell; False (and kept for later) if MLflow failed."""
-        if not self.pending or (not force and time.monotonic() - self.last_flush < self.cfg.flush_seconds):
+        """Send the latest metrics of every changed cell; False (and kept for later) if MLflow failed.
+
+        After a failure the next attempts wait (flush_seconds, doubling up to MAX_BACKOFF_SECONDS;
+        `force` skips the wait) and fail fast, so a dead server never stalls the driver for long.
+        """
+        if not self.pending:
             return True
+        now = time.monotonic()
+        if not force and (now - self.last_flush < self.cfg.flush_seconds or now < self.retry_at):
+            return self.failed_since is None
         from mlflow.entities import Metric
 
-        self.last_flush = time.monotonic()
-        now = int(time.time() * 1000)
+        self.last_flush = now
+        stamp = int(time.time() * 1000)
+        failing = self.failed_since is not None
         try:
-            for cell_id, (metrics, tags) in list(self.pending.items()):
-                step = int(metrics.get("done", 0))
-                batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]
-                self.client.log_batch(self._child(cell_id, tags), metrics=batch)
-                del self.pending[cell_id]
+            with _fast_fail(failing):
+                for cell_id, (metrics, tags) in list(self.pending.items()):
+                    step = int(metrics.get("done", 0))
+                    batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v == v]
+                    self.client.log_batch(self._child(cell_id, tags), metrics=batch)
+                    del self.pending[cell_id]
         except Exception as err:
-            if self.failed_since is None:
-                log.warning("MLflow logging failed (%s); the sweep goes on and MLflow is re-synced later", " ".join(str(err).split())[:200])
-                self.failed_since = time.monotonic()
+            self.backoff = min(MAX_BACKOFF_SECONDS, max(self.cfg.flush_seconds, 5.0, 2 * self.backoff))
+            self.retry_at = time.monotonic() + self.backoff
+            if not failing:
+                self.failed_since = now
+                log.warning("MLflow logging failed (%s); the sweep goes on, retrying every %d-%d s, and MLflow is re-synced "
+                            "when it answers (or by `cram-sweep report SWEEP_DIR`)", _why(err), self.backoff, MAX_BACKOFF_SECONDS)
             return False
-        if self.failed_since is not None:
-            log.warning("MLflow reachable again; metrics re-synced")
+        if failing:
+            log.warning("MLflow reachable again after %.0f s; metrics re-synced", now - self.failed_since)
             self.failed_since = None
+            self.backoff = self.retry_at = 0.0
         return True
 
     def log_metrics(self, metrics: Dict[str, float]) -> None:
@@ -151,13 +246,18 @@ class Tracker:
         for path in paths:
             self.client.log_artifact(self.parent_id, str(path), artifact_path=artifact_path)
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, ok: bool, status: Optional[str] = None) -> None:
+        """Close the parent and child runs (FINISHED / FAILED, or `status`); never raises, never hangs long."""
+        if self.client is None or not self.ids:
+            return
+        status = status or ("FINISHED" if ok else "FAILED")
         try:
-            self.client.set_terminated(self.parent_id, status="FINISHED" if ok else "FAILED")
-            for run_id in self.ids["cells"].values():
-                self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+            with _fast_fail(self.failed_since is not None):
+                self.client.set_terminated(self.parent_id, status=status)
+                for run_id in self.ids["cells"].values():
+                    self.client.set_terminated(run_id, status=status)
         except Exception as err:
-            log.warning("could not close the MLflow runs (%s)", " ".join(str(err).split())[:200])
+            log.warning("could not close the MLflow runs (%s): `cram-sweep report SWEEP_DIR` closes them later", _why(err))
 
 
 def metric_key(*parts) -> str:
@@ -166,7 +266,8 @@ def metric_key(*parts) -> str:
 
 
 def log_report(tracker: Tracker, report) -> None:
-    """The report's files as parent-run artifacts, and each (model, dataset, n_mem) group's capacity as metrics."""
+    """The report's files as parent-run artifacts, each (model, dataset, n_mem) group's capacity as metrics,
+    and the runs' status as the store has it (FINISHED: all done; FAILED: some failed; KILLED: some pending)."""
     tracker.log_artifacts(report.files, "report")
     metrics = {}
     for row in report.capacity.to_dict("records"):
@@ -174,3 +275,5 @@ def log_report(tracker: Tracker, report) -> None:
         for key in ("max_tokens", "gain_tokens_mean", "info_gain_bits_mean", "utilization"):
             metrics[metric_key(key, *group)] = row[key]
     tracker.log_metrics(metrics)
+    failed, pending = int(report.cells["failed"].sum()), int(report.cells["pending"].sum())
+    tracker.finish(not failed and not pending, status=None if failed or not pending else "KILLED")

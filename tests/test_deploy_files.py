@@ -84,7 +84,7 @@ def test_mlflow_server_uses_postgres_and_proxied_s3_artifacts(services):
     args = shlex.split(_cmd(mlflow["command"]))
     assert args[:2] == ["mlflow", "server"]
     backend = args[args.index("--backend-store-uri") + 1]
-    assert backend.startswith("postgresql://") and "@postgres:5432/" in backend
+    assert backend.startswith(("postgresql://", "postgresql+psycopg2://")) and "@postgres:5432/" in backend
     destination = args[args.index("--artifacts-destination") + 1]
     assert destination.startswith("s3://")
     assert "--serve-artifacts" in args

@@ -1,0 +1,555 @@
+"""Scale-out for real, on loopback, no mocks.
+
+- A Ray cluster of two node processes (`ray start --head` + `ray start --address`, token auth) that
+  `cram-sweep run cluster=ray` joins, by cluster.address and by RAY_ADDRESS; both nodes run a worker.
+- An `mlflow server` backed by PostgreSQL (initdb + pg_ctl in a temporary directory) with its artifacts
+  in an S3-compatible store (moto's server mode): a sweep logs to it, `report` uploads the report into
+  the bucket, and MlflowClient reads it back.
+- MLflow down at start-up: one clear error line, fast, nothing computed. MLflow killed mid-sweep: the
+  sweep finishes and the store is complete; after a restart `cram-sweep report` re-syncs the runs.
+- The pg19 loader on a local copy in the hub's layout (tests/fixtures/pg19), and a sweep on it.
+
+Servers and nodes are started once per module and stopped (by the process ids this module started)
+even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cram_sweep.config import compose_config
+from cram_sweep.data import sample_texts
+from cram_sweep.store import SweepDir, read_results
+
+from .conftest import CLI, ROOT, TINY, run_cli
+
+FIXTURE_PG19 = ROOT / "tests" / "fixtures" / "pg19"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, proc=None, log: Path = None):
+    """Poll `check()` until it returns a true value; fail with the process log if it died or timed out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(0.3)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    state = f"exited {proc.returncode}" if proc is not None and proc.poll() is not None else f"not ready after {timeout:.0f} s"
+    raise AssertionError(f"{what} {state}\n{tail}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def session_pids(sid: int) -> list:
+    """Processes in the session this module created for one server (they all descend from it)."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # state ppid pgrp session ...
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def stop_session(*procs: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the session leaders we started, then SIGKILL whatever of their sessions is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait(10)
+
+
+# --------------------------------------------------------------------------------------------- Ray
+
+
+def refresh_ray_auth() -> None:
+    """Make this process's Ray see the RAY_AUTH_* variables as they are now (Ray caches them)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def ray_auth_refreshed():
+    """On exit (after the variables are restored), refresh again: later modules get Ray as it was."""
+    try:
+        yield
+    finally:
+        refresh_ray_auth()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node and one worker node, 1 CPU each, token authentication, in a private temp dir."""
+    if not (BIN / "ray").exists():
+        pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
+    temp = Path(tempfile.mkdtemp(prefix="cram-ray-"))  # short: Ray's unix socket paths must stay < 108 chars
+    port = free_port()
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", f"--temp-dir={temp}", "--disable-usage-stats",
+              "--include-log-monitor=false"]
+    nodes = []
+    with ray_auth_refreshed(), pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)  # the drivers run_cli starts inherit the token
+        refresh_ray_auth()  # this process's ray.init below: Ray cached the auth settings when first imported
+        try:
+            head_log = temp / "head.log"
+            nodes.append(subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
+                 f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}", *common],
+                stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+            wait_for(lambda: port_open(port), 90, "ray head", nodes[0], head_log)
+            worker_log = temp / "worker.log"
+            nodes.append(subprocess.Popen(
+                [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={free_port()}", *common],
+                stdout=worker_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+            import ray
+
+            ray.init(address=f"127.0.0.1:{port}", logging_level="ERROR", log_to_driver=False)
+            try:
+                alive = lambda: [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]  # noqa: E731
+                wait_for(lambda: len(alive()) == 2, 120, "ray worker node", nodes[1], worker_log)
+                node_ids = set(alive())
+            finally:
+                ray.shutdown()
+            yield {"address": f"127.0.0.1:{port}", "nodes": node_ids}
+        finally:
+            stop_session(*nodes)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def latest_cram_workers(address: str) -> dict:
+    """The CramWorker actors of the latest driver that started some (GCS actor table, dead or alive):
+    actor id -> node id."""
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        actors = [a for a in ray._private.state.actors().values() if a["ActorClassName"].endswith("CramWorker")]
+    finally:
+        ray.shutdown()
+    if not actors:
+        return {}
+    job = max(actors, key=lambda a: a["StartTime"])["JobID"]
+    return {a["ActorID"]: a["Address"]["NodeID"] for a in actors if a["JobID"] == job}
+
+
+def test_ray_cluster_sweep_runs_on_both_nodes(mlflow_booting, ray_cluster, tmp_path):
+    """`cram-sweep run cluster=ray cluster.address=...` on pydoc and on the pg19 fixture (second halves of its chunks)."""
+    # (mlflow_booting: the MLflow server of the later tests boots meanwhile)
+    from cram_sweep.model import load_tokenizer
+
+    proc = run_cli("run", "name=onray", f"out_dir={tmp_path}", *TINY, "grid.datasets=[pydoc,pg19]", f"datasets.pg19.path={FIXTURE_PG19}",
+                   "grid.samples=2", "cluster=ray", f"cluster.address={ray_cluster['address']}")
+    assert "total: 8 done, 0 failed, 0 pending" in proc.stdout
+    table = read_results(SweepDir(tmp_path / "onray"), ["length", "token_ids"])
+    assert sorted(zip(table["cell"].to_pylist(), table["sample"].to_pylist())) == sorted(
+        (f"tiny_llama/{d}/n_mem=2/L={L}", i) for d in ("pydoc", "pg19") for L in (4, 8) for i in range(2))
+    workers = latest_cram_workers(ray_cluster["address"])
+    assert len(workers) == 2, f"one worker per node, got {workers}"
+    assert set(workers.values()) == ray_cluster["nodes"], "each of the two nodes ran a worker"
+
+    tokenizer = load_tokenizer("tiny_llama", compose_config(TINY).models.tiny_llama)
+    texts = sample_texts(pg19_config(FIXTURE_PG19), None, 2, 0)
+    pg19_rows = [r for r in table.to_pylist() if "/pg19/" in r["cell"]]
+    assert len(pg19_rows) == 4
+    for row in pg19_rows:
+        assert texts[row["sample"]].startswith(SECOND_HALF_STARTS[row["sample"]])
+        assert row["token_ids"] == tokenizer(texts[row["sample"]])["input_ids"][: row["length"]]
+
+
+# ---------------------------------------------------------------------------------------------- pg19
+
+# The first sentence of each chunk's second half (the fixture's chunks have 12, 10, 12 and 10 sentences).
+SECOND_HALF_STARTS = [
+    "When the boat touched the far bank that evening, a stranger stepped off before the rope was even tied.",
+    "By the third winter the children had learned to read the clock as a kind of weather, and they made games of its moods.",
+    "At the edge of the wood she stopped, and we saw her lantern swing once, twice, as though she were signalling.",
+    "On the morning of the fair in the year of the great storm, the third merchant did not arrive.",
+]
+
+
+def pg19_config(path):
+    return compose_config(["grid.models=[tiny_llama]", "grid.datasets=[pg19]", f"datasets.pg19.path={path}"]).datasets.pg19
+
+
+def test_pg19_loader_gives_second_half_of_each_chunk():
+    chunks = pq.read_table(FIXTURE_PG19 / "data" / "train-00000-of-00001.parquet")["text"].to_pylist()
+    texts = sample_texts(pg19_config(FIXTURE_PG19), None, 4, 0)
+    assert len(texts) == 4
+    for chunk, text, start in zip(chunks, texts, SECOND_HALF_STARTS):
+        assert text.startswith(start)
+        assert chunk.endswith(text) and chunk.index(start) > len(chunk) // 3, "a suffix of the chunk, from a sentence start"
+    assert sample_texts(pg19_config(FIXTURE_PG19), None, 2, 0) == texts[:2], "sample i is always the same text"
+
+
+def test_pg19_loader_reads_the_other_local_formats(tmp_path):
+    """A single Parquet file, and the reference's CSV downloads (pandas' index column or not)."""
+    import pandas as pd
+
+    expected = sample_texts(pg19_config(FIXTURE_PG19), None, 4, 0)
+    frame = pq.read_table(FIXTURE_PG19 / "data" / "train-00000-of-00001.parquet").to_pandas()
+    frame.to_csv(tmp_path / "pg19_valid_1k_chunks.csv")  # the reference notebook's to_csv: with an index column
+    frame.to_json(tmp_path / "chunks.jsonl", orient="records", lines=True)
+    for path in (FIXTURE_PG19 / "data" / "train-00000-of-00001.parquet", tmp_path / "pg19_valid_1k_chunks.csv", tmp_path / "chunks.jsonl"):
+        assert sample_texts(pg19_config(path), None, 4, 0) == expected, path.name
+    csv_dir = tmp_path / "csvdir"
+    csv_dir.mkdir()
+    pd.DataFrame({"text": frame["text"]}).to_csv(csv_dir / "pg19_valid_1k_chunks.csv", index=False)  # the download script's
+    assert sample_texts(pg19_config(csv_dir), None, 4, 0) == expected
+
+
+def test_ray_cluster_unreachable_is_one_clear_error(monkeypatch):
+    """ray.init alone retries an address where nothing listens for many minutes."""
+    from cram_sweep.config import UserError
+    from cram_sweep.orchestrate import connect_ray
+
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)  # no cluster.address: RAY_ADDRESS is used
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"cannot join the Ray cluster at {address}: nothing answers at .*:{address.split(':')[1]} "):
+        connect_ray(compose_config(["cluster=ray"]))
+    assert time.monotonic() - started < 15
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(UserError, match="dashboard / Jobs API URL"):
+        connect_ray(compose_config(["cluster=ray"]))
+
+
+# ------------------------------------------------------------------------------ MLflow on PostgreSQL + S3
+
+
+def _initdb():
+    """initdb on PATH (Debian links it into /usr/local/bin here), else the newest /usr/lib/postgresql/*/bin."""
+    return shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A PostgreSQL server on a free loopback port in a temporary directory, with a database `mlflow`."""
+    initdb = _initdb()
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is missing: pip install -e '.[test]'")
+    pg_ctl = str(Path(initdb).resolve().with_name("pg_ctl"))
+    as_user = {}
+    base = Path(tempfile.mkdtemp(prefix="cram-pg-"))
+    if os.geteuid() == 0:  # initdb refuses root: run the server as an unprivileged user
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            account = pwd.getpwnam("nobody")
+        os.chown(base, account.pw_uid, account.pw_gid)
+        as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    data, port = base / "data", free_port()
+    try:
+        init = subprocess.run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
+                              capture_output=True, text=True, **as_user)
+        assert init.returncode == 0, init.stderr[-2000:]
+        start = subprocess.run([pg_ctl, "start", "-w", "-t", "60", "-D", str(data), "-l", str(base / "postgres.log"),
+                                "-o", f"-p {port} -h 127.0.0.1 -k {base} -F"], capture_output=True, text=True, **as_user)
+        assert start.returncode == 0, start.stderr[-2000:] + (base / "postgres.log").read_text()[-2000:]
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield {"port": port, "url": f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"}
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([pg_ctl, "stop", "-D", str(data), "-m", "immediate"], capture_output=True, **as_user)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def s3_server():
+    """An S3-compatible store on loopback (moto's server mode) with the bucket `mlflow`."""
+    boto3 = pytest.importorskip("boto3", reason="boto3 is missing: pip install -e '.[test]'")
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is missing: pip install -e '.[test]'")
+    port = free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"], region_name=keys["AWS_DEFAULT_REGION"])
+        client.create_bucket(Bucket="mlflow")
+        yield {"endpoint": endpoint, "env": {**keys, "MLFLOW_S3_ENDPOINT_URL": endpoint}, "client": client}
+    finally:
+        server.stop()
+
+
+class MlflowServer:
+    """`mlflow server` on a fixed loopback port, started, killed and restarted by the tests."""
+
+    def __init__(self, postgres: dict, s3: dict, workdir: Path):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.postgres, self.s3, self.workdir = postgres, s3, workdir
+        self.proc = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.workdir / f"mlflow-{self.starts}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.postgres["url"],
+             "--artifacts-destination", "s3://mlflow/", "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            cwd=self.workdir, env={**os.environ, **self.s3["env"]}, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def wait(self, timeout: float = 240) -> None:
+        health = lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200  # noqa: E731
+        wait_for(health, timeout, "mlflow server", self.proc, self.log)
+
+    def kill(self) -> None:
+        """As a crash would: SIGKILL the server and its workers at once."""
+        for pid in session_pids(self.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_session(self.proc, grace=5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_booting(tmp_path_factory):
+    """PostgreSQL, the S3 store and `mlflow server`, started without waiting for the server, which
+    takes ~20 s to boot: it boots while the Ray and pg19 tests run. Never skips or fails by itself
+    (that would take the tests that request it early down too): `mlflow_server` does."""
+    stack = contextlib.ExitStack()
+    try:
+        postgres = stack.enter_context(postgres_server())
+        s3 = stack.enter_context(s3_server())
+        server = MlflowServer(postgres, s3, tmp_path_factory.mktemp("mlflow"))
+        stack.callback(server.stop)
+        server.start()
+        state = {"server": server}
+    except pytest.skip.Exception as skip:
+        state = {"skip": skip.msg}
+    except Exception as err:  # noqa: BLE001 - re-raised by mlflow_server in the tests that need it
+        state = {"error": err}
+    try:
+        yield state
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_booting):
+    if "skip" in mlflow_booting:
+        pytest.skip(mlflow_booting["skip"])
+    if "error" in mlflow_booting:
+        raise mlflow_booting["error"]
+    server = mlflow_booting["server"]
+    server.wait()
+    return server
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def children_of(client, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+
+
+def test_mlflow_down_at_start_is_one_clear_error(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    proc = run_cli("run", "name=nomlflow", f"out_dir={tmp_path}", *TINY, "tracking=server", f"tracking.uri={uri}", check=False, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot reach MLflow at {uri} (connection refused): start the server or fix tracking.uri / MLFLOW_TRACKING_URI"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert took < 45, f"{took:.0f} s: no minutes of retries"
+    sweep = SweepDir(tmp_path / "nomlflow")
+    assert read_results(sweep).num_rows == 0 and not sweep.results.exists(), "nothing computed"
+    assert "sweep directory:" not in proc.stdout
+
+
+def test_mlflow_refusing_at_start_is_one_clear_error(tmp_path):
+    """A server that answers 403, as `mlflow server` does for a Host header it does not allow."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cram_sweep.config import UserError
+    from cram_sweep.tracking import Tracker
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"Invalid Host header - possible DNS rebinding attack detected"
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = compose_config(["name=refused", f"out_dir={tmp_path}", "tracking=server", f"tracking.uri={uri}"])
+        with pytest.raises(UserError) as refused:
+            Tracker(cfg, SweepDir(tmp_path / "refused")).start()
+        assert str(refused.value) == (f"MLflow at {uri} refused the request (HTTP 403: Invalid Host header - possible DNS rebinding "
+                                      "attack detected): allow this client on the server (mlflow server --allowed-hosts, credentials) "
+                                      "or fix tracking.uri")
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+    # The whole scale-out setup: the driver joins the cluster through RAY_ADDRESS, tracks to the server.
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
+    monkeypatch.delenv("RAY_AUTH_MODE")  # as `ray start` leaves it: the token alone (RAY_AUTH_TOKEN) must do
+    # report=true: the run ends with what `cram-sweep report` does (the outage test runs that command).
+    run = run_cli("run", "name=served", f"out_dir={tmp_path}", *TINY, "cluster=ray", "tracking=server",
+                  f"tracking.uri={mlflow_server.uri}", "report=true")
+    assert "total: 6 done, 0 failed, 0 pending" in run.stdout and "report not logged" not in run.stderr
+    sweep = SweepDir(tmp_path / "served")
+    ids = json.loads(sweep.tracking.read_text())
+    assert ids["uri"] == mlflow_server.uri and ids["parent"] in run.stdout
+    client = client_for(mlflow_server.uri)
+    parent = client.get_run(ids["parent"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["grid.samples"] == "3" and parent.data.params["cluster.kind"] == "ray"
+    assert any(k.startswith("max_tokens/tiny_llama/pydoc/n_mem_2") for k in parent.data.metrics)
+    listed = {Path(a.path).name for a in client.list_artifacts(ids["parent"], "report")}
+    assert {"capacity.csv", "capacity.md", "accuracy_vs_length.png"} <= listed
+    downloaded = client.download_artifacts(ids["parent"], "report/capacity.csv", str(tmp_path / "dl"))
+    assert Path(downloaded).read_bytes() == (sweep.report / "capacity.csv").read_bytes()
+
+    children = children_of(client, ids["parent"])
+    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == ["tiny_llama/pydoc/n_mem=2/L=4", "tiny_llama/pydoc/n_mem=2/L=8"]
+    assert all(c.data.metrics["done"] == 3 and c.info.status == "FINISHED" for c in children)
+
+    # The artifacts really are in the S3 bucket, and the runs really are in PostgreSQL.
+    keys = [o["Key"] for o in mlflow_server.s3["client"].list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(k.endswith(f"{ids['parent']}/artifacts/report/capacity.csv") for k in keys), keys
+    assert any(k.endswith(f"{ids['parent']}/artifacts/sweep.yaml") for k in keys), keys
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=mlflow_server.postgres["port"], user="postgres", dbname="mlflow") as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (ids["parent"],))
+        assert cur.fetchone() == ("FINISHED",)
+        cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = ANY(%s) AND key = 'done'", ([c.info.run_id for c in children],))
+        assert cur.fetchone()[0] >= 2
+
+
+def test_mlflow_killed_mid_sweep_then_report_resyncs(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this test's own polling: fail fast
+    samples, lengths = 3, (4, 8, 12)
+    total = samples * len(lengths)
+    args = ["run", "name=outage", f"out_dir={tmp_path}", *TINY, f"grid.samples={samples}", f"grid.lengths=[{','.join(map(str, lengths))}]",
+            "batch_size=1", "optim.patience=150", "optim.max_steps=300", "cluster=ray", f"cluster.address={ray_cluster['address']}",
+            "tracking=server", f"tracking.uri={mlflow_server.uri}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the sweep runs with cram-sweep's own settings
+    log = tmp_path / "sweep.log"
+    proc = subprocess.Popen(CLI + args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    sweep = SweepDir(tmp_path / "outage")
+    client = client_for(mlflow_server.uri)
+    try:
+        def some_cell_logged():
+            ids = json.loads(sweep.tracking.read_text())
+            return any(client.get_run(r).data.metrics.get("done", 0) >= 1 for r in ids["cells"].values())
+
+        wait_for(some_cell_logged, 240, "first metrics in MLflow", proc, log)
+        mlflow_server.kill()
+        at_kill = read_results(sweep, ["acc"]).num_rows
+        assert at_kill < total, "the server must die mid-sweep"
+        proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            stop_session(proc, grace=5)
+        if mlflow_server.proc.poll() is not None:
+            mlflow_server.start()  # the module's later tests (and teardown) expect a server
+    output = log.read_text()
+    assert proc.returncode == 0, output[-4000:]
+    assert f"total: {total} done, 0 failed, 0 pending" in output
+    assert output.count("MLflow logging failed (") == 1, "one warning per outage, not one per flush\n" + output[-4000:]
+    table = read_results(sweep, ["acc"])
+    assert table.num_rows == total > at_kill
+
+    mlflow_server.wait()
+    ids = json.loads(sweep.tracking.read_text())
+    stale = {c.data.tags["cram_sweep.cell"]: c.data.metrics.get("done") for c in children_of(client, ids["parent"])}
+    assert len(stale) < len(lengths) or min(stale.values()) < samples, f"MLflow missed the end of the sweep: {stale}"
+    report = run_cli("report", str(sweep.path))
+    assert "report not logged" not in report.stderr, report.stderr[-2000:]
+    ids = json.loads(sweep.tracking.read_text())
+    assert client.get_run(ids["parent"]).info.status == "FINISHED"
+    children = children_of(client, ids["parent"])
+    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == sorted(f"tiny_llama/pydoc/n_mem=2/L={L}" for L in lengths)
+    for child in children:
+        assert child.data.metrics["done"] == samples, child.data.tags["cram_sweep.cell"]
+        assert child.info.status == "FINISHED"
+    assert "capacity.csv" in {Path(a.path).name for a in client.list_artifacts(ids["parent"], "report")}
