@@ -1,5 +1,8 @@
 """`cram-sweep bench`: the engine's throughput against the paper's one-sample loop, on the same tokens.
 
+sample_steps_per_s counts optimization steps alone; samples_per_hour is wall time with everything a
+sample costs (the paper's loop: its model loads; the engine: the no-vector baseline and greedy check).
+
 Rows: the paper's loop (batch size 1, full logits, one AdamW per sample) with and without its two model
 loads per sample, then the engine at each precision and batch size. One step costs about
 4 * P * B * (L + n_mem) FLOPs (forward, plus backward to the inputs only).
@@ -31,17 +34,18 @@ class BenchRow:
     method: str
     precision: str
     batch_size: int
-    seconds: float
+    seconds: float  # wall time, per-sample set-up and greedy check included
+    step_seconds: float  # time in optimization steps alone
     samples: int
     steps: int
     peak_mem_gb: float
     flops: float
 
     def as_dict(self, baseline: "BenchRow", device_peak: Optional[float]) -> dict:
-        sample_steps = self.samples * self.steps / self.seconds
+        sample_steps = self.samples * self.steps / self.step_seconds
         per_hour = 3600 * self.samples / self.seconds
-        base_steps = baseline.samples * baseline.steps / baseline.seconds
-        achieved = self.flops / self.seconds
+        base_steps = baseline.samples * baseline.steps / baseline.step_seconds
+        achieved = self.flops / self.step_seconds
         return {
             "method": self.method, "precision": self.precision, "batch": self.batch_size,
             "sample_steps_per_s": round(sample_steps, 3), "samples_per_hour": round(per_hour, 1),
@@ -134,7 +138,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
             _sync(dev)
         seconds = time.perf_counter() - t0
         total_flops = flops_per_sample_step * paper_samples * steps
-        rows.append(BenchRow("paper loop", precision, 1, seconds, paper_samples, steps, mem.gb, total_flops))
+        rows.append(BenchRow("paper loop", precision, 1, seconds, seconds, paper_samples, steps, mem.gb, total_flops))
         t0 = time.perf_counter()
         for spec in specs[:paper_samples]:
             for _ in range(2):  # the reference reloads the model (and tokenizer) twice per sample
@@ -142,7 +146,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
                 lm = load_model(model_name, cfg.models[model_name], device)
             paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
         _sync(dev)
-        rows.append(BenchRow("paper loop + 2 loads/sample", precision, 1, time.perf_counter() - t0, paper_samples, steps, mem.gb, total_flops))
+        rows.append(BenchRow("paper loop + 2 loads/sample", precision, 1, time.perf_counter() - t0, seconds, paper_samples, steps, mem.gb, total_flops))
         for batch in batch_sizes:
             with PeakMemory(dev) as mem:
                 t0 = time.perf_counter()
@@ -150,7 +154,8 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
                 _sync(dev)
             seconds = time.perf_counter() - t0
             steps_done = sum(r["steps"] for r in done) / len(done)
-            rows.append(BenchRow("engine", precision, batch, seconds, batch, steps_done, mem.gb, flops_per_sample_step * steps_done * batch))
+            step_seconds = sum(r["seconds"] for r in done)  # each sample's share of the batch steps' time
+            rows.append(BenchRow("engine", precision, batch, seconds, step_seconds, batch, steps_done, mem.gb, flops_per_sample_step * steps_done * batch))
     clear_cache()
     peak = next((v for k, v in PEAK_FLOPS.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
     baseline = next(r for r in rows if r.method == "paper loop" and r.precision == "fp32") if "fp32" in precisions else rows[0]
