@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The embedded default: SmolLM2-135M-Instruct on pydoc prose, local Ray, MLflow in $(OUT)/mlflow.db.
+# Sized to finish in minutes on a 2-core CPU; RUN_ARGS adds overrides (e.g. RUN_ARGS="'grid.lengths=[16,32,64,128]'").
 run: setup
-	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[16,32,64]' grid.samples=4 optim.max_steps=600 optim.patience=300 $(RUN_ARGS)
+	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[8,16,32]' grid.samples=4 optim.max_steps=500 optim.patience=200 $(RUN_ARGS)
 
 test: setup
 	$(BIN)/pytest -q
