@@ -72,7 +72,7 @@ def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targ
     with autocast(model, precision, cast_cache):
         logits = model(inputs_embeds=inputs, logits_to_keep=length).logits[:, :-1]
     logits = logits.float()
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).mean(dim=1)
     acc = (logits.argmax(dim=-1) == targets).float().mean(dim=1)
     return ce, acc
 
