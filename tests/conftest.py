@@ -31,6 +31,18 @@ def run_cli(*args, check=True, timeout=300, **kwargs):
     return proc
 
 
+def assert_same_result(a, b, atol=1e-3):
+    """Two results of one sample agree: same trajectory length and accuracy, CE and vectors within fp rounding."""
+    import torch
+
+    assert a["steps"] == b["steps"]
+    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
+    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
+    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
+    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from cram_sweep.model import load_model

@@ -10,7 +10,7 @@ from cram_sweep.config import Cell, sample_seed
 from cram_sweep.cram import SampleSpec, cram, score
 from cram_sweep.data import sample_token_ids
 
-from .conftest import tiny_config
+from .conftest import assert_same_result, tiny_config
 
 CFG = tiny_config()
 OPTIM = CFG.optim
@@ -56,15 +56,6 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim):
     n_pred = len(token_ids) - 1
     return {"acc_no_mem": acc0, "ce_no_mem_bits": ce0 * n_pred / math.log(2), "acc": best_acc, "steps": step,
             "ce_bits": best_ce * n_pred / math.log(2), "memory": best_memory.flatten().tolist()}
-
-
-def assert_same_result(a, b, atol=1e-3):
-    assert a["steps"] == b["steps"]
-    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
-    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
-    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
-    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
-    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_neox"])

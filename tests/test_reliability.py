@@ -29,7 +29,7 @@ from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, work_items
 from cram_sweep.store import SweepDir, read_failures, read_results
 
-from .conftest import CLI, ROOT, TINY, tiny_config
+from .conftest import CLI, ROOT, TINY, assert_same_result, tiny_config
 
 # One torch thread per worker: on a loaded 2-core machine two OpenMP threads per worker crawl (spin-waits).
 BASE = [*TINY, "worker.cpus=1"]
@@ -138,15 +138,6 @@ def cli_main(capsys, *argv):
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_same_result(a, b, atol=1e-3):
-    assert a["steps"] == b["steps"]
-    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
-    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
-    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
-    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
-    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
 
 
 def same_rows(before: dict, after: dict) -> None:
