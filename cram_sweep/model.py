@@ -21,6 +21,7 @@ LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, struct.er
 BF16_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
 _MODELS: Dict[str, "LoadedModel"] = {}
 _TOKENIZERS: Dict[str, object] = {}
+_CONTEXTS: Dict[str, int] = {}
 
 
 @dataclass
@@ -181,9 +182,12 @@ def model_context(name: str, cfg: ModelConfig) -> int:
         return int(cfg.arch.get("max_position_embeddings", 2048))
     from transformers import AutoConfig
 
-    path, args = _pretrained_args(name, cfg)
-    try:
-        config = AutoConfig.from_pretrained(path, **args)
-    except LOAD_ERRORS as err:
-        raise UserError(f"model {name}: cannot read a model config from {path!r} ({_short(err)}): fix models.{name}") from None
-    return int(getattr(config, "max_position_embeddings", 1 << 30))
+    key = _cache_key(name, cfg)
+    if key not in _CONTEXTS:  # reading a GGUF's config parses the whole file (seconds): once per process
+        path, args = _pretrained_args(name, cfg)
+        try:
+            config = AutoConfig.from_pretrained(path, **args)
+        except LOAD_ERRORS as err:
+            raise UserError(f"model {name}: cannot read a model config from {path!r} ({_short(err)}): fix models.{name}") from None
+        _CONTEXTS[key] = int(getattr(config, "max_position_embeddings", 1 << 30))
+    return _CONTEXTS[key]
