@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import Cell, compose_config, sample_seed
 from .cram import SampleSpec, autocast, cram
 from .data import sample_token_ids
-from .model import clear_cache, load_model, resolve_device
+from .model import clear_cache, load_model, resolve_attention, resolve_device
 
 # Dense bf16 / fp32 (TF32) peak FLOP/s of common accelerators, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -128,6 +128,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
     cell = Cell(model_name, dataset, n_mem, length)
     specs = [SampleSpec(i, ids[i], sample_seed(cfg.seed, cell, i)) for i in range(count)]
     flops_per_sample_step = 4 * lm.n_params * (length + n_mem)
+    attention = resolve_attention("auto", dev, length + n_mem)
     rows = []
     for precision in precisions:
         paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)  # warm-up
@@ -150,7 +151,8 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
         for batch in batch_sizes:
             with PeakMemory(dev) as mem:
                 t0 = time.perf_counter()
-                done = list(cram(lm.model, specs[:batch], n_mem, cfg.optim, precision, batch, check_every=1 if dev.type == "cpu" else 16))
+                done = list(cram(lm.model, specs[:batch], n_mem, cfg.optim, precision, batch,
+                                 check_every=1 if dev.type == "cpu" else 16, attention=attention))
                 _sync(dev)
             seconds = time.perf_counter() - t0
             steps_done = sum(r["steps"] for r in done) / len(done)
@@ -162,7 +164,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
     table = [r.as_dict(baseline, peak) for r in rows]
     header = (f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, "
               f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}, "
-              f"model load {load_seconds:.1f} s")
+              f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}")
     print(header)
     print_table(table)
     if out:

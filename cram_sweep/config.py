@@ -18,6 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 CONF_DIR = Path(os.environ.get("CRAM_SWEEP_CONF", Path(__file__).resolve().parent.parent / "conf"))
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 class UserError(Exception):
     """Bad input: the message is one line that says what to change."""
 
@@ -95,6 +98,7 @@ class SweepConfig:
     out_dir: str = "outputs"
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16
+    attention: str = "auto"  # auto | eager | sdpa | any attn_implementation transformers knows
     batch_size: Any = 16  # int, or "auto"
     device: str = "auto"  # auto | cpu | cuda
     report: bool = True
@@ -235,6 +239,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"grid.n_mem contains {n_mem}: the number of vectors must be >= 1")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"precision={cfg.precision}: choose auto, fp32 or bf16")
+    if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise UserError(f"attention={cfg.attention}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: choose auto, cpu or cuda")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):

@@ -62,6 +62,20 @@ def autocast(model, precision: str, cast_cache: bool = True):
             module.weight = weight
 
 
+@contextlib.contextmanager
+def attention_implementation(model, implementation: Optional[str]):
+    """Run the model with this attention implementation (None: as loaded), then restore it."""
+    loaded = model.config._attn_implementation
+    if implementation is None or implementation == loaded:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(loaded)
+
+
 def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str, cast_cache: bool = True):
     """Per-sample mean CE and accuracy of the `length - 1` next-token predictions of the text.
 
@@ -69,8 +83,10 @@ def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targ
     """
     length = text_embeds.shape[1]
     inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
+    # logits of exactly the positions that predict text tokens 1..L-1: no (B, L, V) slice in the backward
+    predicting = torch.arange(inputs.shape[1] - length, inputs.shape[1] - 1, device=inputs.device)
     with autocast(model, precision, cast_cache):
-        logits = model(inputs_embeds=inputs, logits_to_keep=length).logits[:, :-1]
+        logits = model(inputs_embeds=inputs, logits_to_keep=predicting).logits
     logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).mean(dim=1)
     acc = (logits.argmax(dim=-1) == targets).float().mean(dim=1)
@@ -235,12 +251,19 @@ def cram(
     batch_size: int = 16,
     check_every: int = 1,
     cast_cache: bool = True,
+    attention: Optional[str] = None,
 ) -> Iterator[dict]:
     """Optimize every sample of one cell (all of one length); yield one result row per sample as it finishes.
 
-    Speed options that leave results unchanged: `batch_size`, `check_every` (steps between host syncs;
-    finished samples are frozen on the device meanwhile) and `cast_cache` (bf16 weight copies).
+    Speed options that leave results unchanged (up to float rounding): `batch_size`, `check_every` (steps
+    between host syncs; finished samples are frozen on the device meanwhile), `cast_cache` (bf16 weight
+    copies) and `attention` (the attention implementation; None: as the model was loaded).
     """
+    with attention_implementation(model, attention):
+        yield from _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache)
+
+
+def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache) -> Iterator[dict]:
     waiting = deque(samples)
     batch = _Batch(model, n_mem, optim, precision, cast_cache)
     while waiting or len(batch):

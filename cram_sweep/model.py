@@ -74,6 +74,14 @@ def resolve_precision(precision: str, family: str, device: torch.device) -> str:
     return "bf16" if family in BF16_FAMILIES and has_fast_bf16(device) else "fp32"
 
 
+def resolve_attention(attention: str, device: torch.device, positions: int) -> str:
+    """`auto`: eager attention on CPU for short sequences (the CPU's fused SDPA kernels are slower there,
+    and eager's (L, L) attention maps are small), SDPA otherwise."""
+    if attention != "auto":
+        return attention
+    return "eager" if device.type == "cpu" and positions <= 512 else "sdpa"
+
+
 def _cache_key(name: str, cfg: ModelConfig) -> str:
     return name + "\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg)
 

@@ -24,7 +24,7 @@ from . import store
 from .config import Cell, UserError, cells, sample_seed
 from .cram import SampleSpec, cram
 from .data import sample_token_ids
-from .model import load_model, load_tokenizer, model_context, resolve_precision
+from .model import load_model, load_tokenizer, model_context, resolve_attention, resolve_precision
 from .tracking import Tracker
 
 log = logging.getLogger("cram_sweep")
@@ -38,6 +38,7 @@ class WorkItem:
     specs: List[SampleSpec]
     optim: dict
     precision: str
+    attention: str
     batch_size: object
     device: str
     check_every: int
@@ -113,6 +114,7 @@ class CramWorker:
 
         lm = load_model(item.cell.model, OmegaConf.merge(OmegaConf.structured(ModelConfig), item.model_cfg), item.device)
         precision = resolve_precision(item.precision, lm.family, lm.device)
+        attention = resolve_attention(item.attention, lm.device, item.cell.length + item.cell.n_mem)
         batch_size = item.batch_size
         if batch_size == "auto":
             batch_size = auto_batch_size(lm, item.cell.length, item.cell.n_mem)
@@ -122,7 +124,7 @@ class CramWorker:
         try:
             while pending:
                 try:
-                    for row in cram(lm.model, list(pending.values()), item.cell.n_mem, OmegaConf.create(item.optim), precision, batch_size, check_every):
+                    for row in cram(lm.model, list(pending.values()), item.cell.n_mem, OmegaConf.create(item.optim), precision, batch_size, check_every, attention=attention):
                         del pending[row["sample"]]
                         yield {**row, "precision": precision, "hidden": lm.hidden, "vocab_size": lm.vocab_size}
                     continue
@@ -189,7 +191,7 @@ def work_items(cfg: DictConfig, tokens, done: set) -> List[WorkItem]:
         for start in range(0, len(specs), per_item):
             items.append(WorkItem(
                 cell, OmegaConf.to_container(cfg.models[cell.model]), specs[start : start + per_item],
-                OmegaConf.to_container(cfg.optim), cfg.precision, cfg.batch_size, cfg.device, cfg.worker.check_every,
+                OmegaConf.to_container(cfg.optim), cfg.precision, cfg.attention, cfg.batch_size, cfg.device, cfg.worker.check_every,
             ))
     return items
 

@@ -153,3 +153,15 @@ def test_speed_options_leave_results_unchanged(tiny_llama):
         assert fast[sample]["steps"] == synced[sample]["steps"]
         assert fast[sample]["memory"] == synced[sample]["memory"], "cast cache and check_every change nothing"
         assert_same_result(fast[sample], plain[sample], atol=5e-2)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_attention_implementation_leaves_results_unchanged(tiny_llama, attention):
+    """The engine's attention choice (eager on CPU by default) follows the model's own trajectory."""
+    specs = specs_for(tiny_llama, 8, 3)
+    loaded = tiny_llama.model.config._attn_implementation
+    as_loaded = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=3))
+    chosen = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=3, attention=attention))
+    assert tiny_llama.model.config._attn_implementation == loaded, "the model's setting is restored"
+    for sample in as_loaded:
+        assert_same_result(chosen[sample], as_loaded[sample])
