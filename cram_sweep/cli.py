@@ -9,17 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
-from .config import UserError, compose_config, load_sweep_config, to_yaml, validate
+from .config import UserError, compose_config, load_sweep_config, result_config, to_yaml, validate, with_runtime_overrides
 from .store import StoreError, SweepDir
-
-# Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "grid", "optim", "models", "datasets")
-
-
-def _result_config(cfg) -> str:
-    return OmegaConf.to_yaml({k: cfg[k] for k in RESULT_KEYS}, resolve=True)
 
 
 def _write_config(sweep: SweepDir, cfg) -> None:
@@ -73,22 +65,24 @@ def cmd_run(overrides, show_config: bool) -> int:
     sweep = SweepDir(Path(cfg.out_dir) / cfg.name)
     with sweep.lock():
         if sweep.config.is_file():
-            if _result_config(load_sweep_config(sweep.config)) != _result_config(cfg):
+            if result_config(load_sweep_config(sweep.config)) != result_config(cfg):
                 raise UserError(f"{sweep.path} holds a different sweep named {cfg.name}: use `cram-sweep resume {sweep.path}` or another name=")
             print(f"{sweep.path} holds this sweep already: running its missing samples")
         _write_config(sweep, cfg)
         return _finish(cfg, sweep, tokens)
 
 
-def cmd_resume(path: str) -> int:
+def cmd_resume(path: str, overrides) -> int:
     sweep = SweepDir(path).require()
-    cfg = load_sweep_config(sweep.config)
+    cfg = with_runtime_overrides(load_sweep_config(sweep.config), overrides)
     validate(cfg)
     from .orchestrate import prepare_tokens
 
     _check_models(cfg)
     tokens = prepare_tokens(cfg)
     with sweep.lock():
+        if overrides:
+            _write_config(sweep, cfg)
         return _finish(cfg, sweep, tokens)
 
 
@@ -152,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sweep: cram-sweep run [hydra overrides...]")
     run.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'grid.lengths=[16,32]' grid.samples=8")
-    for name, text in (("resume", "finish a sweep's missing or failed samples"), ("status", "one line per cell"), ("report", "write and log the capacity report")):
+    resume = sub.add_parser("resume", help="finish a sweep's missing or failed samples")
+    resume.add_argument("sweep_dir")
+    resume.add_argument("overrides", nargs="*", help="keys that do not change results, e.g. cluster.address=HOST:6379 batch_size=8")
+    for name, text in (("status", "one line per cell"), ("report", "write and log the capacity report")):
         sub.add_parser(name, help=text).add_argument("sweep_dir")
     decode = sub.add_parser("decode", help="greedy-decode a stored sample from its vectors")
     decode.add_argument("sweep_dir")
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
         if args.command == "run":
             return cmd_run(args.overrides, args.cfg == "job")
         if args.command == "resume":
-            return cmd_resume(args.sweep_dir)
+            return cmd_resume(args.sweep_dir, args.overrides)
         if args.command == "status":
             return cmd_status(args.sweep_dir)
         if args.command == "report":

@@ -207,6 +207,31 @@ def load_sweep_config(path: Path) -> DictConfig:
         raise UserError(f"{path} is not a valid cram-sweep config ({' '.join(str(err).split())[:200]}): fix the file or run the sweep again with `cram-sweep run`") from None
 
 
+# Keys whose change would change results: a sweep directory refuses a config that differs in them.
+RESULT_KEYS = ("seed", "precision", "grid", "optim", "models", "datasets")
+
+
+def result_config(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml({k: cfg[k] for k in RESULT_KEYS}, resolve=True)
+
+
+def with_runtime_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
+    """A stored sweep config with `key=value` overrides of the keys that do not change results
+    (cluster, tracking, worker, batch_size, attention, device, report, flush_seconds)."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key.startswith(("+", "~")):
+            raise UserError(f"resume override {override!r}: write key=value, e.g. cluster.address=HOST:6379")
+        if "." not in key and key in ("cluster", "tracking"):
+            raise UserError(f"resume override {override!r}: set the keys themselves, e.g. {key}.kind=... ({key} groups apply to `run`)")
+        if key.split(".")[0] in RESULT_KEYS + ("name", "out_dir"):
+            raise UserError(f"resume cannot change {key}: it changes the results; start a new sweep with `cram-sweep run name=NEW {override}`")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except Exception as err:  # unknown key or wrong type
+        raise UserError(f"resume overrides {' '.join(overrides)}: {' '.join(str(err).split())[:200]}") from None
+
+
 MODEL_SOURCES = ("hf", "gguf_package", "random")
 RANDOM_ARCHITECTURES = ("llama", "gpt_neox")
 DATASET_SOURCES = ("pydoc", "pg19", "files", "random")

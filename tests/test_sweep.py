@@ -10,9 +10,10 @@ import pyarrow.dataset as ds
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.store import SweepDir, read_results
 
-from .conftest import CLI, ROOT, TINY, run_cli
+from .conftest import CLI, ROOT, TINY, run_cli, tiny_config
 
 
 def mlflow_runs(out_dir: Path):
@@ -102,7 +103,8 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
     assert 0 < before.num_rows < 24, "the kill must land mid-sweep"
     parent_before, _ = mlflow_runs(tmp_path)
 
-    resumed = run_cli("resume", str(sweep.path))
+    resumed = run_cli("resume", str(sweep.path), "batch_size=3", "attention=eager")
+    assert load_sweep_config(sweep.config).batch_size == 3, "runtime overrides are kept for the next resume"
     assert f"{before.num_rows} done, {24 - before.num_rows} to run" in resumed.stdout
     after = read_results(sweep, ["cell", "sample"])
     raw = ds.dataset(sweep.results).to_table(columns=["cell", "sample"])
@@ -118,6 +120,23 @@ def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path):
     other = run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "seed=1", check=False)
     assert other.returncode == 2
     assert "holds a different sweep" in other.stderr and "resume" in other.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=1", "resume cannot change seed"),
+    ("grid.samples=9", "resume cannot change grid.samples"),
+    ("cluster=ray", "set the keys themselves"),
+    ("worker.nope=1", "resume overrides worker.nope=1"),
+    ("batch_size", "write key=value"),
+])
+def test_resume_refuses_overrides_that_change_results(tmp_path, capsys, override, message):
+    from cram_sweep.cli import main
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.yaml").write_text(to_yaml(tiny_config("name=s", f"out_dir={tmp_path}")))
+    assert main(["resume", str(tmp_path / "s"), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_print_config():
