@@ -174,6 +174,8 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
         tokenizer = load_tokenizer(name, cfg)
         model = _build_model(name, cfg, tokenizer).to(dev)
         model.eval().requires_grad_(False)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (precision=fp32, the fp32 CE) on tensor cores
         family = cfg.family or getattr(model.config, "model_type", "")
         _MODELS[key] = LoadedModel(name, model, tokenizer, family, dev)
     return _MODELS[key]
