@@ -11,6 +11,7 @@ loads per sample, then the engine at each precision and batch size. One step cos
 from __future__ import annotations
 
 import csv
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,10 +42,14 @@ class BenchRow:
     peak_mem_gb: float
     flops: float
 
+    @property
+    def sample_steps_per_s(self) -> float:
+        return self.samples * self.steps / self.step_seconds
+
     def as_dict(self, baseline: "BenchRow", device_peak: Optional[float]) -> dict:
-        sample_steps = self.samples * self.steps / self.step_seconds
+        sample_steps = self.sample_steps_per_s
         per_hour = 3600 * self.samples / self.seconds
-        base_steps = baseline.samples * baseline.steps / baseline.step_seconds
+        base_steps = baseline.sample_steps_per_s
         achieved = self.flops / self.step_seconds
         return {
             "method": self.method, "precision": self.precision, "batch": self.batch_size,
@@ -129,7 +134,13 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
     specs = [SampleSpec(i, ids[i], sample_seed(cfg.seed, cell, i)) for i in range(count)]
     flops_per_sample_step = 4 * lm.n_params * (length + n_mem)
     attention = resolve_attention("auto", dev, length + n_mem)
-    rows = []
+    rows: List[BenchRow] = []
+
+    def measured(row: BenchRow) -> None:
+        rows.append(row)
+        print(f"  {row.method}, {row.precision}, batch {row.batch_size}: {row.sample_steps_per_s:.3f} sample-steps/s, "
+              f"{3600 * row.samples / row.seconds:.1f} samples/hour", file=sys.stderr, flush=True)
+
     for precision in precisions:
         paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)  # warm-up
         with PeakMemory(dev) as mem:
@@ -139,7 +150,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
             _sync(dev)
         seconds = time.perf_counter() - t0
         total_flops = flops_per_sample_step * paper_samples * steps
-        rows.append(BenchRow("paper loop", precision, 1, seconds, seconds, paper_samples, steps, mem.gb, total_flops))
+        measured(BenchRow("paper loop", precision, 1, seconds, seconds, paper_samples, steps, mem.gb, total_flops))
         t0 = time.perf_counter()
         for spec in specs[:paper_samples]:
             for _ in range(2):  # the reference reloads the model (and tokenizer) twice per sample
@@ -147,7 +158,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
                 lm = load_model(model_name, cfg.models[model_name], device)
             paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
         _sync(dev)
-        rows.append(BenchRow("paper loop + 2 loads/sample", precision, 1, time.perf_counter() - t0, seconds, paper_samples, steps, mem.gb, total_flops))
+        measured(BenchRow("paper loop + 2 loads/sample", precision, 1, time.perf_counter() - t0, seconds, paper_samples, steps, mem.gb, total_flops))
         for batch in batch_sizes:
             with PeakMemory(dev) as mem:
                 t0 = time.perf_counter()
@@ -157,7 +168,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
             seconds = time.perf_counter() - t0
             steps_done = sum(r["steps"] for r in done) / len(done)
             step_seconds = sum(r["seconds"] for r in done)  # each sample's share of the batch steps' time
-            rows.append(BenchRow("engine", precision, batch, seconds, step_seconds, batch, steps_done, mem.gb, flops_per_sample_step * steps_done * batch))
+            measured(BenchRow("engine", precision, batch, seconds, step_seconds, batch, steps_done, mem.gb, flops_per_sample_step * steps_done * batch))
     clear_cache()
     peak = next((v for k, v in PEAK_FLOPS.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
     baseline = next(r for r in rows if r.method == "paper loop" and r.precision == "fp32") if "fp32" in precisions else rows[0]

@@ -12,7 +12,9 @@ def test_bench_prints_and_writes_the_table(tmp_path, capsys):
     code = main(["bench", "--model", "tiny_neox", "--length", "12", "--n-mem", "2", "--steps", "3",
                  "--batch-sizes", "1,2", "--precisions", "fp32,bf16", "--paper-samples", "1", "--device", "cpu", "--out", str(out)])
     assert code == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert captured.err.count("sample-steps/s") == 8, "one progress line per measurement"
     assert "model tiny_neox" in text and "length 12, n_mem 2, 3 steps/sample" in text
     header = text.splitlines()[1].split()
     assert header == COLUMNS
