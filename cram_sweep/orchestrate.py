@@ -413,8 +413,8 @@ class Sweep:
                     continue
                 item.specs = [s for s in item.specs if s.sample != row["sample"]]
                 self.accept(item, row)
-                progress.update(1)
                 progress.set_postfix_str(f"{item.cell.id} failed={len(self.failed)}", refresh=False)
+                progress.update(1)
             self.flush()
 
     def _retry(self, item: WorkItem, err: Exception) -> List[WorkItem]:
