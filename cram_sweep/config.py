@@ -76,6 +76,7 @@ class WorkerConfig:
     max_retries: int = 2  # a sample lost with its worker (killed, node gone) is retried this often
     samples_per_item: int = 0  # samples per work item; 0 = 4 x batch size
     check_every: int = 0  # steps between convergence checks (host syncs); 0 = 1 on CPU, 16 on GPU
+    progress_seconds: float = 10.0  # a worker reports the steps of its running samples at most this often
 
 
 @dataclass

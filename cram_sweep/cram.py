@@ -252,20 +252,24 @@ def cram(
     check_every: int = 1,
     cast_cache: bool = True,
     attention: Optional[str] = None,
+    heartbeat_seconds: Optional[float] = None,
 ) -> Iterator[dict]:
     """Optimize every sample of one cell (all of one length); yield one result row per sample as it finishes.
 
     Speed options that leave results unchanged (up to float rounding): `batch_size`, `check_every` (steps
     between host syncs; finished samples are frozen on the device meanwhile), `cast_cache` (bf16 weight
     copies) and `attention` (the attention implementation; None: as the model was loaded).
+    With `heartbeat_seconds`, also yields `{"heartbeat": {"live": samples in the batch, "steps": their
+    most steps so far}}` at most that often, so a caller can show progress within long samples.
     """
     with attention_implementation(model, attention):
-        yield from _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache)
+        yield from _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache, heartbeat_seconds)
 
 
-def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache) -> Iterator[dict]:
+def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache, heartbeat_seconds) -> Iterator[dict]:
     waiting = deque(samples)
     batch = _Batch(model, n_mem, optim, precision, cast_cache)
+    last_heartbeat = time.perf_counter()
     while waiting or len(batch):
         free = batch_size - len(batch)
         if free > 0 and waiting:
@@ -276,3 +280,6 @@ def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast
         share = (time.perf_counter() - started) / len(batch)
         batch.seconds = [s + share for s in batch.seconds]
         yield from batch.take_finished()
+        if heartbeat_seconds is not None and len(batch) and time.perf_counter() - last_heartbeat >= heartbeat_seconds:
+            last_heartbeat = time.perf_counter()
+            yield {"heartbeat": {"live": len(batch), "steps": int(batch.tensors["steps"].max())}}

@@ -42,6 +42,7 @@ class WorkItem:
     batch_size: object
     device: str
     check_every: int
+    progress_seconds: float
 
 
 def auto_batch_size(lm, length: int, n_mem: int) -> int:
@@ -124,7 +125,11 @@ class CramWorker:
         try:
             while pending:
                 try:
-                    for row in cram(lm.model, list(pending.values()), item.cell.n_mem, OmegaConf.create(item.optim), precision, batch_size, check_every, attention=attention):
+                    for row in cram(lm.model, list(pending.values()), item.cell.n_mem, OmegaConf.create(item.optim), precision, batch_size, check_every,
+                                    attention=attention, heartbeat_seconds=item.progress_seconds):
+                        if "heartbeat" in row:
+                            yield row
+                            continue
                         del pending[row["sample"]]
                         yield {**row, "precision": precision, "hidden": lm.hidden, "vocab_size": lm.vocab_size}
                     continue
@@ -192,6 +197,7 @@ def work_items(cfg: DictConfig, tokens, done: set) -> List[WorkItem]:
             items.append(WorkItem(
                 cell, OmegaConf.to_container(cfg.models[cell.model]), specs[start : start + per_item],
                 OmegaConf.to_container(cfg.optim), cfg.precision, cfg.attention, cfg.batch_size, cfg.device, cfg.worker.check_every,
+                cfg.worker.progress_seconds,
             ))
     return items
 
@@ -410,6 +416,11 @@ class Sweep:
                         idle.append(worker)  # the task raised; the worker itself is fine
                     else:
                         waking[worker.ping.remote()] = (worker, time.monotonic())
+                    continue
+                if "heartbeat" in row:
+                    beat = row["heartbeat"]
+                    progress.set_postfix_str(f"{item.cell.id} {beat['live']} running, step {beat['steps']}/{item.optim['max_steps']} "
+                                             f"failed={len(self.failed)}")
                     continue
                 item.specs = [s for s in item.specs if s.sample != row["sample"]]
                 self.accept(item, row)

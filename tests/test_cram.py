@@ -165,3 +165,15 @@ def test_attention_implementation_leaves_results_unchanged(tiny_llama, attention
     assert tiny_llama.model.config._attn_implementation == loaded, "the model's setting is restored"
     for sample in as_loaded:
         assert_same_result(chosen[sample], as_loaded[sample])
+
+
+def test_heartbeats_report_running_steps_and_change_no_result(tiny_llama):
+    specs = specs_for(tiny_llama, 8, 4)
+    plain = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
+    stream = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2, heartbeat_seconds=0))
+    beats = [r["heartbeat"] for r in stream if "heartbeat" in r]
+    assert beats and all(1 <= b["live"] <= 2 and 1 <= b["steps"] <= OPTIM.max_steps for b in beats)
+    rows = by_sample(r for r in stream if "heartbeat" not in r)
+    assert sorted(rows) == sorted(plain)
+    for sample in plain:
+        assert rows[sample]["memory"] == plain[sample]["memory"]

@@ -29,7 +29,8 @@ def mlflow_runs(out_dir: Path):
 def tiny_sweep(tmp_path_factory):
     """One real sweep (two models, two lengths, report on) shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("run", "name=e2e", f"out_dir={out}", *TINY, "grid.models=[tiny_llama,tiny_neox]", "report=true")
+    proc = run_cli("run", "name=e2e", f"out_dir={out}", *TINY, "grid.models=[tiny_llama,tiny_neox]", "report=true",
+                   "worker.progress_seconds=0")
     return out, proc
 
 
@@ -37,6 +38,7 @@ def test_local_ray_sweep_end_to_end(tiny_sweep):
     out, proc = tiny_sweep
     assert "sweep directory:" in proc.stdout and "MLflow parent run:" in proc.stdout
     assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
+    assert "running, step " in proc.stderr, "the progress bar shows the steps of running samples"
     table = ds.dataset(out / "e2e" / "results").to_table()
     keys = set(zip(table["cell"].to_pylist(), table["sample"].to_pylist()))
     expected = {(f"{m}/pydoc/n_mem=2/L={L}", i) for m in ("tiny_llama", "tiny_neox") for L in (4, 8) for i in range(3)}
