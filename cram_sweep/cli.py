@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from .config import UserError, compose_config, load_sweep_config, result_config, to_yaml, validate, with_runtime_overrides
 from .store import StoreError, SweepDir
 
