@@ -7,8 +7,8 @@ from typing import List, Tuple
 import torch
 
 from .config import UserError, load_sweep_config
-from .cram import greedy_decode, matched_prefix
-from .model import load_model
+from .cram import attention_implementation, greedy_decode, matched_prefix
+from .model import load_model, resolve_attention
 from .store import SweepDir, read_results
 
 
@@ -34,11 +34,14 @@ def select_row(table, args) -> dict:
     return match.iloc[0].to_dict()
 
 
-def decode_row(lm, row: dict) -> Tuple[List[int], int]:
-    """Greedy tokens after the first text token, and how many match the text before the first error."""
+def decode_row(lm, row: dict, attention: str = "auto") -> Tuple[List[int], int]:
+    """Greedy tokens after the first text token, and how many match the text before the first error.
+
+    Runs with the precision and attention implementation the sweep's own greedy check used."""
     ids = torch.tensor(row["token_ids"], device=lm.device)
     memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
-    decoded = greedy_decode(lm.model, memory, ids[:1], len(ids) - 1, row["precision"])
+    with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids) + row["n_mem"])):
+        decoded = greedy_decode(lm.model, memory, ids[:1], len(ids) - 1, row["precision"])
     prefix = int(matched_prefix(decoded, ids[None, 1:])[0])
     return decoded[0].tolist(), prefix
 
@@ -48,7 +51,7 @@ def decode_command(args) -> int:
     row = select_row(read_results(sweep).to_pandas(), args)
     cfg = load_sweep_config(sweep.config)
     lm = load_model(row["model"], cfg.models[row["model"]], cfg.device)
-    decoded, prefix = decode_row(lm, row)
+    decoded, prefix = decode_row(lm, row, cfg.attention)
     ids = list(row["token_ids"])
     tok = lm.tokenizer
     matched = tok.decode(ids[: prefix + 1])
