@@ -7,7 +7,7 @@ import pytest
 from cram_sweep.config import Cell, compose_config, sample_seed
 from cram_sweep.cram import SampleSpec, cram
 from cram_sweep.data import sample_token_ids
-from cram_sweep.model import load_model, resolve_precision
+from cram_sweep.model import load_model, resolve_attention, resolve_precision
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,8 @@ def test_smollm2_crams_a_short_text_exactly(smollm2):
     specs = [SampleSpec(i, ids[i], sample_seed(0, cell, i)) for i in range(2)]
     cfg.optim.max_steps, cfg.optim.patience = 400, 400
     precision = resolve_precision("auto", lm.family, lm.device)
-    rows = list(cram(lm.model, specs, 1, cfg.optim, precision, batch_size=2))
+    attention = resolve_attention("auto", lm.device, 13)
+    rows = list(cram(lm.model, specs, 1, cfg.optim, precision, batch_size=2, attention=attention))
     assert all(r["acc"] > r["acc_no_mem"] for r in rows)
     assert all(r["info_gain_bits"] > 0 for r in rows)
     for row in rows:
