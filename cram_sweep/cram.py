@@ -77,7 +77,11 @@ def attention_implementation(model, implementation: Optional[str]):
 
 
 def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str, cast_cache: bool = True):
-    """Per-sample mean CE and accuracy of the `length - 1` next-token predictions of the text.
+    """Per-sample mean CE, accuracy and greedy prefix of the `length - 1` next-token predictions of the text.
+
+    Greedy decoding from the vectors reproduces the text up to the first wrong teacher-forced
+    prediction (until then it sees exactly the teacher-forced inputs), so the greedy prefix is the
+    number of leading correct predictions: the greedy check costs nothing beyond this forward.
 
     memory: (B, n_mem, H) or None; text_embeds: (B, L, H); targets: (B, L-1) = token ids 1..L-1.
     """
@@ -89,33 +93,8 @@ def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targ
         logits = model(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits
     logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).mean(dim=1)
-    acc = (logits.argmax(dim=-1) == targets).float().mean(dim=1)
-    return ce, acc
-
-
-@torch.no_grad()
-def greedy_decode(model, memory: torch.Tensor, first_tokens: torch.Tensor, n_new: int, precision: str) -> torch.Tensor:
-    """Greedy continuation of [memory, first text token] for `n_new` tokens: (B, n_new) ids.
-
-    Every step runs the whole sequence, as the optimization's forward does, not a KV-cached increment:
-    crammed vectors sit at narrow argmax margins, and under bf16 the cached forward's different rounding
-    alone flipped tokens of samples whose teacher-forced accuracy was 1.0.
-    """
-    embed = model.get_input_embeddings()
-    tokens = first_tokens[:, None]
-    with autocast(model, precision):
-        for _ in range(n_new):
-            inputs = torch.cat([memory, embed(tokens)], dim=1)
-            logits = model(inputs_embeds=inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-            tokens = torch.cat([tokens, logits.float().argmax(dim=-1)[:, None]], dim=1)
-    return tokens[:, 1:]
-
-
-def matched_prefix(decoded: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Number of leading positions where decoded equals targets, per row."""
-    mismatch = decoded != targets
-    first = torch.where(mismatch.any(dim=1), mismatch.float().argmax(dim=1), torch.full_like(mismatch[:, 0], targets.shape[1], dtype=torch.long))
-    return first.long()
+    correct = logits.argmax(dim=-1) == targets
+    return ce, correct.float().mean(dim=1), correct.long().cumprod(dim=1).sum(dim=1)
 
 
 class _Batch:
@@ -149,7 +128,7 @@ class _Batch:
         text_embeds = self.embed(ids)
         targets = ids[:, 1:]
         with torch.no_grad():
-            ce0, acc0 = score(self.model, None, text_embeds, targets, self.precision, self.cast_cache)
+            ce0, acc0, _ = score(self.model, None, text_embeds, targets, self.precision, self.cast_cache)
         hidden = self.embed.weight.shape[1]
         for spec in specs:
             gen = torch.Generator().manual_seed(spec.init_seed)
@@ -161,6 +140,7 @@ class _Batch:
             "steps": torch.zeros(count, dtype=torch.long, device=self.device),
             "best_acc": torch.full((count,), -1.0, device=self.device),
             "best_step": torch.zeros(count, dtype=torch.long, device=self.device),
+            "best_prefix": torch.zeros(count, dtype=torch.long, device=self.device),
             "best_ce": torch.full((count,), math.inf, device=self.device),
             "best_mem": torch.stack([p.detach().clone() for p in self.params[-count:]]),
             "done": torch.zeros(count, dtype=torch.bool, device=self.device),
@@ -173,7 +153,7 @@ class _Batch:
     def step(self) -> None:
         t, optim = self.tensors, self.optim
         memory = torch.stack(self.params)
-        ce, acc = score(self.model, memory, t["text_embeds"], t["targets"], self.precision, self.cast_cache)
+        ce, acc, prefix = score(self.model, memory, t["text_embeds"], t["targets"], self.precision, self.cast_cache)
         finite = torch.isfinite(ce)
         loss = torch.where(finite, ce, torch.zeros_like(ce)).sum()
         self.optimizer.zero_grad(set_to_none=True)
@@ -184,6 +164,7 @@ class _Batch:
             improved = live & (acc > t["best_acc"])
             t["best_acc"] = torch.where(improved, acc, t["best_acc"])
             t["best_step"] = torch.where(improved, t["steps"], t["best_step"])
+            t["best_prefix"] = torch.where(improved, prefix, t["best_prefix"])
             t["best_mem"] = torch.where(improved[:, None, None], memory.detach(), t["best_mem"])
             t["best_ce"] = torch.where(live & (ce < t["best_ce"]), ce, t["best_ce"])
             stale = t["steps"] - t["best_step"] >= optim.patience
@@ -211,13 +192,9 @@ class _Batch:
     def _rows(self, index: List[int]) -> List[dict]:
         t = self.tensors
         idx = torch.tensor(index, dtype=torch.long, device=self.device)
-        targets = t["targets"][idx]
-        best_mem = t["best_mem"][idx]
-        length = targets.shape[1] + 1
-        decoded = greedy_decode(self.model, best_mem, t["ids"][idx, 0], length - 1, self.precision)
-        prefix = matched_prefix(decoded, targets).cpu().tolist()
-        cols = {k: t[k][idx].cpu().tolist() for k in ("ce_no_mem", "acc_no_mem", "best_ce", "best_acc", "steps", "nonfinite")}
-        memory = best_mem.float().cpu().flatten(1).tolist()
+        length = t["targets"].shape[1] + 1
+        cols = {k: t[k][idx].cpu().tolist() for k in ("ce_no_mem", "acc_no_mem", "best_ce", "best_acc", "best_prefix", "steps", "nonfinite")}
+        memory = t["best_mem"][idx].float().cpu().flatten(1).tolist()
         rows = []
         for j, i in enumerate(index):
             n_pred = length - 1
@@ -236,8 +213,8 @@ class _Batch:
                 "seconds": self.seconds[i],
                 "steps": cols["steps"][j],
                 "converged": acc >= 1.0,
-                "greedy_prefix": prefix[j],
-                "greedy_exact": prefix[j] == n_pred,
+                "greedy_prefix": cols["best_prefix"][j],
+                "greedy_exact": cols["best_prefix"][j] == n_pred,
                 "memory": memory[j],
                 "error": f"loss became non-finite at step {cols['steps'][j]}" if cols["nonfinite"][j] else None,
             })

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from cram_sweep.config import Cell, sample_seed
 from cram_sweep.cram import SampleSpec, cram, score
 from cram_sweep.data import sample_token_ids
+from cram_sweep.decode import greedy_decode, matched_prefix
 
 from .conftest import assert_same_result, tiny_config
 
@@ -97,15 +98,23 @@ def test_short_text_converges_and_greedy_reproduces_it(tiny_llama):
         assert row["info_gain_bits"] == pytest.approx(row["ce_no_mem_bits"] - row["ce_bits"])
 
 
-def test_stored_vectors_give_stored_accuracy(tiny_neox):
-    """The kept vectors are those of the best forward pass, so re-running them reproduces `acc`."""
-    specs = specs_for(tiny_neox, 8, 3)
-    for row in cram(tiny_neox.model, specs, 2, OPTIM, "fp32", batch_size=3):
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_neox"])
+def test_stored_vectors_give_stored_accuracy_and_greedy_prefix(request, model):
+    """The kept vectors are those of the best forward pass, so re-running them reproduces `acc`, and
+    greedy decoding from them reproduces exactly `greedy_prefix` text tokens."""
+    lm = request.getfixturevalue(model)
+    rows = list(cram(lm.model, specs_for(lm, 8, 3), 2, OPTIM, "fp32", batch_size=3))
+    for row in rows:
         ids = torch.tensor(row["token_ids"])[None]
         memory = torch.tensor(row["memory"]).view(1, 2, -1)
         with torch.no_grad():
-            _, acc = score(tiny_neox.model, memory, tiny_neox.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
+            _, acc, _ = score(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
         assert acc.item() == pytest.approx(row["acc"], abs=1e-6)
+        decoded = greedy_decode(lm.model, memory, ids[:, 0], ids.shape[1] - 1, "fp32")
+        assert matched_prefix(decoded, ids[:, 1:]).item() == row["greedy_prefix"]
+        assert row["greedy_exact"] == (row["greedy_prefix"] == ids.shape[1] - 1)
+    if model == "tiny_llama":  # converged samples and one that is not
+        assert [r["greedy_exact"] for r in sorted(rows, key=lambda r: r["sample"])] == [True, True, False]
 
 
 def test_bos_counts_toward_length(tiny_llama, tiny_neox):
