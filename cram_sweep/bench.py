@@ -1,7 +1,7 @@
 """`cram-sweep bench`: the engine's throughput against the paper's one-sample loop, on the same tokens.
 
 sample_steps_per_s counts optimization steps alone; samples_per_hour is wall time with everything a
-sample costs (the paper's loop: its model loads; the engine: the no-vector baseline and greedy check).
+sample costs (the paper's loop: its model loads; the engine: its no-vector baseline forward).
 
 Rows: the paper's loop (batch size 1, full logits, one AdamW per sample) with and without its two model
 loads per sample, then the engine at each precision and batch size. One step costs about
@@ -35,7 +35,7 @@ class BenchRow:
     method: str
     precision: str
     batch_size: int
-    seconds: float  # wall time, per-sample set-up and greedy check included
+    seconds: float  # wall time, per-sample set-up included
     step_seconds: float  # time in optimization steps alone
     samples: int
     steps: int
