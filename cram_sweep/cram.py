@@ -136,7 +136,7 @@ class _Batch:
             self.params.append(torch.nn.Parameter(init.to(self.device)))
         count = len(specs)
         new = {
-            "ids": ids, "text_embeds": text_embeds, "targets": targets, "ce_no_mem": ce0, "acc_no_mem": acc0,
+            "text_embeds": text_embeds, "targets": targets, "ce_no_mem": ce0, "acc_no_mem": acc0,
             "steps": torch.zeros(count, dtype=torch.long, device=self.device),
             "best_acc": torch.full((count,), -1.0, device=self.device),
             "best_step": torch.zeros(count, dtype=torch.long, device=self.device),

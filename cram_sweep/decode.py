@@ -62,7 +62,7 @@ def select_row(table, args) -> dict:
 def decode_row(lm, row: dict, attention: str = "auto") -> Tuple[List[int], int]:
     """Greedy tokens after the first text token, and how many match the text before the first error.
 
-    Runs with the precision and attention implementation the sweep's own greedy check used."""
+    Runs with the precision and attention implementation the sweep optimized with."""
     ids = torch.tensor(row["token_ids"], device=lm.device)
     memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
     with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids) + row["n_mem"])):
