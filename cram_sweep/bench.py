@@ -46,14 +46,17 @@ class BenchRow:
     def sample_steps_per_s(self) -> float:
         return self.samples * self.steps / self.step_seconds
 
+    @property
+    def samples_per_hour(self) -> float:
+        return 3600 * self.samples / self.seconds
+
     def as_dict(self, baseline: "BenchRow", device_peak: Optional[float]) -> dict:
         sample_steps = self.sample_steps_per_s
-        per_hour = 3600 * self.samples / self.seconds
         base_steps = baseline.sample_steps_per_s
         achieved = self.flops / self.step_seconds
         return {
             "method": self.method, "precision": self.precision, "batch": self.batch_size,
-            "sample_steps_per_s": round(sample_steps, 3), "samples_per_hour": round(per_hour, 1),
+            "sample_steps_per_s": round(sample_steps, 3), "samples_per_hour": round(self.samples_per_hour, 1),
             "x_steps_vs_paper": round(sample_steps / base_steps, 2), "peak_mem_gb": round(self.peak_mem_gb, 2),
             "gflop_s": round(achieved / 1e9, 1), "mfu": round(achieved / device_peak, 3) if device_peak else "",
         }
@@ -139,7 +142,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
     def measured(row: BenchRow) -> None:
         rows.append(row)
         print(f"  {row.method}, {row.precision}, batch {row.batch_size}: {row.sample_steps_per_s:.3f} sample-steps/s, "
-              f"{3600 * row.samples / row.seconds:.1f} samples/hour", file=sys.stderr, flush=True)
+              f"{row.samples_per_hour:.1f} samples/hour", file=sys.stderr, flush=True)
 
     for precision in precisions:
         paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)  # warm-up
