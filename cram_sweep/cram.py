@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import OptimConfig
+from .loss import cross_entropy_and_argmax
 
 LN2 = math.log(2.0)
 
@@ -91,9 +91,9 @@ def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targ
     predicting = torch.arange(inputs.shape[1] - length, inputs.shape[1] - 1, device=inputs.device)
     with autocast(model, precision, cast_cache):
         logits = model(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits
-    logits = logits.float()
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).mean(dim=1)
-    correct = logits.argmax(dim=-1) == targets
+    ce, argmax = cross_entropy_and_argmax(logits.flatten(0, 1), targets.flatten())
+    ce = ce.view_as(targets).mean(dim=1)
+    correct = argmax.view_as(targets) == targets
     return ce, correct.float().mean(dim=1), correct.long().cumprod(dim=1).sum(dim=1)
 
 
