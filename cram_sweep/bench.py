@@ -2,6 +2,8 @@
 
 sample_steps_per_s counts optimization steps alone; samples_per_hour is wall time with everything a
 sample costs (the paper's loop: its model loads; the engine: its no-vector baseline forward).
+Measurements alternate in rounds (paper, engine, paper, engine, ...) and each row sums its rounds, so a
+shared machine's drift between minutes reaches the paper's loop and the engine alike.
 
 Rows: the paper's loop (batch size 1, full logits, one AdamW per sample) with and without its two model
 loads per sample, then the engine at each precision and batch size. One step costs about
@@ -11,15 +13,17 @@ loads per sample, then the engine at each precision and batch size. One step cos
 from __future__ import annotations
 
 import csv
+import re
+import resource
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from .config import Cell, compose_config, sample_seed
 from .cram import SampleSpec, autocast, cram
@@ -38,17 +42,23 @@ class BenchRow:
     seconds: float  # wall time, per-sample set-up included
     step_seconds: float  # time in optimization steps alone
     samples: int
-    steps: int
+    sample_steps: float
     peak_mem_gb: float
     flops: float
 
     @property
     def sample_steps_per_s(self) -> float:
-        return self.samples * self.steps / self.step_seconds
+        return self.sample_steps / self.step_seconds
 
     @property
     def samples_per_hour(self) -> float:
         return 3600 * self.samples / self.seconds
+
+    def plus(self, other: "BenchRow") -> "BenchRow":
+        """This row and another round of the same measurement, as one."""
+        return replace(self, seconds=self.seconds + other.seconds, step_seconds=self.step_seconds + other.step_seconds,
+                       samples=self.samples + other.samples, sample_steps=self.sample_steps + other.sample_steps,
+                       peak_mem_gb=max(self.peak_mem_gb, other.peak_mem_gb), flops=self.flops + other.flops)
 
     def as_dict(self, baseline: "BenchRow", device_peak: Optional[float]) -> dict:
         sample_steps = self.sample_steps_per_s
@@ -63,7 +73,7 @@ class BenchRow:
 
 
 class PeakMemory:
-    """Peak GPU memory, or peak process RSS on CPU (sampled every 5 ms)."""
+    """Peak GPU memory, or the process's peak resident memory on CPU (Linux resets it on entry)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -72,28 +82,18 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        import psutil
-
-        process = psutil.Process()
-        self.running = True
-
-        def sample():
-            while self.running:
-                self.peak = max(self.peak, process.memory_info().rss)
-                time.sleep(0.005)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
+        elif Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.running = False
-            self.thread.join()
+        elif Path("/proc/self/status").exists():
+            self.peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+        else:  # the peak since the process started (bytes on macOS)
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     @property
     def gb(self) -> float:
@@ -124,8 +124,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, batch_sizes=(1, 4, 8, 16),
-          precisions=("fp32", "bf16"), paper_samples=2, device="auto", out: Optional[str] = None) -> List[dict]:
+def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, batch_sizes=(1, 8),
+          precisions=("fp32", "bf16"), paper_samples=2, rounds=3, device="auto", out: Optional[str] = None) -> List[dict]:
     cfg = compose_config([f"grid.models=[{model_name}]", f"grid.datasets=[{dataset}]", f"optim.max_steps={steps}", f"optim.patience={steps}"])
     dev = resolve_device(device)
     started = time.perf_counter()
@@ -137,46 +137,60 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=20, b
     specs = [SampleSpec(i, ids[i], sample_seed(cfg.seed, cell, i)) for i in range(count)]
     flops_per_sample_step = 4 * lm.n_params * (length + n_mem)
     attention = resolve_attention("auto", dev, length + n_mem)
-    rows: List[BenchRow] = []
+    rows: Dict[Tuple[str, str, int], BenchRow] = {}
 
-    def measured(row: BenchRow) -> None:
-        rows.append(row)
-        print(f"  {row.method}, {row.precision}, batch {row.batch_size}: {row.sample_steps_per_s:.3f} sample-steps/s, "
-              f"{row.samples_per_hour:.1f} samples/hour", file=sys.stderr, flush=True)
+    def measured(row: BenchRow, when: str) -> None:
+        key = (row.method, row.precision, row.batch_size)
+        rows[key] = rows[key].plus(row) if key in rows else row
+        print(f"  {when}: {row.method}, {row.precision}, batch {row.batch_size}: "
+              f"{row.sample_steps_per_s:.3f} sample-steps/s, {row.samples_per_hour:.1f} samples/hour", file=sys.stderr, flush=True)
 
-    for precision in precisions:
-        paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)  # warm-up
+    def paper_loop(precision: str, reloads: bool) -> BenchRow:
+        nonlocal lm
+        chosen = specs[:1] if reloads else specs[:paper_samples]
+        seconds = step_seconds = 0.0
+        with PeakMemory(dev) as mem:
+            for spec in chosen:
+                t0 = time.perf_counter()
+                for _ in range(2 if reloads else 0):  # the reference reloads the model (and tokenizer) twice per sample
+                    clear_cache()
+                    lm = load_model(model_name, cfg.models[model_name], device)
+                t1 = time.perf_counter()
+                paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
+                _sync(dev)
+                seconds, step_seconds = seconds + time.perf_counter() - t0, step_seconds + time.perf_counter() - t1
+        method = "paper loop + 2 loads/sample" if reloads else "paper loop"
+        return BenchRow(method, precision, 1, seconds, step_seconds, len(chosen), len(chosen) * steps, mem.gb,
+                        flops_per_sample_step * len(chosen) * steps)
+
+    def engine(precision: str, batch: int, optim=cfg.optim) -> BenchRow:
         with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
-            for spec in specs[:paper_samples]:
-                paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
+            done = list(cram(lm.model, specs[:batch], n_mem, optim, precision, batch,
+                             check_every=1 if dev.type == "cpu" else 16, attention=attention))
             _sync(dev)
-        seconds = time.perf_counter() - t0
-        total_flops = flops_per_sample_step * paper_samples * steps
-        measured(BenchRow("paper loop", precision, 1, seconds, seconds, paper_samples, steps, mem.gb, total_flops))
-        t0 = time.perf_counter()
-        for spec in specs[:paper_samples]:
-            for _ in range(2):  # the reference reloads the model (and tokenizer) twice per sample
-                clear_cache()
-                lm = load_model(model_name, cfg.models[model_name], device)
-            paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
-        _sync(dev)
-        measured(BenchRow("paper loop + 2 loads/sample", precision, 1, time.perf_counter() - t0, seconds, paper_samples, steps, mem.gb, total_flops))
-        for batch in batch_sizes:
-            with PeakMemory(dev) as mem:
-                t0 = time.perf_counter()
-                done = list(cram(lm.model, specs[:batch], n_mem, cfg.optim, precision, batch,
-                                 check_every=1 if dev.type == "cpu" else 16, attention=attention))
-                _sync(dev)
-            seconds = time.perf_counter() - t0
-            steps_done = sum(r["steps"] for r in done) / len(done)
-            step_seconds = sum(r["seconds"] for r in done)  # each sample's share of the batch steps' time
-            measured(BenchRow("engine", precision, batch, seconds, step_seconds, batch, steps_done, mem.gb, flops_per_sample_step * steps_done * batch))
+        sample_steps = sum(r["steps"] for r in done)
+        step_seconds = sum(r["seconds"] for r in done)  # each sample's share of the batch steps' time
+        return BenchRow("engine", precision, batch, time.perf_counter() - t0, step_seconds, batch, sample_steps, mem.gb,
+                        flops_per_sample_step * sample_steps)
+
+    for precision in precisions:
+        measured(paper_loop(precision, reloads=True), "with reloads")
+    for precision in precisions:  # warm-up of the model as the rounds use it
+        paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)
+        engine(precision, max(batch_sizes), OmegaConf.merge(cfg.optim, {"max_steps": 2}))
+    for round_index in range(rounds):
+        for precision in precisions:
+            measured(paper_loop(precision, reloads=False), f"round {round_index + 1}/{rounds}")
+            for batch in batch_sizes:
+                measured(engine(precision, batch), f"round {round_index + 1}/{rounds}")
     clear_cache()
     peak = next((v for k, v in PEAK_FLOPS.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
-    baseline = next(r for r in rows if r.method == "paper loop" and r.precision == "fp32") if "fp32" in precisions else rows[0]
-    table = [r.as_dict(baseline, peak) for r in rows]
-    header = (f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, "
+    order = [(method, precision, batch) for precision in precisions
+             for method, batch in [("paper loop", 1), ("paper loop + 2 loads/sample", 1)] + [("engine", b) for b in batch_sizes]]
+    baseline = rows[("paper loop", "fp32" if "fp32" in precisions else precisions[0], 1)]
+    table = [rows[key].as_dict(baseline, peak) for key in order]
+    header = (f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, {rounds} rounds, "
               f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}, "
               f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}")
     print(header)
@@ -201,5 +215,5 @@ def print_table(table: List[dict]) -> None:
 
 def bench_command(args) -> int:
     bench(args.model, args.dataset, args.length, args.n_mem, args.steps, args.batch_sizes, args.precisions,
-          args.paper_samples, args.device, args.out)
+          args.paper_samples, args.rounds, args.device, args.out)
     return 0

@@ -10,12 +10,13 @@ COLUMNS = ["method", "precision", "batch", "sample_steps_per_s", "samples_per_ho
 def test_bench_prints_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     code = main(["bench", "--model", "tiny_neox", "--length", "12", "--n-mem", "2", "--steps", "3",
-                 "--batch-sizes", "1,2", "--precisions", "fp32,bf16", "--paper-samples", "1", "--device", "cpu", "--out", str(out)])
+                 "--batch-sizes", "1,2", "--precisions", "fp32,bf16", "--paper-samples", "1", "--rounds", "2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     captured = capsys.readouterr()
     text = captured.out
-    assert captured.err.count("sample-steps/s") == 8, "one progress line per measurement"
-    assert "model tiny_neox" in text and "length 12, n_mem 2, 3 steps/sample" in text
+    assert captured.err.count("sample-steps/s") == 2 + 2 * 2 * 3, "one progress line per measurement: reloads, then 2 rounds"
+    assert captured.err.count("round 2/2: engine, bf16, batch 2") == 1
+    assert "model tiny_neox" in text and "length 12, n_mem 2, 3 steps/sample, 2 rounds" in text
     header = text.splitlines()[1].split()
     assert header == COLUMNS
     with open(out) as handle:
