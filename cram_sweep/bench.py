@@ -30,8 +30,13 @@ from .cram import SampleSpec, autocast, cram
 from .data import sample_token_ids
 from .model import clear_cache, load_model, resolve_attention, resolve_device
 
-# Dense bf16 / fp32 (TF32) peak FLOP/s of common accelerators, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.
+# Matched by substring of the device name, in this order (A100 before A10).
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp32": 495e12}, "H200": {"bf16": 989e12, "fp32": 495e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12}, "L40S": {"bf16": 362e12, "fp32": 181e12},
+    "A10": {"bf16": 125e12, "fp32": 62.5e12},
+}
 
 
 @dataclass
@@ -60,7 +65,7 @@ class BenchRow:
                        samples=self.samples + other.samples, sample_steps=self.sample_steps + other.sample_steps,
                        peak_mem_gb=max(self.peak_mem_gb, other.peak_mem_gb), flops=self.flops + other.flops)
 
-    def as_dict(self, baseline: "BenchRow", device_peak: Optional[float]) -> dict:
+    def as_dict(self, baseline: "BenchRow", device_peaks: Optional[Dict[str, float]]) -> dict:
         sample_steps = self.sample_steps_per_s
         base_steps = baseline.sample_steps_per_s
         achieved = self.flops / self.step_seconds
@@ -68,7 +73,7 @@ class BenchRow:
             "method": self.method, "precision": self.precision, "batch": self.batch_size,
             "sample_steps_per_s": round(sample_steps, 3), "samples_per_hour": round(self.samples_per_hour, 1),
             "x_steps_vs_paper": round(sample_steps / base_steps, 2), "peak_mem_gb": round(self.peak_mem_gb, 2),
-            "gflop_s": round(achieved / 1e9, 1), "mfu": round(achieved / device_peak, 3) if device_peak else "",
+            "gflop_s": round(achieved / 1e9, 1), "mfu": round(achieved / device_peaks[self.precision], 3) if device_peaks else "",
         }
 
 
@@ -117,6 +122,10 @@ def paper_sample(model, token_ids: List[int], n_mem: int, steps: int, init_seed:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def peak_flops(device_name: str) -> Optional[Dict[str, float]]:
+    return next((peaks for name, peaks in PEAK_FLOPS.items() if name in device_name), None)
 
 
 def _sync(device):
@@ -185,11 +194,11 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, b
             for batch in batch_sizes:
                 measured(engine(precision, batch), f"round {round_index + 1}/{rounds}")
     clear_cache()
-    peak = next((v for k, v in PEAK_FLOPS.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
+    peaks = peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     order = [(method, precision, batch) for precision in precisions
              for method, batch in [("paper loop", 1), ("paper loop + 2 loads/sample", 1)] + [("engine", b) for b in batch_sizes]]
     baseline = rows[("paper loop", "fp32" if "fp32" in precisions else precisions[0], 1)]
-    table = [rows[key].as_dict(baseline, peak) for key in order]
+    table = [rows[key].as_dict(baseline, peaks) for key in order]
     header = (f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, {rounds} rounds, "
               f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}, "
               f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}")
