@@ -167,7 +167,8 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, b
                 t1 = time.perf_counter()
                 paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
                 _sync(dev)
-                seconds, step_seconds = seconds + time.perf_counter() - t0, step_seconds + time.perf_counter() - t1
+                t2 = time.perf_counter()
+                seconds, step_seconds = seconds + t2 - t0, step_seconds + t2 - t1
         method = "paper loop + 2 loads/sample" if reloads else "paper loop"
         return BenchRow(method, precision, 1, seconds, step_seconds, len(chosen), len(chosen) * steps, mem.gb,
                         flops_per_sample_step * len(chosen) * steps)
