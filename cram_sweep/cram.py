@@ -76,6 +76,12 @@ def attention_implementation(model, implementation: Optional[str]):
         model.set_attn_implementation(loaded)
 
 
+def leading_matches(correct: torch.Tensor) -> torch.Tensor:
+    """Per row of a (B, N) boolean tensor, the number of leading True entries: how many tokens a greedy
+    decode gets right before its first error."""
+    return correct.long().cumprod(dim=1).sum(dim=1)
+
+
 def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str, cast_cache: bool = True):
     """Per-sample mean CE, accuracy and greedy prefix of the `length - 1` next-token predictions of the text.
 
@@ -94,7 +100,7 @@ def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targ
     ce, argmax = cross_entropy_and_argmax(logits.flatten(0, 1), targets.flatten())
     ce = ce.view_as(targets).mean(dim=1)
     correct = argmax.view_as(targets) == targets
-    return ce, correct.float().mean(dim=1), correct.long().cumprod(dim=1).sum(dim=1)
+    return ce, correct.float().mean(dim=1), leading_matches(correct)
 
 
 class _Batch:

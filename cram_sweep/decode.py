@@ -7,7 +7,7 @@ from typing import List, Tuple
 import torch
 
 from .config import UserError, load_sweep_config
-from .cram import attention_implementation, autocast
+from .cram import attention_implementation, autocast, leading_matches
 from .model import load_model, resolve_attention
 from .store import SweepDir, read_results
 
@@ -28,13 +28,6 @@ def greedy_decode(model, memory: torch.Tensor, first_tokens: torch.Tensor, n_new
             logits = model(inputs_embeds=inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
             tokens = torch.cat([tokens, logits.float().argmax(dim=-1)[:, None]], dim=1)
     return tokens[:, 1:]
-
-
-def matched_prefix(decoded: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Number of leading positions where decoded equals targets, per row."""
-    mismatch = decoded != targets
-    first = torch.where(mismatch.any(dim=1), mismatch.float().argmax(dim=1), torch.full_like(mismatch[:, 0], targets.shape[1], dtype=torch.long))
-    return first.long()
 
 
 def select_row(table, args) -> dict:
@@ -67,7 +60,7 @@ def decode_row(lm, row: dict, attention: str = "auto") -> Tuple[List[int], int]:
     memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
     with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids) + row["n_mem"])):
         decoded = greedy_decode(lm.model, memory, ids[:1], len(ids) - 1, row["precision"])
-    prefix = int(matched_prefix(decoded, ids[None, 1:])[0])
+    prefix = int(leading_matches(decoded == ids[None, 1:])[0])
     return decoded[0].tolist(), prefix
 
 

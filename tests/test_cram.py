@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from cram_sweep.config import Cell, sample_seed
-from cram_sweep.cram import SampleSpec, cram, score
+from cram_sweep.cram import SampleSpec, cram, leading_matches, score
 from cram_sweep.data import sample_token_ids
-from cram_sweep.decode import greedy_decode, matched_prefix
+from cram_sweep.decode import greedy_decode
 
 from .conftest import assert_same_result, tiny_config
 
@@ -111,7 +111,7 @@ def test_stored_vectors_give_stored_accuracy_and_greedy_prefix(request, model):
             _, acc, _ = score(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
         assert acc.item() == pytest.approx(row["acc"], abs=1e-6)
         decoded = greedy_decode(lm.model, memory, ids[:, 0], ids.shape[1] - 1, "fp32")
-        assert matched_prefix(decoded, ids[:, 1:]).item() == row["greedy_prefix"]
+        assert leading_matches(decoded == ids[:, 1:]).item() == row["greedy_prefix"]
         assert row["greedy_exact"] == (row["greedy_prefix"] == ids.shape[1] - 1)
     if model == "tiny_llama":  # converged samples and one that is not
         assert [r["greedy_exact"] for r in sorted(rows, key=lambda r: r["sample"])] == [True, True, False]
@@ -186,3 +186,8 @@ def test_heartbeats_report_running_steps_and_change_no_result(tiny_llama):
     assert sorted(rows) == sorted(plain)
     for sample in plain:
         assert rows[sample]["memory"] == plain[sample]["memory"]
+
+
+def test_leading_matches_counts_up_to_the_first_error():
+    correct = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
+    assert leading_matches(correct).tolist() == [2, 0, 4]
