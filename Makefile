@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= outputs
 RUN_ARGS ?=
 
-.PHONY: setup run test test-fast ui bench clean
+.PHONY: setup run test test-fast lint ui bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,15 @@ run: setup
 	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[8,16,32]' grid.samples=4 optim.max_steps=500 optim.patience=200 $(RUN_ARGS)
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
+# Everything but the real SmolLM2 model and the sweeps in processes of their own (reliability, scale-out, CLI sweeps).
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" --durations=10
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # MLflow UI on the local store: compare sweeps by selecting their runs in the `cram-sweep` experiment.
 ui: setup

@@ -25,32 +25,49 @@ from pathlib import Path
 
 from cram_sweep import store
 from cram_sweep.config import cells, compose_config, to_yaml
-from cram_sweep.orchestrate import Sweep, WorkItem
+from cram_sweep.cram import SampleResult
+from cram_sweep.orchestrate import Sweep
 from cram_sweep.tracking import Tracker
+from cram_sweep.worker import Finished
 
 
 def config(out_dir: Path, name: str, n_cells: int, samples: int, tracking_uri: str):
     n_mem = [1, 2, 4, 8]
     lengths = list(range(16, 16 + max(1, n_cells // len(n_mem))))
-    overrides = [f"name={name}", f"out_dir={out_dir}", "grid.models=[tiny_llama]", "grid.datasets=[pydoc]",
-                 f"grid.n_mem=[{','.join(map(str, n_mem))}]", f"grid.lengths=[{','.join(map(str, lengths))}]",
-                 f"grid.samples={samples}", "flush_seconds=0"]
+    overrides = [
+        f"name={name}",
+        f"out_dir={out_dir}",
+        "grid.models=[tiny_llama]",
+        "grid.datasets=[pydoc]",
+        f"grid.n_mem=[{','.join(map(str, n_mem))}]",
+        f"grid.lengths=[{','.join(map(str, lengths))}]",
+        f"grid.samples={samples}",
+        "flush_seconds=0",
+    ]
     if tracking_uri:
         overrides += ["tracking=server", f"tracking.uri={tracking_uri}"]
     return compose_config(overrides)
 
 
-def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> dict:
+def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> Finished:
     acc = rng.random()
-    return {
-        "sample": sample, "error": None, "precision": "fp32",
-        "token_ids": [rng.randrange(50000) for _ in range(cell.length)],
-        "acc_no_mem": acc / 4, "acc": acc, "ce_no_mem_bits": 400 * rng.random(), "ce_bits": 100 * rng.random(),
-        "info_gain_bits": 300 * rng.random(), "gain_tokens": acc * cell.length, "seconds": 10 * rng.random(),
-        "steps": rng.randrange(5000), "converged": acc > 0.99, "greedy_prefix": rng.randrange(cell.length),
-        "greedy_exact": acc > 0.99, "memory": [rng.gauss(0, 1) for _ in range(cell.n_mem * hidden)],
-        "hidden": hidden, "vocab_size": 49152,
-    }
+    result = SampleResult(
+        sample=sample,
+        token_ids=[rng.randrange(50000) for _ in range(cell.length)],
+        acc_no_mem=acc / 4,
+        acc=acc,
+        ce_no_mem_bits=400 * rng.random(),
+        ce_bits=100 * rng.random(),
+        info_gain_bits=300 * rng.random(),
+        gain_tokens=acc * cell.length,
+        seconds=10 * rng.random(),
+        steps=rng.randrange(5000),
+        converged=acc > 0.99,
+        greedy_prefix=rng.randrange(cell.length),
+        greedy_exact=acc > 0.99,
+        memory=[rng.gauss(0, 1) for _ in range(cell.n_mem * hidden)],
+    )
+    return Finished(result, "fp32", hidden, 49152)
 
 
 def run_scenario(root: Path, order: str, rows_per_flush: int, args) -> dict:
@@ -68,7 +85,7 @@ def run_scenario(root: Path, order: str, rows_per_flush: int, args) -> dict:
         work = [(cell, s) for s in range(cfg.grid.samples) for cell in grid]
     work = work[: args.max_rows]
     rng = random.Random(0)
-    rows = [(WorkItem(cell, {}, [], {}, "fp32", 16, "cpu", 0), synthetic_row(cell, s, args.hidden, rng)) for cell, s in work]
+    rows = [(cell, synthetic_row(cell, s, args.hidden, rng)) for cell, s in work]
 
     t_accept = t_store = t_mlflow = t_create = 0.0
     tracker_flush, tracker_child = tracker.flush, tracker._child
@@ -91,9 +108,9 @@ def run_scenario(root: Path, order: str, rows_per_flush: int, args) -> dict:
                 t_create += time.perf_counter() - start
 
     tracker.flush, tracker._child = timed_tracker_flush, timed_child
-    for i, (item, row) in enumerate(rows, 1):
+    for i, (cell, finished) in enumerate(rows, 1):
         start = time.perf_counter()
-        state.accept(item, row)
+        state.accept(cell, finished)
         t_accept += time.perf_counter() - start
         if i % rows_per_flush == 0 or i == len(rows):
             before = t_mlflow
@@ -113,16 +130,26 @@ def run_scenario(root: Path, order: str, rows_per_flush: int, args) -> dict:
     fresh.flush(force=True)
     t_resync = time.perf_counter() - start
     n = len(rows)
-    touched = len({item.cell.id for item, _ in rows})
+    touched = len({cell.id for cell, _ in rows})
     per_sample = (t_accept + t_store + t_mlflow - t_create) / n
     per_cell = (t_create + t_finish) / touched
     full_rows, full_cells = len(grid) * cfg.grid.samples, len(grid)
-    return {"order": order, "rows_per_flush": rows_per_flush, "rows": n, "cells": touched,
-            "accept_us": 1e6 * t_accept / n, "store_ms": 1e3 * t_store / n, "log_ms": 1e3 * (t_mlflow - t_create) / n,
-            "sample_ms": 1e3 * per_sample, "create_ms": 1e3 * t_create / touched, "finish_ms": 1e3 * t_finish / touched,
-            "resync_ms": 1e3 * t_resync / touched, "compact_s_per_10k": 1e4 * t_compact / n,
-            "full_s": full_rows * per_sample + full_cells * per_cell + full_rows * t_compact / n,
-            "full_resync_s": full_cells * t_resync / touched}
+    return {
+        "order": order,
+        "rows_per_flush": rows_per_flush,
+        "rows": n,
+        "cells": touched,
+        "accept_us": 1e6 * t_accept / n,
+        "store_ms": 1e3 * t_store / n,
+        "log_ms": 1e3 * (t_mlflow - t_create) / n,
+        "sample_ms": 1e3 * per_sample,
+        "create_ms": 1e3 * t_create / touched,
+        "finish_ms": 1e3 * t_finish / touched,
+        "resync_ms": 1e3 * t_resync / touched,
+        "compact_s_per_10k": 1e4 * t_compact / n,
+        "full_s": full_rows * per_sample + full_cells * per_cell + full_rows * t_compact / n,
+        "full_resync_s": full_cells * t_resync / touched,
+    }
 
 
 def main() -> None:
@@ -137,8 +164,10 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cram-driver-bench-"))
     print(f"{args.cells} cells x {args.samples} samples, memory {args.hidden} floats per vector, MLflow: {args.tracking_uri or 'SQLite'}")
-    header = (f"{'order':<12}{'rows/flush':>11}{'rows':>6}{'cells':>6} |{'accept':>8}{'store':>7}{'mlflow':>8}{'total':>7} |"
-              f"{'create':>8}{'finish':>8}{'resync':>8} |{'driver total':>13}{'resync':>8}")
+    header = (
+        f"{'order':<12}{'rows/flush':>11}{'rows':>6}{'cells':>6} |{'accept':>8}{'store':>7}{'mlflow':>8}{'total':>7} |"
+        f"{'create':>8}{'finish':>8}{'resync':>8} |{'driver total':>13}{'resync':>8}"
+    )
     units = f"{'':<35}|{'µs':>8}{'ms':>7}{'ms':>8}{'ms':>7} |{'ms':>8}{'ms':>8}{'ms':>8} |{'s':>13}{'s':>8}"
     print(header)
     print(units)
@@ -147,14 +176,19 @@ def main() -> None:
         for order in args.orders:
             for rows_per_flush in args.rows_per_flush:
                 r = run_scenario(root, order, rows_per_flush, args)
-                print(f"{r['order']:<12}{r['rows_per_flush']:>11}{r['rows']:>6}{r['cells']:>6} |{r['accept_us']:>8.0f}{r['store_ms']:>7.2f}"
-                      f"{r['log_ms']:>8.2f}{r['sample_ms']:>7.2f} |{r['create_ms']:>8.1f}{r['finish_ms']:>8.1f}{r['resync_ms']:>8.1f} |"
-                      f"{r['full_s']:>13.0f}{r['full_resync_s']:>8.0f}", flush=True)
+                print(
+                    f"{r['order']:<12}{r['rows_per_flush']:>11}{r['rows']:>6}{r['cells']:>6} |{r['accept_us']:>8.0f}{r['store_ms']:>7.2f}"
+                    f"{r['log_ms']:>8.2f}{r['sample_ms']:>7.2f} |{r['create_ms']:>8.1f}{r['finish_ms']:>8.1f}{r['resync_ms']:>8.1f} |"
+                    f"{r['full_s']:>13.0f}{r['full_resync_s']:>8.0f}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("per sample: accept (stats, queueing), store (Parquet part files), mlflow (one log_batch per cell changed in the interval); "
-          "per cell, once: create (its MLflow run), finish (closing it), resync (what resume/report send); "
-          f"driver total: all of it (and compact) for the whole {args.cells} x {args.samples} sweep; resync: `report` on it")
+    print(
+        "per sample: accept (stats, queueing), store (Parquet part files), mlflow (one log_batch per cell changed in the interval); "
+        "per cell, once: create (its MLflow run), finish (closing it), resync (what resume/report send); "
+        f"driver total: all of it (and compact) for the whole {args.cells} x {args.samples} sweep; resync: `report` on it"
+    )
 
 
 if __name__ == "__main__":

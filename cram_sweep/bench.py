@@ -19,11 +19,10 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from .config import Cell, compose_config, sample_seed
 from .cram import SampleSpec, autocast, cram
@@ -33,8 +32,10 @@ from .model import clear_cache, load_model, resolve_attention, resolve_device
 # Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.
 # Matched by substring of the device name, in this order (A100 before A10).
 PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp32": 495e12}, "H200": {"bf16": 989e12, "fp32": 495e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12}, "L40S": {"bf16": 362e12, "fp32": 181e12},
+    "H100": {"bf16": 989e12, "fp32": 495e12},
+    "H200": {"bf16": 989e12, "fp32": 495e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp32": 181e12},
     "A10": {"bf16": 125e12, "fp32": 62.5e12},
 }
 
@@ -59,21 +60,32 @@ class BenchRow:
     def samples_per_hour(self) -> float:
         return 3600 * self.samples / self.seconds
 
-    def plus(self, other: "BenchRow") -> "BenchRow":
+    def plus(self, other: BenchRow) -> BenchRow:
         """This row and another round of the same measurement, as one."""
-        return replace(self, seconds=self.seconds + other.seconds, step_seconds=self.step_seconds + other.step_seconds,
-                       samples=self.samples + other.samples, sample_steps=self.sample_steps + other.sample_steps,
-                       peak_mem_gb=max(self.peak_mem_gb, other.peak_mem_gb), flops=self.flops + other.flops)
+        return replace(
+            self,
+            seconds=self.seconds + other.seconds,
+            step_seconds=self.step_seconds + other.step_seconds,
+            samples=self.samples + other.samples,
+            sample_steps=self.sample_steps + other.sample_steps,
+            peak_mem_gb=max(self.peak_mem_gb, other.peak_mem_gb),
+            flops=self.flops + other.flops,
+        )
 
-    def as_dict(self, baseline: "BenchRow", device_peaks: Optional[Dict[str, float]]) -> dict:
+    def as_dict(self, baseline: BenchRow, device_peaks: Optional[dict[str, float]]) -> dict:
         sample_steps = self.sample_steps_per_s
         base_steps = baseline.sample_steps_per_s
         achieved = self.flops / self.step_seconds
         return {
-            "method": self.method, "precision": self.precision, "batch": self.batch_size,
-            "sample_steps_per_s": round(sample_steps, 3), "samples_per_hour": round(self.samples_per_hour, 1),
-            "x_steps_vs_paper": round(sample_steps / base_steps, 2), "peak_mem_gb": round(self.peak_mem_gb, 2),
-            "gflop_s": round(achieved / 1e9, 1), "mfu": round(achieved / device_peaks[self.precision], 3) if device_peaks else "",
+            "method": self.method,
+            "precision": self.precision,
+            "batch": self.batch_size,
+            "sample_steps_per_s": round(sample_steps, 3),
+            "samples_per_hour": round(self.samples_per_hour, 1),
+            "x_steps_vs_paper": round(sample_steps / base_steps, 2),
+            "peak_mem_gb": round(self.peak_mem_gb, 2),
+            "gflop_s": round(achieved / 1e9, 1),
+            "mfu": round(achieved / device_peaks[self.precision], 3) if device_peaks else "",
         }
 
 
@@ -105,7 +117,7 @@ class PeakMemory:
         return self.peak / 1e9
 
 
-def paper_sample(model, token_ids: List[int], n_mem: int, steps: int, init_seed: int, precision: str, optim) -> None:
+def paper_sample(model, token_ids: list[int], n_mem: int, steps: int, init_seed: int, precision: str, optim) -> None:
     """One sample as the reference script runs it: its own vector and AdamW, full logits, batch size 1."""
     device = next(model.parameters()).device
     embed = model.get_input_embeddings()
@@ -118,13 +130,14 @@ def paper_sample(model, token_ids: List[int], n_mem: int, steps: int, init_seed:
         with autocast(model, precision, cast_cache=False):
             logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
         loss = F.cross_entropy(logits.float(), ids[0, 1:])
+        # the reference reads each step's accuracy on the host to test convergence: one device sync per step
         (logits.argmax(-1) == ids[0, 1:]).float().mean().item()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-def peak_flops(device_name: str) -> Optional[Dict[str, float]]:
+def peak_flops(device_name: str) -> Optional[dict[str, float]]:
     return next((peaks for name, peaks in PEAK_FLOPS.items() if name in device_name), None)
 
 
@@ -133,9 +146,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, batch_sizes=(1, 8),
-          precisions=("fp32", "bf16"), paper_samples=2, rounds=3, device="auto", out: Optional[str] = None) -> List[dict]:
-    cfg = compose_config([f"grid.models=[{model_name}]", f"grid.datasets=[{dataset}]", f"optim.max_steps={steps}", f"optim.patience={steps}"])
+def bench(
+    model_name="smollm2",
+    dataset="pydoc",
+    length=64,
+    n_mem=1,
+    steps=10,
+    batch_sizes=(1, 8),
+    precisions=("fp32", "bf16"),
+    paper_samples=2,
+    rounds=3,
+    device="auto",
+    out: Optional[str] = None,
+) -> list[dict]:
+    cfg = compose_config(
+        [f"grid.models=[{model_name}]", f"grid.datasets=[{dataset}]", f"optim.max_steps={steps}", f"optim.patience={steps}"]
+    )
     dev = resolve_device(device)
     started = time.perf_counter()
     lm = load_model(model_name, cfg.models[model_name], device)
@@ -146,13 +172,17 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, b
     specs = [SampleSpec(i, ids[i], sample_seed(cfg.seed, cell, i)) for i in range(count)]
     flops_per_sample_step = 4 * lm.n_params * (length + n_mem)
     attention = resolve_attention("auto", dev, length + n_mem)
-    rows: Dict[Tuple[str, str, int], BenchRow] = {}
+    rows: dict[tuple[str, str, int], BenchRow] = {}
 
     def measured(row: BenchRow, when: str) -> None:
         key = (row.method, row.precision, row.batch_size)
         rows[key] = rows[key].plus(row) if key in rows else row
-        print(f"  {when}: {row.method}, {row.precision}, batch {row.batch_size}: "
-              f"{row.sample_steps_per_s:.3f} sample-steps/s, {row.samples_per_hour:.1f} samples/hour", file=sys.stderr, flush=True)
+        print(
+            f"  {when}: {row.method}, {row.precision}, batch {row.batch_size}: "
+            f"{row.sample_steps_per_s:.3f} sample-steps/s, {row.samples_per_hour:.1f} samples/hour",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def paper_loop(precision: str, reloads: bool) -> BenchRow:
         nonlocal lm
@@ -170,25 +200,46 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, b
                 t2 = time.perf_counter()
                 seconds, step_seconds = seconds + t2 - t0, step_seconds + t2 - t1
         method = "paper loop + 2 loads/sample" if reloads else "paper loop"
-        return BenchRow(method, precision, 1, seconds, step_seconds, len(chosen), len(chosen) * steps, mem.gb,
-                        flops_per_sample_step * len(chosen) * steps)
+        return BenchRow(
+            method,
+            precision,
+            1,
+            seconds,
+            step_seconds,
+            len(chosen),
+            len(chosen) * steps,
+            mem.gb,
+            flops_per_sample_step * len(chosen) * steps,
+        )
 
     def engine(precision: str, batch: int, optim=cfg.optim) -> BenchRow:
         with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
-            done = list(cram(lm.model, specs[:batch], n_mem, optim, precision, batch,
-                             check_every=1 if dev.type == "cpu" else 16, attention=attention))
+            done = list(
+                cram(
+                    lm.model, specs[:batch], n_mem, optim, precision, batch, check_every=1 if dev.type == "cpu" else 16, attention=attention
+                )
+            )
             _sync(dev)
-        sample_steps = sum(r["steps"] for r in done)
-        step_seconds = sum(r["seconds"] for r in done)  # each sample's share of the batch steps' time
-        return BenchRow("engine", precision, batch, time.perf_counter() - t0, step_seconds, batch, sample_steps, mem.gb,
-                        flops_per_sample_step * sample_steps)
+        sample_steps = sum(r.steps for r in done)
+        step_seconds = sum(r.seconds for r in done)  # each sample's share of the batch steps' time
+        return BenchRow(
+            "engine",
+            precision,
+            batch,
+            time.perf_counter() - t0,
+            step_seconds,
+            batch,
+            sample_steps,
+            mem.gb,
+            flops_per_sample_step * sample_steps,
+        )
 
     for precision in precisions:
         measured(paper_loop(precision, reloads=True), "with reloads")
     for precision in precisions:  # warm-up of the model as the rounds use it
         paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)
-        engine(precision, max(batch_sizes), OmegaConf.merge(cfg.optim, {"max_steps": 2}))
+        engine(precision, max(batch_sizes), replace(cfg.optim, max_steps=2))
     for round_index in range(rounds):
         for precision in precisions:
             measured(paper_loop(precision, reloads=False), f"round {round_index + 1}/{rounds}")
@@ -196,13 +247,18 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, b
                 measured(engine(precision, batch), f"round {round_index + 1}/{rounds}")
     clear_cache()
     peaks = peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
-    order = [(method, precision, batch) for precision in precisions
-             for method, batch in [("paper loop", 1), ("paper loop + 2 loads/sample", 1)] + [("engine", b) for b in batch_sizes]]
+    order = [
+        (method, precision, batch)
+        for precision in precisions
+        for method, batch in [("paper loop", 1), ("paper loop + 2 loads/sample", 1)] + [("engine", b) for b in batch_sizes]
+    ]
     baseline = rows[("paper loop", "fp32" if "fp32" in precisions else precisions[0], 1)]
     table = [rows[key].as_dict(baseline, peaks) for key in order]
-    header = (f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, {rounds} rounds, "
-              f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}, "
-              f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}")
+    header = (
+        f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, {rounds} rounds, "
+        f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}, "
+        f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}"
+    )
     print(header)
     print_table(table)
     if out:
@@ -215,7 +271,7 @@ def bench(model_name="smollm2", dataset="pydoc", length=64, n_mem=1, steps=10, b
     return table
 
 
-def print_table(table: List[dict]) -> None:
+def print_table(table: list[dict]) -> None:
     columns = list(table[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in table)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
@@ -224,6 +280,17 @@ def print_table(table: List[dict]) -> None:
 
 
 def bench_command(args) -> int:
-    bench(args.model, args.dataset, args.length, args.n_mem, args.steps, args.batch_sizes, args.precisions,
-          args.paper_samples, args.rounds, args.device, args.out)
+    bench(
+        args.model,
+        args.dataset,
+        args.length,
+        args.n_mem,
+        args.steps,
+        args.batch_sizes,
+        args.precisions,
+        args.paper_samples,
+        args.rounds,
+        args.device,
+        args.out,
+    )
     return 0

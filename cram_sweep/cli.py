@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import sys
 from pathlib import Path
 
-from .config import UserError, compose_config, load_sweep_config, result_config, to_yaml, validate, with_runtime_overrides
-from .store import StoreError, SweepDir
+from . import interrupt
+from .config import compose, load_sweep_config, result_config, to_sweep_config, to_yaml, with_runtime_overrides
+from .errors import StoreError, UserError, one_line
+from .store import SweepDir, write_atomically
 
 
 def _write_config(sweep: SweepDir, cfg) -> None:
-    tmp = sweep.config.with_suffix(".tmp")
     try:
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, sweep.config)
+        write_atomically(sweep.config, lambda tmp: tmp.write_text(to_yaml(cfg)))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {sweep.config} ({err.strerror}): free space or fix the permissions of {sweep.path}") from None
 
 
@@ -34,9 +32,10 @@ def _check_models(cfg) -> None:
         except UserError:
             raise
         except Exception as err:  # e.g. a .gguf that is not a model fails inside the gguf parser
-            short = " ".join(str(err).split())[:150]
-            raise UserError(f"model {name}: cannot load it from {cfg.models[name].path!r} ({type(err).__name__}: {short}): "
-                            f"fix models.{name}.path / models.{name}.gguf_file") from None
+            raise UserError(
+                f"model {name}: cannot load it from {cfg.models[name].path!r} ({type(err).__name__}: {one_line(err, 150)}): "
+                f"fix models.{name}.path / models.{name}.gguf_file"
+            ) from None
 
 
 def _finish(cfg, sweep: SweepDir, tokens) -> int:
@@ -52,11 +51,11 @@ def _finish(cfg, sweep: SweepDir, tokens) -> int:
 
 
 def cmd_run(overrides, show_config: bool) -> int:
-    cfg = compose_config(overrides)
+    node = compose(overrides)
     if show_config:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(node), end="")
         return 0
-    validate(cfg)
+    cfg = to_sweep_config(node)
     from .orchestrate import prepare_tokens
 
     _check_models(cfg)
@@ -65,7 +64,9 @@ def cmd_run(overrides, show_config: bool) -> int:
     with sweep.lock():
         if sweep.config.is_file():
             if result_config(load_sweep_config(sweep.config)) != result_config(cfg):
-                raise UserError(f"{sweep.path} holds a different sweep named {cfg.name}: use `cram-sweep resume {sweep.path}` or another name=")
+                raise UserError(
+                    f"{sweep.path} holds a different sweep named {cfg.name}: use `cram-sweep resume {sweep.path}` or another name="
+                )
             print(f"{sweep.path} holds this sweep already: running its missing samples")
         _write_config(sweep, cfg)
         return _finish(cfg, sweep, tokens)
@@ -74,7 +75,6 @@ def cmd_run(overrides, show_config: bool) -> int:
 def cmd_resume(path: str, overrides) -> int:
     sweep = SweepDir(path).require()
     cfg = with_runtime_overrides(load_sweep_config(sweep.config), overrides)
-    validate(cfg)
     from .orchestrate import prepare_tokens
 
     _check_models(cfg)
@@ -101,22 +101,22 @@ def print_status(sweep: SweepDir, seconds: bool = False) -> int:
 
 
 def cmd_status(path: str) -> int:
-    sweep = SweepDir(path).require()
-    print_status(sweep)
+    from .cellstate import open_failures
     from .store import read_failures, read_results
 
-    done = set(zip(*(read_results(sweep, ["cell", "sample"])[k].to_pylist() for k in ("cell", "sample"))))
-    failures = [r for r in read_failures(sweep).to_pylist() if (r["cell"], r["sample"]) not in done]
-    latest = {(r["cell"], r["sample"]): r for r in sorted(failures, key=lambda r: r["attempt"])}
-    for (cell, sample), row in sorted(latest.items()):
-        print(f"failed: {cell} sample {sample} (attempt {row['attempt']}): {row['error'][:300]}")
+    sweep = SweepDir(path).require()
+    print_status(sweep)
+    for row in open_failures(read_results(sweep, ["cell", "sample"]), read_failures(sweep)):
+        print(f"failed: {row['cell']} sample {row['sample']} (attempt {row['attempt']}): {row['error'][:300]}")
     return 0
 
 
 def publish_report(sweep: SweepDir) -> None:
-    """Write the report and log it to the sweep's MLflow parent run (MLflow failing loses no file)."""
-    from .orchestrate import Sweep
+    """Write the report, re-sync the cells' MLflow metrics from the store and log the report to the sweep's
+    parent run (MLflow failing loses no file)."""
+    from .cellstate import cell_states
     from .report import build_report
+    from .store import read_failures, read_results
     from .tracking import Tracker, log_report
 
     report = build_report(sweep.path)
@@ -125,11 +125,13 @@ def publish_report(sweep: SweepDir) -> None:
     tracker = Tracker(cfg, sweep)
     try:
         tracker.start()
-        Sweep(cfg, sweep, tracker).load_existing()
+        tracker.record_cells(cell_states(cfg, read_results(sweep), read_failures(sweep)))
         tracker.flush(force=True)
         log_report(tracker, report)
     except Exception as err:  # the files are written; MLflow can be re-synced with `report` later
-        logging.getLogger("cram_sweep").warning("report not logged to MLflow (%s): run `cram-sweep report %s` again", " ".join(str(err).split())[:200], sweep.path)
+        logging.getLogger("cram_sweep").warning(
+            "report not logged to MLflow (%s): run `cram-sweep report %s` again", one_line(err, 200), sweep.path
+        )
 
 
 def cmd_report(path: str) -> int:
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    interrupt.install()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # MLflow's SQL store logs every failed query with a full traceback before raising; the tracker
     # reports each MLflow failure in one warning line (a full disk must end in one `error:` line).

@@ -3,6 +3,9 @@
 A sweep is one `SweepConfig`. `compose_config(overrides)` builds it from `conf/` with Hydra's compose
 API; every model named in `grid.models` is composed from `conf/model/<name>.yaml` into
 `models.<name>` (likewise datasets), so the resolved `sweep.yaml` carries everything a resume needs.
+The composed DictConfig becomes the dataclasses once (`to_sweep_config`); each section checks its own
+fields in `__post_init__` and `validate` does the checks across sections. Past that point every
+module reads plain dataclasses.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import UserError, one_line
 
 CONF_DIR = Path(os.environ.get("CRAM_SWEEP_CONF", Path(__file__).resolve().parent.parent / "conf"))
 
@@ -21,25 +26,45 @@ CONF_DIR = Path(os.environ.get("CRAM_SWEEP_CONF", Path(__file__).resolve().paren
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-class UserError(Exception):
-    """Bad input: the message is one line that says what to change."""
+MODEL_SOURCES = ("hf", "gguf_package", "random")
+RANDOM_ARCHITECTURES = ("llama", "gpt_neox")
+DATASET_SOURCES = ("pydoc", "pg19", "files", "random")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
 
 
 @dataclass
 class ModelConfig:
+    """One file of conf/model/. Its checks name keys relative to `models.<name>.` (added by `to_sweep_config`)."""
+
     source: str = "hf"  # hf (hub id or local dir) | gguf_package (a pip package shipping a .gguf) | random
     path: str = ""  # hub id / local dir (hf), package name (gguf_package)
     gguf_file: Optional[str] = None
     family: Optional[str] = None  # "llama" runs under bf16 with precision=auto; default: the config's model_type
     architecture: Optional[str] = None  # random: llama | gpt_neox
-    arch: Dict[str, Any] = field(default_factory=dict)  # random: model config kwargs
+    arch: dict[str, Any] = field(default_factory=dict)  # random: model config kwargs
     init_seed: int = 0  # random: weight init seed
     tokenizer_vocab: int = 512  # random: size of the built-in byte-level BPE trained on pydoc prose
     trust_remote_code: bool = False
 
+    def __post_init__(self):
+        _require(self.source in MODEL_SOURCES, f"source={self.source}: choose {', '.join(MODEL_SOURCES)}")
+        if self.source == "random":
+            _require(
+                self.architecture in RANDOM_ARCHITECTURES,
+                f"architecture={self.architecture}: a random model needs one of {', '.join(RANDOM_ARCHITECTURES)}",
+            )
+        else:
+            _require(bool(self.path), "path is empty: give a HuggingFace id, a local directory or (gguf_package) a package name")
+
 
 @dataclass
 class DatasetConfig:
+    """One file of conf/dataset/. Its checks name keys relative to `datasets.<name>.`."""
+
     source: str = "pydoc"  # pydoc | pg19 | files | random
     path: str = ""  # pg19: hub id or local dir; files: glob; random: word-list file ("" = tokenizer vocab)
     split: str = "train"  # pg19 split
@@ -48,14 +73,28 @@ class DatasetConfig:
     second_half: bool = True  # compress the second half (by sentences) of each chunk, as the reference
     num_words: int = 3000  # random: words per sample
 
+    def __post_init__(self):
+        _require(self.source in DATASET_SOURCES, f"source={self.source}: choose {', '.join(DATASET_SOURCES)}")
+
 
 @dataclass
 class GridConfig:
-    models: List[str] = field(default_factory=lambda: ["smollm2"])
-    datasets: List[str] = field(default_factory=lambda: ["pydoc"])
-    lengths: List[int] = field(default_factory=lambda: [16, 32, 64])
-    n_mem: List[int] = field(default_factory=lambda: [1])
+    models: list[str] = field(default_factory=lambda: ["smollm2"])
+    datasets: list[str] = field(default_factory=lambda: ["pydoc"])
+    lengths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    n_mem: list[int] = field(default_factory=lambda: [1])
     samples: int = 8
+
+    def __post_init__(self):
+        _require(
+            bool(self.models and self.datasets and self.lengths and self.n_mem),
+            "the grid is empty: grid.models, grid.datasets, grid.lengths and grid.n_mem each need a value",
+        )
+        _require(self.samples >= 1, f"grid.samples={self.samples}: need at least 1 sample per cell")
+        for length in self.lengths:
+            _require(length >= 2, f"grid.lengths contains {length}: a length must be >= 2 (one given token, one to predict)")
+        for n_mem in self.n_mem:
+            _require(n_mem >= 1, f"grid.n_mem contains {n_mem}: the number of vectors must be >= 1")
 
 
 @dataclass
@@ -66,6 +105,11 @@ class OptimConfig:
     weight_decay: float = 0.01
     max_steps: int = 5000
     patience: int = 2000
+
+    def __post_init__(self):
+        for key in ("max_steps", "patience"):
+            _require(getattr(self, key) >= 1, f"optim.{key}={getattr(self, key)}: must be >= 1")
+        _require(self.lr > 0, f"optim.lr={self.lr}: must be > 0")
 
 
 @dataclass
@@ -78,12 +122,21 @@ class WorkerConfig:
     check_every: int = 0  # steps between convergence checks (host syncs); 0 = 1 on CPU, 16 on GPU
     progress_seconds: float = 10.0  # a worker reports the steps of its running samples at most this often
 
+    def __post_init__(self):
+        _require(
+            self.gpus > 0 and min(self.max_retries, self.cpus, self.count, self.samples_per_item, self.check_every) >= 0,
+            "worker.gpus must be > 0 and worker.cpus, worker.count, worker.max_retries, worker.samples_per_item, worker.check_every >= 0",
+        )
+
 
 @dataclass
 class ClusterConfig:
-    kind: str = "local"  # local: ray.init() in-process | ray: join an existing cluster
+    kind: str = "local"  # local: a Ray instance of its own, in-process | ray: join an existing cluster
     address: Optional[str] = None  # ray: cluster address; None = RAY_ADDRESS or "auto"
     num_cpus: Optional[int] = None  # local: CPUs Ray may use (None = all)
+
+    def __post_init__(self):
+        _require(self.kind in ("local", "ray"), f"cluster.kind={self.kind}: choose cluster=local or cluster=ray")
 
 
 @dataclass
@@ -91,6 +144,9 @@ class TrackingConfig:
     kind: str = "local"  # local: SQLite under out_dir | server: an MLflow tracking server
     uri: Optional[str] = None  # server: tracking URI; None = MLFLOW_TRACKING_URI
     experiment: str = "cram-sweep"
+
+    def __post_init__(self):
+        _require(self.kind in ("local", "server"), f"tracking.kind={self.kind}: choose tracking=local or tracking=server")
 
 
 @dataclass
@@ -104,13 +160,32 @@ class SweepConfig:
     device: str = "auto"  # auto | cpu | cuda
     report: bool = True
     flush_seconds: float = 5.0  # finished samples reach the store and MLflow at least this often
+    progress_line_seconds: float = 30.0  # where stderr is no terminal (logs): one plain progress line at most this often
     grid: GridConfig = field(default_factory=GridConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    models: Dict[str, ModelConfig] = field(default_factory=dict)
-    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision}: choose auto, fp32 or bf16")
+        _require(
+            self.attention in ATTENTION_IMPLEMENTATIONS, f"attention={self.attention}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+        _require(self.device in ("auto", "cpu", "cuda"), f"device={self.device}: choose auto, cpu or cuda")
+        _require(
+            self.batch_size == "auto"
+            or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size >= 1),
+            f"batch_size={self.batch_size}: give a positive integer or auto",
+        )
+        _require(
+            isinstance(self.name, str) and self.name not in ("", ".", "..") and not any(ch in self.name for ch in "/\\"),
+            f"name={self.name!r}: a sweep name must be a plain directory name",
+        )
+        _require(self.flush_seconds >= 0, f"flush_seconds={self.flush_seconds}: must be >= 0")
+        _require(self.progress_line_seconds >= 0, f"progress_line_seconds={self.progress_line_seconds}: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -136,11 +211,11 @@ def _register() -> None:
     store.store(group="tracking", name="tracking_schema", node=TrackingConfig)
 
 
-def available(group: str) -> List[str]:
+def available(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _compose(overrides: List[str]) -> DictConfig:
+def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -157,8 +232,8 @@ def _one_line(err: Exception) -> str:
     """Hydra's multi-line composition errors as one line that names the key or option to change."""
     import re
 
-    text = " ".join(str(err).split())
-    cause = " ".join(str(err.__cause__ or "").split())
+    text = one_line(err)
+    cause = one_line(err.__cause__ or "")
     cause = re.sub(r" (full_key|reference_type|object_type)=.*$", "", re.sub(r" full_key: (\S+)", r" (\1)", cause))
     unknown_key = re.match(r"Could not override '([^']+)'", text)
     if unknown_key and "not in" in cause:
@@ -178,7 +253,7 @@ def _one_line(err: Exception) -> str:
     return text
 
 
-def compose_config(overrides: List[str]) -> DictConfig:
+def compose(overrides: list[str]) -> DictConfig:
     """Compose `conf/config.yaml` with Hydra overrides, then pull in the named models and datasets."""
     own = [o for o in overrides if not o.lstrip("+~").startswith(("models.", "datasets."))]
     first = _compose(own)
@@ -188,61 +263,21 @@ def compose_config(overrides: List[str]) -> DictConfig:
         known = available(group)
         for name in names:
             if name not in known:
-                raise UserError(
-                    f"unknown {group} '{name}' in grid.{key}: choose from {known} or add conf/{group}/{name}.yaml"
-                )
+                raise UserError(f"unknown {group} '{name}' in grid.{key}: choose from {known} or add conf/{group}/{name}.yaml")
         extra += [f"+{group}@{key}.{name}={name}" for name in names]
     return _compose(extra + overrides)
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def compose_config(overrides: list[str]) -> SweepConfig:
+    """The checked `SweepConfig` of `conf/` with these Hydra overrides."""
+    return to_sweep_config(compose(overrides))
 
 
-def load_sweep_config(path: Path) -> DictConfig:
-    _register()
-    schema = OmegaConf.structured(SweepConfig)
-    try:
-        return OmegaConf.merge(schema, OmegaConf.load(path))
-    except Exception as err:  # YAML syntax, unknown keys, wrong types: a file from elsewhere or edited by hand
-        raise UserError(f"{path} is not a valid cram-sweep config ({' '.join(str(err).split())[:200]}): fix the file or run the sweep again with `cram-sweep run`") from None
-
-
-# Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "grid", "optim", "models", "datasets")
-
-
-def result_config(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml({k: cfg[k] for k in RESULT_KEYS}, resolve=True)
-
-
-def with_runtime_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
-    """A stored sweep config with `key=value` overrides of the keys that do not change results
-    (cluster, tracking, worker, batch_size, attention, device, report, flush_seconds)."""
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if "=" not in override or key.startswith(("+", "~")):
-            raise UserError(f"resume override {override!r}: write key=value, e.g. cluster.address=HOST:6379")
-        if "." not in key and key in ("cluster", "tracking"):
-            raise UserError(f"resume override {override!r}: set the keys themselves, e.g. {key}.kind=... ({key} groups apply to `run`)")
-        if key.split(".")[0] in RESULT_KEYS + ("name", "out_dir"):
-            raise UserError(f"resume cannot change {key}: it changes the results; start a new sweep with `cram-sweep run name=NEW {override}`")
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except Exception as err:  # unknown key or wrong type
-        raise UserError(f"resume overrides {' '.join(overrides)}: {' '.join(str(err).split())[:200]}") from None
-
-
-MODEL_SOURCES = ("hf", "gguf_package", "random")
-RANDOM_ARCHITECTURES = ("llama", "gpt_neox")
-DATASET_SOURCES = ("pydoc", "pg19", "files", "random")
-
-
-def _unknown_keys(node, schema, prefix: str) -> List[str]:
+def _unknown_keys(node, schema, prefix: str) -> list[str]:
     """Keys appended with `+key=value` that the schema does not know (Hydra accepts them)."""
     unknown = []
     known = set(schema.keys())
-    for key in node.keys():
+    for key in node:
         if key not in known:
             unknown.append(f"{prefix}{key}")
         elif not OmegaConf.is_missing(schema, key) and OmegaConf.is_dict(schema[key]) and len(schema[key]) and OmegaConf.is_dict(node[key]):
@@ -250,63 +285,79 @@ def _unknown_keys(node, schema, prefix: str) -> List[str]:
     return unknown
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks that need no model or data; each failure names the key to change."""
-    grid = cfg.grid
-    if not grid.models or not grid.datasets or not grid.lengths or not grid.n_mem:
-        raise UserError("the grid is empty: grid.models, grid.datasets, grid.lengths and grid.n_mem each need a value")
-    if grid.samples < 1:
-        raise UserError(f"grid.samples={grid.samples}: need at least 1 sample per cell")
-    for length in grid.lengths:
-        if length < 2:
-            raise UserError(f"grid.lengths contains {length}: a length must be >= 2 (one given token, one to predict)")
-    for n_mem in grid.n_mem:
-        if n_mem < 1:
-            raise UserError(f"grid.n_mem contains {n_mem}: the number of vectors must be >= 1")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"precision={cfg.precision}: choose auto, fp32 or bf16")
-    if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
-        raise UserError(f"attention={cfg.attention}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device={cfg.device}: choose auto, cpu or cuda")
-    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
-        raise UserError(f"batch_size={cfg.batch_size}: give a positive integer or auto")
-    optim = cfg.optim
-    for key in ("max_steps", "patience"):
-        if optim[key] < 1:
-            raise UserError(f"optim.{key}={optim[key]}: must be >= 1")
-    if optim.lr <= 0:
-        raise UserError(f"optim.lr={optim.lr}: must be > 0")
-    if cfg.cluster.kind not in ("local", "ray"):
-        raise UserError(f"cluster.kind={cfg.cluster.kind}: choose cluster=local or cluster=ray")
-    if cfg.tracking.kind not in ("local", "server", "none"):
-        raise UserError(f"tracking.kind={cfg.tracking.kind}: choose tracking=local or tracking=server")
-    if cfg.worker.gpus <= 0 or cfg.worker.max_retries < 0 or cfg.worker.cpus < 0 or cfg.worker.count < 0:
-        raise UserError("worker.gpus must be > 0 and worker.cpus, worker.count, worker.max_retries >= 0")
-    if any(ch in cfg.name for ch in "/\\") or cfg.name in ("", ".", ".."):
-        raise UserError(f"name={cfg.name!r}: a sweep name must be a plain directory name")
-    if cfg.flush_seconds < 0:
-        raise UserError(f"flush_seconds={cfg.flush_seconds}: must be >= 0")
-    unknown = _unknown_keys(cfg, OmegaConf.structured(SweepConfig), "")
+def to_sweep_config(node: DictConfig) -> SweepConfig:
+    """The one conversion of a composed or loaded config to the dataclasses: every section checks itself,
+    then `validate` checks across sections. Raises UserError naming the key to change."""
+    unknown = _unknown_keys(node, OmegaConf.structured(SweepConfig), "")
     for key, schema in (("models", ModelConfig), ("datasets", DatasetConfig)):
-        for name in cfg[key]:
-            unknown += _unknown_keys(cfg[key][name], OmegaConf.structured(schema), f"{key}.{name}.")
+        for name in node[key]:
+            unknown += _unknown_keys(node[key][name], OmegaConf.structured(schema), f"{key}.{name}.")
     if unknown:
         raise UserError(f"unknown config key {unknown[0]}: check its spelling (`cram-sweep run --cfg job` prints every key)")
-    for name in grid.models:
-        model = cfg.models[name]
-        if model.source not in MODEL_SOURCES:
-            raise UserError(f"models.{name}.source={model.source}: choose {', '.join(MODEL_SOURCES)}")
-        if model.source == "random" and model.architecture not in RANDOM_ARCHITECTURES:
-            raise UserError(f"models.{name}.architecture={model.architecture}: a random model needs one of {', '.join(RANDOM_ARCHITECTURES)}")
-        if model.source != "random" and not model.path:
-            raise UserError(f"models.{name}.path is empty: give a HuggingFace id, a local directory or (gguf_package) a package name")
-    for name in grid.datasets:
-        if cfg.datasets[name].source not in DATASET_SOURCES:
-            raise UserError(f"datasets.{name}.source={cfg.datasets[name].source}: choose {', '.join(DATASET_SOURCES)}")
+    for key in ("models", "datasets"):  # their checks do not know their name: converted alone, to prefix it
+        for name in node[key]:
+            try:
+                OmegaConf.to_object(node[key][name])
+            except UserError as err:
+                raise UserError(f"{key}.{name}.{err}") from None
+    cfg = OmegaConf.to_object(node)
+    validate(cfg)
+    return cfg
 
 
-def cells(cfg: DictConfig) -> List[Cell]:
+def validate(cfg: SweepConfig) -> None:
+    """Checks across sections (each section checks its own keys)."""
+    for key, names in (("models", cfg.grid.models), ("datasets", cfg.grid.datasets)):
+        missing = [name for name in names if name not in getattr(cfg, key)]
+        if missing:
+            raise UserError(f"grid.{key} names {missing[0]}, which has no entry under {key}: add {key}.{missing[0]} or fix grid.{key}")
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_sweep_config(path: Path) -> SweepConfig:
+    _register()
+    schema = OmegaConf.structured(SweepConfig)
+    try:
+        node = OmegaConf.merge(schema, OmegaConf.load(path))
+    except Exception as err:  # YAML syntax, unknown keys, wrong types: a file from elsewhere or edited by hand
+        raise UserError(
+            f"{path} is not a valid cram-sweep config ({one_line(err, 200)}): fix the file or run the sweep again with `cram-sweep run`"
+        ) from None
+    return to_sweep_config(node)
+
+
+# Keys whose change would change results: a sweep directory refuses a config that differs in them.
+RESULT_KEYS = ("seed", "precision", "grid", "optim", "models", "datasets")
+
+
+def result_config(cfg: SweepConfig) -> str:
+    return OmegaConf.to_yaml({key: getattr(cfg, key) for key in RESULT_KEYS}, resolve=True)
+
+
+def with_runtime_overrides(cfg: SweepConfig, overrides: list[str]) -> SweepConfig:
+    """A stored sweep config with `key=value` overrides of the keys that do not change results
+    (cluster, tracking, worker, batch_size, attention, device, report, flush_seconds, progress_line_seconds)."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key.startswith(("+", "~")):
+            raise UserError(f"resume override {override!r}: write key=value, e.g. cluster.address=HOST:6379")
+        if "." not in key and key in ("cluster", "tracking"):
+            raise UserError(f"resume override {override!r}: set the keys themselves, e.g. {key}.kind=... ({key} groups apply to `run`)")
+        if key.split(".")[0] in RESULT_KEYS + ("name", "out_dir"):
+            raise UserError(
+                f"resume cannot change {key}: it changes the results; start a new sweep with `cram-sweep run name=NEW {override}`"
+            )
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
+    except Exception as err:  # unknown key or wrong type
+        raise UserError(f"resume overrides {' '.join(overrides)}: {one_line(err, 200)}") from None
+    return to_sweep_config(node)
+
+
+def cells(cfg: SweepConfig) -> list[Cell]:
     g = cfg.grid
     return [
         Cell(model, dataset, n_mem, length)

@@ -12,8 +12,9 @@ import math
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional
+from typing import Optional, Union
 
 import torch
 
@@ -26,11 +27,40 @@ LN2 = math.log(2.0)
 @dataclass
 class SampleSpec:
     sample: int
-    token_ids: List[int]
+    token_ids: list[int]
     init_seed: int
 
 
-_BF16_LINEAR_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+@dataclass
+class SampleResult:
+    """One finished sample, as the engine yields it (the sample's columns of the results store)."""
+
+    sample: int
+    token_ids: list[int]
+    acc_no_mem: float
+    acc: float  # best teacher-forced accuracy over the steps
+    ce_no_mem_bits: float
+    ce_bits: float  # lowest summed CE over the steps
+    info_gain_bits: float
+    gain_tokens: float
+    seconds: float  # this sample's share of its batches' step time
+    steps: int
+    converged: bool
+    greedy_prefix: int
+    greedy_exact: bool
+    memory: list[float]  # the vectors of the best-accuracy forward, n_mem x hidden flattened
+    error: Optional[str] = None  # set when the sample failed (its loss became non-finite)
+
+
+@dataclass
+class Heartbeat:
+    """Progress within long samples: `live` samples in the batch, the most `steps` any has run."""
+
+    live: int
+    steps: int
+
+
+_BF16_LINEAR_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -115,21 +145,23 @@ class _Batch:
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.init_std = self.embed.weight.float().std().item()
-        self.specs: List[SampleSpec] = []
-        self.params: List[torch.nn.Parameter] = []
+        self.specs: list[SampleSpec] = []
+        self.params: list[torch.nn.Parameter] = []
         self.optimizer = torch.optim.AdamW(
             [torch.nn.Parameter(torch.zeros(1, device=self.device))],
-            lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay,
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            weight_decay=optim.weight_decay,
         )
         self.optimizer.param_groups[0]["params"] = self.params
         self.tensors: dict = {}
-        self.started: List[float] = []
-        self.seconds: List[float] = []
+        self.started: list[float] = []
+        self.seconds: list[float] = []
 
     def __len__(self) -> int:
         return len(self.specs)
 
-    def add(self, specs: List[SampleSpec]) -> None:
+    def add(self, specs: list[SampleSpec]) -> None:
         ids = torch.tensor([s.token_ids for s in specs], device=self.device)
         text_embeds = self.embed(ids)
         targets = ids[:, 1:]
@@ -142,7 +174,10 @@ class _Batch:
             self.params.append(torch.nn.Parameter(init.to(self.device)))
         count = len(specs)
         new = {
-            "text_embeds": text_embeds, "targets": targets, "ce_no_mem": ce0, "acc_no_mem": acc0,
+            "text_embeds": text_embeds,
+            "targets": targets,
+            "ce_no_mem": ce0,
+            "acc_no_mem": acc0,
             "steps": torch.zeros(count, dtype=torch.long, device=self.device),
             "best_acc": torch.full((count,), -1.0, device=self.device),
             "best_step": torch.zeros(count, dtype=torch.long, device=self.device),
@@ -178,7 +213,7 @@ class _Batch:
             t["done"] |= live & ((acc >= 1.0) | stale | (t["steps"] >= optim.max_steps) | ~finite)
         self.optimizer.step()
 
-    def take_finished(self) -> List[dict]:
+    def take_finished(self) -> list[SampleResult]:
         t = self.tensors
         done = t["done"].cpu()
         if not done.any():
@@ -195,11 +230,13 @@ class _Batch:
         self.seconds = [self.seconds[i] for i in keep]
         return rows
 
-    def _rows(self, index: List[int]) -> List[dict]:
+    def _rows(self, index: list[int]) -> list[SampleResult]:
         t = self.tensors
         idx = torch.tensor(index, dtype=torch.long, device=self.device)
         length = t["targets"].shape[1] + 1
-        cols = {k: t[k][idx].cpu().tolist() for k in ("ce_no_mem", "acc_no_mem", "best_ce", "best_acc", "best_prefix", "steps", "nonfinite")}
+        cols = {
+            k: t[k][idx].cpu().tolist() for k in ("ce_no_mem", "acc_no_mem", "best_ce", "best_acc", "best_prefix", "steps", "nonfinite")
+        }
         memory = t["best_mem"][idx].float().cpu().flatten(1).tolist()
         rows = []
         for j, i in enumerate(index):
@@ -207,23 +244,25 @@ class _Batch:
             ce_no_mem_bits = cols["ce_no_mem"][j] * n_pred / LN2
             ce_bits = cols["best_ce"][j] * n_pred / LN2
             acc, acc_no_mem = cols["best_acc"][j], cols["acc_no_mem"][j]
-            rows.append({
-                "sample": self.specs[i].sample,
-                "token_ids": self.specs[i].token_ids,
-                "acc_no_mem": acc_no_mem,
-                "acc": acc,
-                "ce_no_mem_bits": ce_no_mem_bits,
-                "ce_bits": ce_bits,
-                "info_gain_bits": ce_no_mem_bits - ce_bits,
-                "gain_tokens": (acc - acc_no_mem) * n_pred,
-                "seconds": self.seconds[i],
-                "steps": cols["steps"][j],
-                "converged": acc >= 1.0,
-                "greedy_prefix": cols["best_prefix"][j],
-                "greedy_exact": cols["best_prefix"][j] == n_pred,
-                "memory": memory[j],
-                "error": f"loss became non-finite at step {cols['steps'][j]}" if cols["nonfinite"][j] else None,
-            })
+            rows.append(
+                SampleResult(
+                    sample=self.specs[i].sample,
+                    token_ids=self.specs[i].token_ids,
+                    acc_no_mem=acc_no_mem,
+                    acc=acc,
+                    ce_no_mem_bits=ce_no_mem_bits,
+                    ce_bits=ce_bits,
+                    info_gain_bits=ce_no_mem_bits - ce_bits,
+                    gain_tokens=(acc - acc_no_mem) * n_pred,
+                    seconds=self.seconds[i],
+                    steps=cols["steps"][j],
+                    converged=acc >= 1.0,
+                    greedy_prefix=cols["best_prefix"][j],
+                    greedy_exact=cols["best_prefix"][j] == n_pred,
+                    memory=memory[j],
+                    error=f"loss became non-finite at step {cols['steps'][j]}" if cols["nonfinite"][j] else None,
+                )
+            )
         return rows
 
 
@@ -238,20 +277,20 @@ def cram(
     cast_cache: bool = True,
     attention: Optional[str] = None,
     heartbeat_seconds: Optional[float] = None,
-) -> Iterator[dict]:
-    """Optimize every sample of one cell (all of one length); yield one result row per sample as it finishes.
+) -> Iterator[Union[SampleResult, Heartbeat]]:
+    """Optimize every sample of one cell (all of one length); yield one `SampleResult` per sample as it finishes.
 
     Speed options that leave results unchanged (up to float rounding): `batch_size`, `check_every` (steps
     between host syncs; finished samples are frozen on the device meanwhile), `cast_cache` (bf16 weight
     copies) and `attention` (the attention implementation; None: as the model was loaded).
-    With `heartbeat_seconds`, also yields `{"heartbeat": {"live": samples in the batch, "steps": their
-    most steps so far}}` at most that often, so a caller can show progress within long samples.
+    With `heartbeat_seconds`, also yields a `Heartbeat` at most that often, so a caller can show progress
+    within long samples.
     """
     with attention_implementation(model, attention):
         yield from _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache, heartbeat_seconds)
 
 
-def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache, heartbeat_seconds) -> Iterator[dict]:
+def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast_cache, heartbeat_seconds):
     waiting = deque(samples)
     batch = _Batch(model, n_mem, optim, precision, cast_cache)
     last_heartbeat = time.perf_counter()
@@ -267,4 +306,4 @@ def _cram(model, samples, n_mem, optim, precision, batch_size, check_every, cast
         yield from batch.take_finished()
         if heartbeat_seconds is not None and len(batch) and time.perf_counter() - last_heartbeat >= heartbeat_seconds:
             last_heartbeat = time.perf_counter()
-            yield {"heartbeat": {"live": len(batch), "steps": int(batch.tensors["steps"].max())}}
+            yield Heartbeat(live=len(batch), steps=int(batch.tensors["steps"].max()))

@@ -7,14 +7,14 @@ import random
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List
 
-from .config import DatasetConfig, UserError
+from .config import DatasetConfig
+from .errors import UserError, one_line
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def sentences(text: str) -> List[str]:
+def sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
 
 
@@ -24,7 +24,7 @@ def second_half(text: str) -> str:
     return " ".join(sents[len(sents) // 2 :])
 
 
-def chunk_by_words(text: str, chunk_words: int) -> List[str]:
+def chunk_by_words(text: str, chunk_words: int) -> list[str]:
     """Consecutive runs of whole sentences holding about `chunk_words` words each."""
     chunks, current, count = [], [], 0
     for sent in sentences(text):
@@ -53,7 +53,7 @@ def pydoc_prose() -> str:
     return "\n".join(paragraphs)
 
 
-def _natural_chunks(cfg: DatasetConfig) -> List[str]:
+def _natural_chunks(cfg: DatasetConfig) -> list[str]:
     if cfg.source == "pydoc":
         chunks = chunk_by_words(pydoc_prose(), cfg.chunk_words)
     elif cfg.source == "files":
@@ -65,7 +65,7 @@ def _natural_chunks(cfg: DatasetConfig) -> List[str]:
     return [second_half(c) for c in chunks] if cfg.second_half else chunks
 
 
-def _file_chunks(cfg: DatasetConfig) -> List[str]:
+def _file_chunks(cfg: DatasetConfig) -> list[str]:
     paths = sorted(glob.glob(cfg.path, recursive=True))
     if not paths:
         raise UserError(f"datasets.files.path={cfg.path!r} matches no file: give a glob of readable text files")
@@ -79,7 +79,7 @@ def _file_chunks(cfg: DatasetConfig) -> List[str]:
     return [c for c in chunks if c]
 
 
-def _pg19_chunks(cfg: DatasetConfig) -> List[str]:
+def _pg19_chunks(cfg: DatasetConfig) -> list[str]:
     """The reference's chunks: `yurakuratov/pg19_valid_1k_chunks` (one `text` column, split `train`) from
     the hub, or a local copy: a directory in the hub's layout (`data/train-*.parquet`, as
     `huggingface-cli download --repo-type dataset` leaves it), a `save_to_disk` directory, or one
@@ -110,16 +110,18 @@ def _pg19_chunks(cfg: DatasetConfig) -> List[str]:
     except UserError:
         raise
     except Exception as err:  # the hub being unreachable surfaces as several exception types
-        why = f"{type(err).__name__}: {' '.join(str(err).split())[:150]}"
+        why = f"{type(err).__name__}: {one_line(err, 150)}"
         if path.exists():
             raise UserError(f"cannot read pg19 from {cfg.path!r} (split {cfg.split!r}; {why}): give {local}") from None
-        raise UserError(f"cannot load pg19 from {cfg.path!r} ({why}): where the hub is unreachable, set datasets.pg19.path to {local}") from None
+        raise UserError(
+            f"cannot load pg19 from {cfg.path!r} ({why}): where the hub is unreachable, set datasets.pg19.path to {local}"
+        ) from None
     if cfg.text_field not in table.column_names:
         raise UserError(f"pg19 data has no column {cfg.text_field!r} (has {table.column_names}): set datasets.pg19.text_field")
     return [text for text in table[cfg.text_field] if isinstance(text, str) and text.strip()]
 
 
-def _word_list(cfg: DatasetConfig, tokenizer) -> List[str]:
+def _word_list(cfg: DatasetConfig, tokenizer) -> list[str]:
     if cfg.path:
         try:
             words = Path(cfg.path).read_text(encoding="utf-8").split()
@@ -131,7 +133,7 @@ def _word_list(cfg: DatasetConfig, tokenizer) -> List[str]:
     return sorted(w for w in words if w.isalpha() and w.isascii() and len(w) > 1)
 
 
-def sample_texts(cfg: DatasetConfig, tokenizer, count: int, seed: int) -> List[str]:
+def sample_texts(cfg: DatasetConfig, tokenizer, count: int, seed: int) -> list[str]:
     """The first `count` texts of a dataset."""
     if cfg.source == "random":
         words = _word_list(cfg, tokenizer)
@@ -144,7 +146,7 @@ def sample_texts(cfg: DatasetConfig, tokenizer, count: int, seed: int) -> List[s
     return chunks[:count]
 
 
-def sample_token_ids(cfg: DatasetConfig, name: str, tokenizer, count: int, length: int, seed: int) -> Dict[int, List[int]]:
+def sample_token_ids(cfg: DatasetConfig, name: str, tokenizer, count: int, length: int, seed: int) -> dict[int, list[int]]:
     """Token ids of samples 0..count-1, each exactly `length` tokens (default special tokens included)."""
     ids = {}
     for i, text in enumerate(sample_texts(cfg, tokenizer, count, seed)):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 
-from .config import UserError, load_sweep_config
+from .config import load_sweep_config
 from .cram import attention_implementation, autocast, leading_matches
+from .errors import UserError
 from .model import load_model, resolve_attention
 from .store import SweepDir, read_results
 
@@ -45,14 +44,18 @@ def select_row(table, args) -> dict:
                 rows = rows[rows[column] == value]
         if rows.empty or rows["cell"].nunique() > 1:
             found = sorted(rows["cell"].unique() if not rows.empty else table["cell"].unique())
-            raise UserError(f"--model/--dataset/--length/--n-mem must pick one cell; they match {len(rows['cell'].unique())}: choose --cell from {found}")
+            raise UserError(
+                f"--model/--dataset/--length/--n-mem must pick one cell; they match {len(rows['cell'].unique())}: choose --cell from {found}"
+            )
     match = rows[rows["sample"] == args.sample]
     if match.empty:
-        raise UserError(f"no finished sample {args.sample} in cell {rows['cell'].iloc[0]}: finished samples are {sorted(rows['sample'].tolist())}")
+        raise UserError(
+            f"no finished sample {args.sample} in cell {rows['cell'].iloc[0]}: finished samples are {sorted(rows['sample'].tolist())}"
+        )
     return match.iloc[0].to_dict()
 
 
-def decode_row(lm, row: dict, attention: str = "auto") -> Tuple[List[int], int]:
+def decode_row(lm, row: dict, attention: str = "auto") -> tuple[list[int], int]:
     """Greedy tokens after the first text token, and how many match the text before the first error.
 
     Runs with the precision and attention implementation the sweep optimized with."""
@@ -83,6 +86,8 @@ def decode_command(args) -> int:
         print(matched + "[[" + tok.decode(decoded[prefix : prefix + 1]) + "]]" + tok.decode(decoded[prefix + 1 :]))
         print(f"--- expected at the first difference: {tok.decode(ids[prefix + 1 : prefix + 2])!r}")
     exact = prefix == len(ids) - 1
-    print(f"matched prefix: {prefix} of {len(ids) - 1} predicted tokens; exact match: {'yes' if exact else 'no'}"
-          f" (stored: greedy_prefix {row['greedy_prefix']}, greedy_exact {row['greedy_exact']})")
+    print(
+        f"matched prefix: {prefix} of {len(ids) - 1} predicted tokens; exact match: {'yes' if exact else 'no'}"
+        f" (stored: greedy_prefix {row['greedy_prefix']}, greedy_exact {row['greedy_exact']})"
+    )
     return 0

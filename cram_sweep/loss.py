@@ -32,10 +32,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         logsumexp = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
         argmax = torch.empty(len(logits), dtype=torch.long, device=logits.device)
         for start in range(0, len(logits), rows):
-            chunk = _fp32(logits[start:start + rows])
+            chunk = _fp32(logits[start : start + rows])
             top, index = chunk.max(dim=-1, keepdim=True)
-            argmax[start:start + rows] = index.squeeze(1)
-            logsumexp[start:start + rows] = chunk.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+            argmax[start : start + rows] = index.squeeze(1)
+            logsumexp[start : start + rows] = chunk.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
         target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, targets, logsumexp)
         ctx.rows = rows

@@ -12,27 +12,45 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .config import UserError, cells, load_sweep_config  # noqa: E402
-from .store import SweepDir, read_failures, read_results  # noqa: E402
+from .cellstate import cell_states
+from .config import load_sweep_config
+from .errors import UserError
+from .store import SweepDir, read_failures, read_results
 
 FIT = 0.99
 GROUP = ["model", "dataset", "n_mem"]
 CAPACITY_COLUMNS = [
-    "model", "dataset", "n_mem", "max_tokens", "gain_tokens_mean", "gain_tokens_std",
-    "info_gain_bits_mean", "info_gain_bits_std", "theoretical_tokens", "utilization",
+    "model",
+    "dataset",
+    "n_mem",
+    "max_tokens",
+    "gain_tokens_mean",
+    "gain_tokens_std",
+    "info_gain_bits_mean",
+    "info_gain_bits_std",
+    "theoretical_tokens",
+    "utilization",
 ]
 CELL_COLUMNS = [
-    "model", "dataset", "n_mem", "length", "cell", "done", "failed", "pending",
-    "acc_mean", "gain_tokens_mean", "info_gain_bits_mean", "greedy_exact_share", "seconds_mean",
+    "model",
+    "dataset",
+    "n_mem",
+    "length",
+    "cell",
+    "done",
+    "failed",
+    "pending",
+    "acc_mean",
+    "gain_tokens_mean",
+    "info_gain_bits_mean",
+    "greedy_exact_share",
+    "seconds_mean",
 ]
 
 
@@ -40,7 +58,7 @@ CELL_COLUMNS = [
 class Report:
     capacity: pd.DataFrame
     cells: pd.DataFrame
-    files: List[Path]
+    files: list[Path]
 
 
 def _sweep(sweep) -> SweepDir:
@@ -81,33 +99,19 @@ def _capacity_row(group: pd.DataFrame) -> dict:
 
 def capacity_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, dataset, n_mem) with the columns of report/capacity.csv."""
-    rows = [
-        {**dict(zip(GROUP, key)), **_capacity_row(group)}
-        for key, group in results.groupby(GROUP, sort=True)
-    ]
+    rows = [{**dict(zip(GROUP, key)), **_capacity_row(group)} for key, group in results.groupby(GROUP, sort=True)]
     return pd.DataFrame(rows, columns=CAPACITY_COLUMNS)
 
 
 def cell_table(sweep) -> pd.DataFrame:
-    """One row per cell of the grid in sweep.yaml; cells without finished samples have NaN means."""
+    """One row per cell of the grid in sweep.yaml (cellstate.cell_state); cells without finished samples have NaN means."""
     sweep = _sweep(sweep).require()
     cfg = load_sweep_config(sweep.config)
-    results = load_results(sweep)
-    failures = read_failures(sweep).to_pandas()
-    rows = []
-    for cell in cells(cfg):
-        done = results[results["cell"] == cell.id]
-        done_samples = set(done["sample"])
-        failed = set(failures.loc[failures["cell"] == cell.id, "sample"]) - done_samples
-        rows.append({
-            "model": cell.model, "dataset": cell.dataset, "n_mem": cell.n_mem, "length": cell.length,
-            "cell": cell.id, "done": len(done_samples), "failed": len(failed),
-            "pending": max(cfg.grid.samples - len(done_samples) - len(failed), 0),
-            "acc_mean": done["acc"].mean(), "gain_tokens_mean": done["gain_tokens"].mean(),
-            "info_gain_bits_mean": done["info_gain_bits"].mean(),
-            "greedy_exact_share": done["greedy_exact"].astype(float).mean(),
-            "seconds_mean": done["seconds"].mean(),
-        })
+    states = cell_states(cfg, read_results(sweep), read_failures(sweep))
+    rows = [
+        {"model": cell.model, "dataset": cell.dataset, "n_mem": cell.n_mem, "length": cell.length, "cell": cell.id, **state}
+        for cell, state in states
+    ]
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
@@ -123,7 +127,7 @@ def _pm(mean, std) -> str:
     return _fmt(mean, ".1f") if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def _md_table(header: List[str], rows: List[List[str]]) -> str:
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
@@ -133,17 +137,22 @@ def _progress_note(cell_rows: pd.DataFrame, samples: int) -> str:
     if failed + pending == 0:
         return f"All {done} samples done."
     total = len(cell_rows) * samples
-    return (f"**Partial sweep:** {done} of {total} samples done, {failed} failed, {pending} pending: "
-            "means are over finished samples.")
+    return f"**Partial sweep:** {done} of {total} samples done, {failed} failed, {pending} pending: means are over finished samples."
 
 
 def _capacity_markdown(capacity: pd.DataFrame) -> str:
-    header = ["model", "dataset", "n_mem", "max tokens", "gain tokens", "info gain (bits)",
-              "theoretical tokens", "utilization"]
+    header = ["model", "dataset", "n_mem", "max tokens", "gain tokens", "info gain (bits)", "theoretical tokens", "utilization"]
     rows = [
-        [r.model, r.dataset, r.n_mem, r.max_tokens, _pm(r.gain_tokens_mean, r.gain_tokens_std),
-         _pm(r.info_gain_bits_mean, r.info_gain_bits_std), _fmt(r.theoretical_tokens, ".1f"),
-         _fmt(r.utilization * 100, ".1f") + ("" if pd.isna(r.utilization) else "%")]
+        [
+            r.model,
+            r.dataset,
+            r.n_mem,
+            r.max_tokens,
+            _pm(r.gain_tokens_mean, r.gain_tokens_std),
+            _pm(r.info_gain_bits_mean, r.info_gain_bits_std),
+            _fmt(r.theoretical_tokens, ".1f"),
+            _fmt(r.utilization * 100, ".1f") + ("" if pd.isna(r.utilization) else "%"),
+        ]
         for r in capacity.itertuples()
     ]
     return _md_table(header, rows)
@@ -154,8 +163,14 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
     parts = []
     for (model, dataset, n_mem), group in cell_rows.groupby(GROUP, sort=False):
         rows = [
-            [r.length, r.done, _fmt(r.acc_mean, ".3f"), _fmt(r.gain_tokens_mean, ".1f"),
-             _fmt(r.greedy_exact_share, ".2f"), f"{r.failed} / {r.pending}"]
+            [
+                r.length,
+                r.done,
+                _fmt(r.acc_mean, ".3f"),
+                _fmt(r.gain_tokens_mean, ".1f"),
+                _fmt(r.greedy_exact_share, ".2f"),
+                f"{r.failed} / {r.pending}",
+            ]
             for r in group.itertuples()
         ]
         parts.append(f"### {_label(model, dataset, n_mem)}\n\n" + _md_table(header, rows))
@@ -184,7 +199,7 @@ Theoretical tokens: n_mem · hidden · 16 / log2(vocab size); utilization: mean 
 def _colours(keys) -> dict:
     """Distinct colours for up to 20 keys (tab10 while it suffices)."""
     keys = sorted(set(keys))
-    cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"]
     return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
 
 
@@ -193,12 +208,17 @@ def _save(fig, ax, path: Path) -> Path:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", frameon=False)
     ax.grid(True, alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
+def _axes(width: float, height: float):
+    """A figure of its own, without pyplot: importing or reporting never changes the user's backend."""
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
 def _plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes(7, 4.5)
     finished = cell_rows.dropna(subset=["acc_mean"])
     groups = finished.groupby(GROUP)
     colours = _colours(groups.groups)
@@ -210,46 +230,76 @@ def _plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
     ax.set_xticks(lengths, [str(length) for length in lengths])
     ax.minorticks_off()
     ax.set_ylim(min(0.0, finished["acc_mean"].min()) - 0.02, 1.03)
-    ax.set(xlabel="text length (tokens)", ylabel="mean token accuracy (teacher forcing)",
-           title="Accuracy of decoding the text from the vectors")
+    ax.set(
+        xlabel="text length (tokens)",
+        ylabel="mean token accuracy (teacher forcing)",
+        title="Accuracy of decoding the text from the vectors",
+    )
     return _save(fig, ax, path)
 
 
 def _plot_ce(results: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, ax = _axes(6.5, 5)
     colours = _colours(zip(results["model"], results["n_mem"]))
     datasets = sorted(results["dataset"].unique())
     markers = dict(zip(datasets, "osD^vP*X"))
     for (model, dataset, n_mem), group in results.groupby(GROUP):
         label = f"{model} / n_mem={n_mem}" + (f" / {dataset}" if len(datasets) > 1 else "")
-        ax.scatter(group["ce_no_mem_bits"], group["ce_bits"], s=22, alpha=0.75, label=label,
-                   color=colours[(model, n_mem)], marker=markers.get(dataset, "o"))
+        ax.scatter(
+            group["ce_no_mem_bits"],
+            group["ce_bits"],
+            s=22,
+            alpha=0.75,
+            label=label,
+            color=colours[(model, n_mem)],
+            marker=markers.get(dataset, "o"),
+        )
     top = float(np.nanmax(results[["ce_no_mem_bits", "ce_bits"]].to_numpy())) * 1.05
     ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="y = x (no gain)")
     ax.set_xlim(-0.02 * top, top)
     ax.set_ylim(-0.02 * top, top)
-    ax.set(xlabel="CE of the text without vectors (bits, summed)", ylabel="CE with the vectors (bits, summed)",
-           title="Cross-entropy with vs without the vectors, per sample")
+    ax.set(
+        xlabel="CE of the text without vectors (bits, summed)",
+        ylabel="CE with the vectors (bits, summed)",
+        title="Cross-entropy with vs without the vectors, per sample",
+    )
     return _save(fig, ax, path)
 
 
 def _plot_info_gain(capacity: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes(7, 4.5)
     groups = capacity.groupby(["model", "dataset"])
     colours = _colours(groups.groups)
     for key, group in groups:
-        ax.errorbar(group["n_mem"], group["info_gain_bits_mean"], yerr=group["info_gain_bits_std"].fillna(0),
-                    marker="o", capsize=4, color=colours[key], label=_label(*key))
+        ax.errorbar(
+            group["n_mem"],
+            group["info_gain_bits_mean"],
+            yerr=group["info_gain_bits_std"].fillna(0),
+            marker="o",
+            capsize=4,
+            color=colours[key],
+            label=_label(*key),
+        )
     if capacity["info_gain_bits_mean"].isna().all():
-        ax.text(0.5, 0.5, f"no saturated sample yet (every sample has acc > {FIT}):\nadd longer lengths",
-                transform=ax.transAxes, ha="center", va="center", color="grey")
+        ax.text(
+            0.5,
+            0.5,
+            f"no saturated sample yet (every sample has acc > {FIT}):\nadd longer lengths",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="grey",
+        )
     n_mems = sorted(capacity["n_mem"].unique())
     pad = 0.5 + 0.05 * (n_mems[-1] - n_mems[0])
     ax.set_xticks(n_mems, [str(n) for n in n_mems])
     ax.set_xlim(n_mems[0] - pad, n_mems[-1] + pad)
     ax.set_ylim(bottom=0)
-    ax.set(xlabel="number of vectors (n_mem)", ylabel=f"information gain (bits), samples with acc ≤ {FIT}",
-           title="Information gain vs number of vectors (mean ± std)")
+    ax.set(
+        xlabel="number of vectors (n_mem)",
+        ylabel=f"information gain (bits), samples with acc ≤ {FIT}",
+        title="Information gain vs number of vectors (mean ± std)",
+    )
     return _save(fig, ax, path)
 
 
@@ -267,7 +317,8 @@ def build_report(sweep_dir) -> Report:
     capacity.to_csv(out / "capacity.csv", index=False)
     (out / "capacity.md").write_text(_markdown(cfg.name, capacity, cell_rows, cfg.grid.samples))
     files = [
-        out / "capacity.csv", out / "capacity.md",
+        out / "capacity.csv",
+        out / "capacity.md",
         _plot_accuracy(cell_rows, out / "accuracy_vs_length.png"),
         _plot_ce(results, out / "ce_with_vs_without.png"),
         _plot_info_gain(capacity, out / "info_gain_vs_n_mem.png"),

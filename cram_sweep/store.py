@@ -1,68 +1,101 @@
 """The sweep directory and its Parquet stores: one row per finished sample, one per failed attempt.
 
-Files are written to a hidden temporary name (`.part-*.parquet.tmp`), fsynced and renamed into place
-(then the directory is fsynced), so a reader (pyarrow.dataset skips names starting with '.') never
-sees half a file. A process killed mid-write leaves only a hidden `.tmp`, removed by the next process
-that takes the sweep's lock. Rows are deduplicated by (cell, sample) on read, so a crash between
-writing a merged file and deleting its parts loses and duplicates nothing.
+Every file (store parts, sweep.yaml, tracking.json) is written by `write_atomically`: to a hidden
+temporary name, fsynced and renamed into place (then the directory is fsynced), so a reader
+(pyarrow.dataset skips names starting with '.') never sees half a file. A process killed mid-write
+leaves only a hidden `.tmp`, removed by the next process that takes the sweep's lock. Rows are
+deduplicated by (cell, sample) on read, so a crash between writing a merged file and deleting its
+parts loses and duplicates nothing.
 
-Fault injection for the reliability tests (docs/reliability.md): CRAM_SWEEP_FAULT holds
-comma-separated `kind:arg[:arg]` entries; see `faults()`.
+The Parquet schemas are derived from the row dataclasses `ResultRow` and `FailureRow`: a column is
+added in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
 import time
+import typing
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .config import UserError
+from . import faults
+from .errors import StoreError, UserError, one_line
 
 SCHEMA_VERSION = "1"
 _VERSION_KEY = b"cram_sweep_schema"
 
-RESULTS_SCHEMA = pa.schema([
-    ("cell", pa.string()), ("model", pa.string()), ("dataset", pa.string()), ("precision", pa.string()),
-    ("length", pa.int64()), ("n_mem", pa.int64()), ("sample", pa.int64()), ("seed", pa.int64()),
-    ("token_ids", pa.list_(pa.int64())),
-    ("acc_no_mem", pa.float64()), ("acc", pa.float64()), ("ce_no_mem_bits", pa.float64()), ("ce_bits", pa.float64()),
-    ("info_gain_bits", pa.float64()), ("gain_tokens", pa.float64()), ("seconds", pa.float64()),
-    ("steps", pa.int64()), ("converged", pa.bool_()), ("greedy_prefix", pa.int64()), ("greedy_exact", pa.bool_()),
-    ("memory", pa.list_(pa.float32())), ("hidden", pa.int64()), ("vocab_size", pa.int64()),
-], metadata={_VERSION_KEY: SCHEMA_VERSION.encode()})
 
-FAILURES_SCHEMA = pa.schema([
-    ("cell", pa.string()), ("sample", pa.int64()), ("attempt", pa.int64()), ("error", pa.string()), ("time", pa.float64()),
-], metadata={_VERSION_KEY: SCHEMA_VERSION.encode()})
+@dataclass
+class ResultRow:
+    """One finished sample, as `results/` stores it (the design's columns, in their order)."""
+
+    cell: str
+    model: str
+    dataset: str
+    precision: str
+    length: int
+    n_mem: int
+    sample: int
+    seed: int
+    token_ids: list[int]
+    acc_no_mem: float
+    acc: float
+    ce_no_mem_bits: float
+    ce_bits: float
+    info_gain_bits: float
+    gain_tokens: float
+    seconds: float
+    steps: int
+    converged: bool
+    greedy_prefix: int
+    greedy_exact: bool
+    memory: list[float]  # the best vectors, n_mem x hidden flattened (float32 on disk)
+    hidden: int
+    vocab_size: int
 
 
-def faults() -> dict:
-    """CRAM_SWEEP_FAULT=kind:arg[:arg],... parsed to {kind: [args]}; empty (no fault) in normal use.
+@dataclass
+class FailureRow:
+    """One failed attempt at a sample, as `failures/` stores it."""
 
-    store_write_sleep:SECONDS        sleep between writing a store file's .tmp and renaming it
-    nan_sample:CELL_SUBSTRING:SAMPLE (worker) that sample's text embedding turns NaN
-    oom_above_batch:N                (worker) a forward with more than N samples raises torch.OutOfMemoryError
-    """
-    spec = os.environ.get("CRAM_SWEEP_FAULT", "")
-    parsed = {}
-    for entry in filter(None, (e.strip() for e in spec.split(","))):
-        kind, _, args = entry.partition(":")
-        parsed[kind] = args.split(":") if args else []
-    return parsed
+    cell: str
+    sample: int
+    attempt: int
+    error: str
+    time: float
 
 
-class StoreError(Exception):
-    """Writing the store failed (disk full, permissions); what was written before is intact."""
+_ARROW_TYPES = {
+    str: pa.string(),
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    list[int]: pa.list_(pa.int64()),
+    list[float]: pa.list_(pa.float32()),
+}
+
+
+def arrow_schema(row_type) -> pa.Schema:
+    """The Parquet schema of a row dataclass: one column per field, in field order."""
+    hints = typing.get_type_hints(row_type)
+    columns = [(field.name, _ARROW_TYPES[hints[field.name]]) for field in dataclasses.fields(row_type)]
+    return pa.schema(columns, metadata={_VERSION_KEY: SCHEMA_VERSION.encode()})
+
+
+RESULTS_SCHEMA = arrow_schema(ResultRow)
+FAILURES_SCHEMA = arrow_schema(FailureRow)
 
 
 class SweepDir:
@@ -76,7 +109,7 @@ class SweepDir:
     report = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
 
-    def require(self) -> "SweepDir":
+    def require(self) -> SweepDir:
         if not self.config.is_file():
             raise UserError(f"{self.path} is not a sweep directory (no sweep.yaml): give the directory `cram-sweep run` printed")
         return self
@@ -85,7 +118,7 @@ class SweepDir:
     def lock(self):
         """Exclusive for one run/resume at a time; the kernel drops it if the process dies."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_file, "a+")
+        handle = open(self.lock_file, "a+")  # noqa: SIM115 - held open for the whole context: closing it releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,7 +143,7 @@ class SweepDir:
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def remove_partial(sweep: "SweepDir") -> List[Path]:
+def remove_partial(sweep: SweepDir) -> list[Path]:
     """Delete the hidden `.part-*.tmp` files a killed writer left; call only while holding the lock."""
     removed = []
     for folder in (sweep.results, sweep.failures):
@@ -129,37 +162,47 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_table(folder: Path, table: pa.Table) -> Path:
-    """Write-then-rename: the file appears whole under its final name, or not at all."""
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".{name}.tmp"
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write-then-rename: `write(tmp)` fills a hidden temporary beside `path`, which is fsynced and
+    renamed into place, then the directory is fsynced: `path` holds all of the new content or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp)
+        write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        pause = faults().get("store_write_sleep")
-        if pause:
-            time.sleep(float(pause[0]))
-        os.replace(tmp, folder / name)
-        _fsync_dir(folder)
-    except OSError as err:
+        faults.pause_before_rename()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_table(folder: Path, table: pa.Table) -> Path:
+    path = folder / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+    except OSError as err:
         then = f"then run `cram-sweep resume {folder.parent}`; what was stored before is intact"
         if err.errno in _NO_SPACE:
             raise StoreError(f"no space left to write {folder} ({err.strerror}): free space, {then}") from None
-        raise StoreError(f"cannot write {folder} ({' '.join(str(err).split())[:200]}): fix it, {then}") from None
-    return folder / name
+        raise StoreError(f"cannot write {folder} ({one_line(err, 200)}): fix it, {then}") from None
+    return path
 
 
-def write_results(sweep: SweepDir, rows: List[dict]) -> None:
+def _table(rows: list, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([dataclasses.asdict(row) for row in rows], schema=schema)
+
+
+def write_results(sweep: SweepDir, rows: list[ResultRow]) -> None:
     if rows:
-        _write_table(sweep.results, pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
+        _write_table(sweep.results, _table(rows, RESULTS_SCHEMA))
 
 
-def write_failures(sweep: SweepDir, rows: List[dict]) -> None:
+def write_failures(sweep: SweepDir, rows: list[FailureRow]) -> None:
     if rows:
-        _write_table(sweep.failures, pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA))
+        _write_table(sweep.failures, _table(rows, FAILURES_SCHEMA))
 
 
 def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
@@ -170,12 +213,16 @@ def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
         try:
             meta = pq.read_metadata(fragment.path).metadata or {}
         except (OSError, pa.ArrowException) as err:
-            raise UserError(f"{fragment.path} is not a readable Parquet file ({' '.join(str(err).split())[:120]}): "
-                            f"move it out of {folder} (cram-sweep never leaves half files under a visible name)") from None
+            raise UserError(
+                f"{fragment.path} is not a readable Parquet file ({one_line(err, 120)}): "
+                f"move it out of {folder} (cram-sweep never leaves half files under a visible name)"
+            ) from None
         if meta.get(_VERSION_KEY) != SCHEMA_VERSION.encode():
             found = meta.get(_VERSION_KEY, b"none").decode()
-            raise UserError(f"{fragment.path} has store schema version {found}, this cram-sweep reads {SCHEMA_VERSION}: "
-                            f"use a matching cram-sweep version or move the file out of {folder}")
+            raise UserError(
+                f"{fragment.path} has store schema version {found}, this cram-sweep reads {SCHEMA_VERSION}: "
+                f"use a matching cram-sweep version or move the file out of {folder}"
+            )
     return dataset.to_table(columns=columns)
 
 
@@ -199,11 +246,6 @@ def read_failures(sweep: SweepDir) -> pa.Table:
     return _read(sweep.failures, FAILURES_SCHEMA)
 
 
-def done_keys(sweep: SweepDir) -> Set[Tuple[str, int]]:
-    table = read_results(sweep, ["cell", "sample"])
-    return set(zip(table["cell"].to_pylist(), table["sample"].to_pylist()))
-
-
 def compact(sweep: SweepDir) -> None:
     """Merge the results' part files into one (many small files slow every later read)."""
     parts = sorted(sweep.results.glob("part-*.parquet")) if sweep.results.is_dir() else []
@@ -213,7 +255,3 @@ def compact(sweep: SweepDir) -> None:
     for part in parts:
         if part != merged:
             part.unlink()
-
-
-def results_frame(sweep: SweepDir, columns: Iterable[str] = None):
-    return read_results(sweep, list(columns) if columns else None).to_pandas()

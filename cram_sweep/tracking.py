@@ -15,12 +15,13 @@ import os
 import re
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from .config import UserError
-from .store import SweepDir
+from .config import Cell, SweepConfig
+from .errors import UserError, one_line
+from .store import SweepDir, write_atomically
 
 log = logging.getLogger("cram_sweep")
 
@@ -32,6 +33,9 @@ HTTP_TIMEOUT = "20"
 # Failing server: one try with a short timeout, then wait before the next.
 FAST_FAIL_TIMEOUT = "5"
 MAX_BACKOFF_SECONDS = 60.0
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces), not on the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 @contextmanager
@@ -55,11 +59,16 @@ def _fast_fail(active: bool = True):
 
 def _why(err: Exception) -> str:
     """A short reason for an MLflow failure, for one-line messages."""
-    text = " ".join(str(err).split())
-    for needle, reason in (("Failed to resolve", "unknown host"), ("NameResolutionError", "unknown host"),
-                           ("Connection refused", "connection refused"), ("NewConnectionError", "connection refused"),
-                           ("timed out", "timed out"), ("RemoteDisconnected", "connection closed"),
-                           ("Connection aborted", "connection closed")):
+    text = one_line(err)
+    for needle, reason in (
+        ("Failed to resolve", "unknown host"),
+        ("NameResolutionError", "unknown host"),
+        ("Connection refused", "connection refused"),
+        ("NewConnectionError", "connection refused"),
+        ("timed out", "timed out"),
+        ("RemoteDisconnected", "connection closed"),
+        ("Connection aborted", "connection closed"),
+    ):
         if needle in text:
             return reason
     return f"{type(err).__name__}: {text[:160]}"
@@ -67,7 +76,7 @@ def _why(err: Exception) -> str:
 
 def _start_error(uri: str, err: Exception) -> str:
     """One line for a server that cannot be reached, or that answers with an HTTP error."""
-    text = " ".join(str(err).split())
+    text = one_line(err)
     code = re.search(r"error code (\d{3})", text)
     if code is None:
         return f"cannot reach MLflow at {uri} ({_why(err)}): start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
@@ -82,7 +91,7 @@ def _start_error(uri: str, err: Exception) -> str:
     return f"MLflow at {uri} {verb} ({detail}): check tracking.uri / MLFLOW_TRACKING_URI and the server's log"
 
 
-def tracking_uri(cfg: DictConfig, sweep: SweepDir) -> str:
+def tracking_uri(cfg: SweepConfig, sweep: SweepDir) -> str:
     """Local tracking lives beside the sweep, in its out_dir, whatever the working directory."""
     if cfg.tracking.kind == "server":
         uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -94,7 +103,7 @@ def tracking_uri(cfg: DictConfig, sweep: SweepDir) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
-def _flat_params(cfg: DictConfig) -> Dict[str, str]:
+def _flat_params(cfg: SweepConfig) -> dict[str, str]:
     flat = {}
 
     def walk(prefix, node):
@@ -104,20 +113,20 @@ def _flat_params(cfg: DictConfig) -> Dict[str, str]:
         else:
             flat[prefix[:-1]] = str(node)[:500]
 
-    walk("", OmegaConf.to_container(cfg, resolve=True))
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     return flat
 
 
 class Tracker:
     """The sweep's MLflow runs; its ids live in SWEEP_DIR/tracking.json so `resume` reuses them."""
 
-    def __init__(self, cfg: DictConfig, sweep: SweepDir):
+    def __init__(self, cfg: SweepConfig, sweep: SweepDir):
         self.cfg = cfg
         self.sweep = sweep
         self.uri = tracking_uri(cfg, sweep)
         self.client = None
-        self.ids: Dict = {}
-        self.pending: Dict[str, Dict[str, float]] = {}
+        self.ids: dict = {}
+        self.pending: dict[str, dict[str, float]] = {}
         self.last_flush = 0.0
         self.failed_since: Optional[float] = None
         self.backoff = 0.0
@@ -162,10 +171,16 @@ class Tracker:
             location = None
             if self.cfg.tracking.kind == "local":
                 location = (self.sweep.path.resolve().parent / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(self.cfg.tracking.experiment, artifact_location=location)
+            experiment_id = self.client.create_experiment(
+                self.cfg.tracking.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         else:
             experiment_id = experiment.experiment_id
-        parent = self.client.create_run(experiment_id, run_name=self.cfg.name, tags={"cram_sweep.sweep_dir": str(self.sweep.path.resolve())})
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier cram-sweep
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        parent = self.client.create_run(
+            experiment_id, run_name=self.cfg.name, tags={"cram_sweep.sweep_dir": str(self.sweep.path.resolve())}
+        )
         self.ids = {"uri": self.uri, "experiment": experiment_id, "parent": parent.info.run_id, "cells": {}}
         self._save_ids()
         params = [Param(k, v) for k, v in _flat_params(self.cfg).items()]
@@ -182,22 +197,27 @@ class Tracker:
         return self.ids["parent"]
 
     def _save_ids(self) -> None:
-        tmp = self.sweep.tracking.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ids, indent=1))
-        os.replace(tmp, self.sweep.tracking)
+        write_atomically(self.sweep.tracking, lambda tmp: tmp.write_text(json.dumps(self.ids, indent=1)))
 
-    def _child(self, cell_id: str, tags: Dict[str, str]) -> str:
+    def _child(self, cell_id: str, tags: dict[str, str]) -> str:
         if cell_id not in self.ids["cells"]:
             run = self.client.create_run(
-                self.ids["experiment"], run_name=cell_id,
+                self.ids["experiment"],
+                run_name=cell_id,
                 tags={"mlflow.parentRunId": self.parent_id, "cram_sweep.cell": cell_id, **tags},
             )
             self.ids["cells"][cell_id] = run.info.run_id
             self._save_ids()
         return self.ids["cells"][cell_id]
 
-    def record(self, cell_id: str, metrics: Dict[str, float], tags: Dict[str, str]) -> None:
+    def record(self, cell_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
         self.pending[cell_id] = (metrics, tags)
+
+    def record_cells(self, states) -> None:
+        """Queue every cell with stored samples or failures (cellstate.cell_states): re-syncs MLflow from the store."""
+        for cell, state in states:
+            if state["done"] or state["failed"]:
+                self.record(cell.id, state, cell_tags(cell))
 
     def flush(self, force: bool = False) -> bool:
         """Send the latest metrics of every changed cell; False (and kept for later) if MLflow failed.
@@ -227,8 +247,13 @@ class Tracker:
             self.retry_at = time.monotonic() + self.backoff
             if not failing:
                 self.failed_since = now
-                log.warning("MLflow logging failed (%s); the sweep goes on, retrying every %d-%d s, and MLflow is re-synced "
-                            "when it answers (or by `cram-sweep report SWEEP_DIR`)", _why(err), self.backoff, MAX_BACKOFF_SECONDS)
+                log.warning(
+                    "MLflow logging failed (%s); the sweep goes on, retrying every %d-%d s, and MLflow is re-synced "
+                    "when it answers (or by `cram-sweep report SWEEP_DIR`)",
+                    _why(err),
+                    self.backoff,
+                    MAX_BACKOFF_SECONDS,
+                )
             return False
         if failing:
             log.warning("MLflow reachable again after %.0f s; metrics re-synced", now - self.failed_since)
@@ -236,13 +261,13 @@ class Tracker:
             self.backoff = self.retry_at = 0.0
         return True
 
-    def log_metrics(self, metrics: Dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
 
-    def log_artifacts(self, paths: List, artifact_path: str) -> None:
+    def log_artifacts(self, paths: list, artifact_path: str) -> None:
         for path in paths:
             self.client.log_artifact(self.parent_id, str(path), artifact_path=artifact_path)
 
@@ -258,6 +283,10 @@ class Tracker:
                     self.client.set_terminated(run_id, status=status)
         except Exception as err:
             log.warning("could not close the MLflow runs (%s): `cram-sweep report SWEEP_DIR` closes them later", _why(err))
+
+
+def cell_tags(cell: Cell) -> dict[str, str]:
+    return {"model": cell.model, "dataset": cell.dataset, "n_mem": str(cell.n_mem), "length": str(cell.length)}
 
 
 def metric_key(*parts) -> str:

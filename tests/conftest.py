@@ -1,59 +1,33 @@
-import os
-import subprocess
-import sys
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from cram_sweep.config import compose_config
-
-ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "cram_sweep.cli"]
-
-# A tiny sweep that converges within a few hundred steps on the seeded random models.
-TINY = [
-    "grid.models=[tiny_llama]", "grid.datasets=[pydoc]", "grid.lengths=[4,8]", "grid.n_mem=[2]", "grid.samples=3",
-    "optim.lr=0.1", "optim.max_steps=150", "optim.patience=60", "precision=fp32", "batch_size=2",
-    "cluster.num_cpus=2", "worker.cpus=1", "report=false", "flush_seconds=0.5",
-]
-
-
-def tiny_config(*overrides):
-    return compose_config(TINY + list(overrides))
-
-
-def run_cli(*args, check=True, timeout=300, **kwargs):
-    """The real console entry point in a fresh process, as a user runs it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def assert_same_result(a, b, atol=1e-3):
-    """Two results of one sample agree: same trajectory length and accuracy, CE and vectors within fp rounding."""
-    import torch
-
-    assert a["steps"] == b["steps"]
-    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
-    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
-    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
-    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
-    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
+from .helpers import free_port, tiny_config
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
     from cram_sweep.model import load_model
 
-    cfg = tiny_config()
-    return load_model("tiny_llama", cfg.models.tiny_llama, "cpu")
+    return load_model("tiny_llama", tiny_config().models["tiny_llama"], "cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_neox():
     from cram_sweep.model import load_model
 
-    cfg = tiny_config("grid.models=[tiny_neox]")
-    return load_model("tiny_neox", cfg.models.tiny_neox, "cpu")
+    return load_model("tiny_neox", tiny_config("grid.models=[tiny_neox]").models["tiny_neox"], "cpu")
+
+
+@pytest.fixture(scope="module")
+def stale_ray_tmpdir():
+    """A private Ray temp dir (RAY_TMPDIR) whose recorded cluster (`ray/ray_current_cluster`) is an address nothing
+    answers at: what a `ray start --head` killed without `ray stop` leaves behind. Yields (dir, dead address)."""
+    temp = Path(tempfile.mkdtemp(prefix="cr-", dir="/tmp"))  # short: Ray's unix socket paths must stay < 108 chars
+    (temp / "ray").mkdir()
+    dead = f"127.0.0.1:{free_port()}"
+    (temp / "ray" / "ray_current_cluster").write_text(dead)
+    yield temp, dead
+    shutil.rmtree(temp, ignore_errors=True)

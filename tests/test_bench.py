@@ -10,8 +10,31 @@ COLUMNS = ["method", "precision", "batch", "sample_steps_per_s", "samples_per_ho
 
 def test_bench_prints_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "bench.csv"
-    code = main(["bench", "--model", "tiny_neox", "--length", "12", "--n-mem", "2", "--steps", "3",
-                 "--batch-sizes", "1,2", "--precisions", "fp32,bf16", "--paper-samples", "1", "--rounds", "2", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny_neox",
+            "--length",
+            "12",
+            "--n-mem",
+            "2",
+            "--steps",
+            "3",
+            "--batch-sizes",
+            "1,2",
+            "--precisions",
+            "fp32,bf16",
+            "--paper-samples",
+            "1",
+            "--rounds",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     text = captured.out
@@ -23,7 +46,8 @@ def test_bench_prints_and_writes_the_table(tmp_path, capsys):
     with open(out) as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["method"], r["precision"], r["batch"]) for r in rows] == [
-        (m, p, b) for p in ("fp32", "bf16")
+        (m, p, b)
+        for p in ("fp32", "bf16")
         for m, b in (("paper loop", "1"), ("paper loop + 2 loads/sample", "1"), ("engine", "1"), ("engine", "2"))
     ]
     for row in rows:
@@ -36,7 +60,9 @@ def test_mfu_is_against_the_peak_of_the_rows_precision():
     assert peak_flops("NVIDIA A10")["bf16"] == 125e12
     assert peak_flops("Intel Data Center GPU Max") is None
     peaks = peak_flops("NVIDIA H100 80GB HBM3")
-    paper = BenchRow("paper loop", "fp32", 1, seconds=10.0, step_seconds=10.0, samples=1, sample_steps=10, peak_mem_gb=1.0, flops=10 * 49.5e12)
+    paper = BenchRow(
+        "paper loop", "fp32", 1, seconds=10.0, step_seconds=10.0, samples=1, sample_steps=10, peak_mem_gb=1.0, flops=10 * 49.5e12
+    )
     engine = BenchRow("engine", "bf16", 8, seconds=10.0, step_seconds=5.0, samples=8, sample_steps=80, peak_mem_gb=2.0, flops=80 * 49.45e12)
     assert paper.as_dict(paper, peaks)["mfu"] == 0.1  # 49.5 TFLOP/s of the H100's 495 TF32
     row = engine.as_dict(paper, peaks)

@@ -7,25 +7,31 @@ import torch
 import torch.nn.functional as F
 
 from cram_sweep.config import Cell, sample_seed
-from cram_sweep.cram import SampleSpec, cram, leading_matches, score
+from cram_sweep.cram import Heartbeat, SampleResult, SampleSpec, cram, leading_matches, score
 from cram_sweep.data import sample_token_ids
 from cram_sweep.decode import greedy_decode
 
-from .conftest import assert_same_result, tiny_config
+from .helpers import assert_same_result, tiny_config
 
 CFG = tiny_config()
 OPTIM = CFG.optim
 
 
 def specs_for(lm, length, count, n_mem=2, dataset="pydoc"):
-    ids = sample_token_ids(CFG.datasets[dataset] if dataset in CFG.datasets else tiny_config(f"grid.datasets=[{dataset}]").datasets[dataset],
-                           dataset, lm.tokenizer, count, length, seed=0)
+    ids = sample_token_ids(
+        CFG.datasets[dataset] if dataset in CFG.datasets else tiny_config(f"grid.datasets=[{dataset}]").datasets[dataset],
+        dataset,
+        lm.tokenizer,
+        count,
+        length,
+        seed=0,
+    )
     cell = Cell(lm.name, dataset, n_mem, length)
     return [SampleSpec(i, ids[i], sample_seed(0, cell, i)) for i in range(count)]
 
 
 def by_sample(rows):
-    return {r["sample"]: r for r in rows}
+    return {r.sample: r for r in rows}
 
 
 def naive_cram(model, token_ids, n_mem, init_seed, optim):
@@ -55,8 +61,14 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim):
         loss.backward()
         opt.step()
     n_pred = len(token_ids) - 1
-    return {"acc_no_mem": acc0, "ce_no_mem_bits": ce0 * n_pred / math.log(2), "acc": best_acc, "steps": step,
-            "ce_bits": best_ce * n_pred / math.log(2), "memory": best_memory.flatten().tolist()}
+    return {
+        "acc_no_mem": acc0,
+        "ce_no_mem_bits": ce0 * n_pred / math.log(2),
+        "acc": best_acc,
+        "steps": step,
+        "ce_bits": best_ce * n_pred / math.log(2),
+        "memory": best_memory.flatten().tolist(),
+    }
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_neox"])
@@ -80,22 +92,44 @@ def test_batch_does_not_change_a_sample(tiny_llama):
 
 
 def test_continuous_batching_refills_slots(tiny_llama):
-    """With more samples than slots, finished samples leave early and every sample still finishes."""
-    specs = specs_for(tiny_llama, 4, 6)
-    rows = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
-    assert sorted(r["sample"] for r in rows) == list(range(6))
-    first_two_done = [r["sample"] for r in rows[:2]]
-    assert set(first_two_done) != {0, 1} or rows[0]["steps"] < OPTIM.max_steps
+    """A finished sample leaves at once and a waiting one takes its slot while its batch-mate runs on:
+    every step runs a full batch until the last sample has entered."""
+    specs = specs_for(tiny_llama, 8, 5)
+    by_ids = {tuple(s.token_ids): s.sample for s in specs}
+    events = []  # ("enter", samples) when texts join the batch, ("step", batch size) per optimization forward
+
+    def on_embed(module, inputs, output):  # the engine embeds each text once, when its sample enters the batch
+        events.append(("enter", [by_ids[tuple(row)] for row in inputs[0].tolist()]))
+
+    def on_forward(module, args, kwargs):  # optimization steps run the text plus its 2 vectors
+        if kwargs["inputs_embeds"].shape[1] == 8 + 2:
+            events.append(("step", kwargs["inputs_embeds"].shape[0]))
+
+    hooks = [
+        tiny_llama.model.get_input_embeddings().register_forward_hook(on_embed),
+        tiny_llama.model.register_forward_pre_hook(on_forward, with_kwargs=True),
+    ]
+    try:
+        rows = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    entries = [samples for kind, samples in events if kind == "enter"]
+    assert entries[0] == [0, 1] and sorted(sum(entries, [])) == list(range(5)) == sorted(r.sample for r in rows)
+    assert [len(samples) for samples in entries[1:]] == [1, 1, 1], f"each waiting sample took a single freed slot: {entries}"
+    last_entry = max(i for i, (kind, _) in enumerate(events) if kind == "enter")
+    assert {size for kind, size in events[:last_entry] if kind == "step"} == {2}, "full batch until the queue is empty"
+    assert sum(size for kind, size in events if kind == "step") == sum(r.steps for r in rows)
 
 
 def test_short_text_converges_and_greedy_reproduces_it(tiny_llama):
     rows = list(cram(tiny_llama.model, specs_for(tiny_llama, 6, 3), 2, OPTIM, "fp32", batch_size=3))
-    converged = [r for r in rows if r["converged"]]
-    assert converged, [r["acc"] for r in rows]
+    converged = [r for r in rows if r.converged]
+    assert converged, [r.acc for r in rows]
     for row in converged:
-        assert row["acc"] == 1.0 and row["greedy_exact"] and row["greedy_prefix"] == 5
-        assert row["gain_tokens"] == pytest.approx((1.0 - row["acc_no_mem"]) * 5)
-        assert row["info_gain_bits"] == pytest.approx(row["ce_no_mem_bits"] - row["ce_bits"])
+        assert row.acc == 1.0 and row.greedy_exact and row.greedy_prefix == 5
+        assert row.gain_tokens == pytest.approx((1.0 - row.acc_no_mem) * 5)
+        assert row.info_gain_bits == pytest.approx(row.ce_no_mem_bits - row.ce_bits)
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_neox"])
@@ -105,16 +139,16 @@ def test_stored_vectors_give_stored_accuracy_and_greedy_prefix(request, model):
     lm = request.getfixturevalue(model)
     rows = list(cram(lm.model, specs_for(lm, 8, 3), 2, OPTIM, "fp32", batch_size=3))
     for row in rows:
-        ids = torch.tensor(row["token_ids"])[None]
-        memory = torch.tensor(row["memory"]).view(1, 2, -1)
+        ids = torch.tensor(row.token_ids)[None]
+        memory = torch.tensor(row.memory).view(1, 2, -1)
         with torch.no_grad():
             _, acc, _ = score(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
-        assert acc.item() == pytest.approx(row["acc"], abs=1e-6)
+        assert acc.item() == pytest.approx(row.acc, abs=1e-6)
         decoded = greedy_decode(lm.model, memory, ids[:, 0], ids.shape[1] - 1, "fp32")
-        assert leading_matches(decoded == ids[:, 1:]).item() == row["greedy_prefix"]
-        assert row["greedy_exact"] == (row["greedy_prefix"] == ids.shape[1] - 1)
+        assert leading_matches(decoded == ids[:, 1:]).item() == row.greedy_prefix
+        assert row.greedy_exact == (row.greedy_prefix == ids.shape[1] - 1)
     if model == "tiny_llama":  # converged samples and one that is not
-        assert [r["greedy_exact"] for r in sorted(rows, key=lambda r: r["sample"])] == [True, True, False]
+        assert [r.greedy_exact for r in sorted(rows, key=lambda r: r.sample)] == [True, True, False]
 
 
 def test_bos_counts_toward_length(tiny_llama, tiny_neox):
@@ -125,10 +159,26 @@ def test_bos_counts_toward_length(tiny_llama, tiny_neox):
     assert neox_ids[0] != tiny_neox.tokenizer.bos_token_id
 
 
-def test_bf16_autocast_runs_and_keeps_fp32_vectors(tiny_llama):
-    rows = list(cram(tiny_llama.model, specs_for(tiny_llama, 6, 2), 2, OPTIM, "bf16", batch_size=2))
-    assert len(rows) == 2 and all(0.0 <= r["acc"] <= 1.0 for r in rows)
-    assert tiny_llama.model.get_input_embeddings().weight.dtype == torch.float32
+def test_bf16_autocast_keeps_fp32_vectors_and_restores_the_weights(tiny_llama):
+    """Under bf16 the vectors (and the text embeddings they join) enter the model in fp32, the Linear layers run
+    on bf16 copies of their weights during the forward, and the original fp32 weights are back afterwards."""
+    model = tiny_llama.model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    originals = [m.weight for m in linears]
+    inputs_dtypes, weight_dtypes = set(), set()
+    hooks = [
+        model.register_forward_pre_hook(lambda mod, args, kwargs: inputs_dtypes.add(kwargs["inputs_embeds"].dtype), with_kwargs=True),
+        linears[0].register_forward_pre_hook(lambda mod, args: weight_dtypes.add(mod.weight.dtype)),
+    ]
+    try:
+        rows = list(cram(model, specs_for(tiny_llama, 6, 2), 2, OPTIM, "bf16", batch_size=2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(rows) == 2 and all(0.0 <= r.acc <= 1.0 for r in rows)
+    assert inputs_dtypes == {torch.float32}
+    assert weight_dtypes == {torch.bfloat16}
+    assert all(m.weight is w and w.dtype == torch.float32 for m, w in zip(linears, originals))
 
 
 def test_nonfinite_sample_fails_alone(tiny_llama):
@@ -146,9 +196,9 @@ def test_nonfinite_sample_fails_alone(tiny_llama):
         rows = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=3))
     finally:
         handle.remove()
-    assert "non-finite" in rows[1]["error"]
+    assert "non-finite" in rows[1].error
     for sample in (0, 2):
-        assert rows[sample]["error"] is None
+        assert rows[sample].error is None
         assert_same_result(rows[sample], clean[sample])
 
 
@@ -159,8 +209,8 @@ def test_speed_options_leave_results_unchanged(tiny_llama):
     fast = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "bf16", batch_size=4, check_every=7, cast_cache=True))
     synced = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "bf16", batch_size=4, check_every=1, cast_cache=False))
     for sample in plain:
-        assert fast[sample]["steps"] == synced[sample]["steps"]
-        assert fast[sample]["memory"] == synced[sample]["memory"], "cast cache and check_every change nothing"
+        assert fast[sample].steps == synced[sample].steps
+        assert fast[sample].memory == synced[sample].memory, "cast cache and check_every change nothing"
         assert_same_result(fast[sample], plain[sample], atol=5e-2)
 
 
@@ -180,12 +230,12 @@ def test_heartbeats_report_running_steps_and_change_no_result(tiny_llama):
     specs = specs_for(tiny_llama, 8, 4)
     plain = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
     stream = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2, heartbeat_seconds=0))
-    beats = [r["heartbeat"] for r in stream if "heartbeat" in r]
-    assert beats and all(1 <= b["live"] <= 2 and 1 <= b["steps"] <= OPTIM.max_steps for b in beats)
-    rows = by_sample(r for r in stream if "heartbeat" not in r)
+    beats = [r for r in stream if isinstance(r, Heartbeat)]
+    assert beats and all(1 <= b.live <= 2 and 1 <= b.steps <= OPTIM.max_steps for b in beats)
+    rows = by_sample(r for r in stream if isinstance(r, SampleResult))
     assert sorted(rows) == sorted(plain)
     for sample in plain:
-        assert rows[sample]["memory"] == plain[sample]["memory"]
+        assert rows[sample].memory == plain[sample].memory
 
 
 def test_leading_matches_counts_up_to_the_first_error():

@@ -160,9 +160,9 @@ def test_rayjob_runs_cram_sweep_on_a_gpu_cluster(rayjob, k8s_docs):
     assert head["rayStartParams"] is not None and workers
     head_env = {e["name"]: e.get("value") for e in _containers(head)[0].get("env", [])}
     assert head_env.get("MLFLOW_TRACKING_URI", "").startswith("http")
-    assert any(
-        str(c["resources"]["limits"].get("nvidia.com/gpu")) == "1" for g in workers for c in _containers(g)
-    ), "a worker group with nvidia.com/gpu: 1"
+    assert any(str(c["resources"]["limits"].get("nvidia.com/gpu")) == "1" for g in workers for c in _containers(g)), (
+        "a worker group with nvidia.com/gpu: 1"
+    )
     images = {c["image"] for g in [head, *workers] for c in _containers(g)}
     assert len(images) == 1, "head and workers run the same worker image"
 
@@ -172,8 +172,7 @@ def test_rayjob_runs_cram_sweep_on_a_gpu_cluster(rayjob, k8s_docs):
     volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
     mounts = [m for m in _containers(head)[0]["volumeMounts"] if "persistentVolumeClaim" in volumes.get(m["name"], {})]
     assert any(
-        out_dir.startswith(m["mountPath"].rstrip("/") + "/")
-        and volumes[m["name"]]["persistentVolumeClaim"]["claimName"] in claims
+        out_dir.startswith(m["mountPath"].rstrip("/") + "/") and volumes[m["name"]]["persistentVolumeClaim"]["claimName"] in claims
         for m in mounts
     ), f"out_dir {out_dir} is not on a PVC mounted on the head"
 
@@ -222,7 +221,7 @@ def stubs(tmp_path):
     _stub(
         bindir,
         "srun",
-        record + 'while [[ $# -gt 0 && $1 == -* ]]; do [[ $1 == -w ]] && shift; shift; done\n'
+        record + "while [[ $# -gt 0 && $1 == -* ]]; do [[ $1 == -w ]] && shift; shift; done\n"
         '[[ $1 == hostname ]] && { echo "10.1.2.3 10.9.9.9"; exit 0; }\n'
         '[[ " $* " == *" --block "* ]] && exec sleep 30\nexit 0\n',
     )
@@ -235,10 +234,18 @@ def stubs(tmp_path):
 
 def test_slurm_sbatch_dry_run(stubs):
     env, log = stubs
-    env = {**env, "SLURM_JOB_NODELIST": "node[1-3]", "SLURM_GPUS_PER_TASK": "4", "SLURM_CPUS_PER_TASK": "8",
-           "SLURM_SUBMIT_DIR": "/shared/me", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "FAKE_RC": "3"}
-    done = subprocess.run(["bash", str(JOBS / "slurm.sbatch"), "name=demo", "grid.lengths=[16,32]"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **env,
+        "SLURM_JOB_NODELIST": "node[1-3]",
+        "SLURM_GPUS_PER_TASK": "4",
+        "SLURM_CPUS_PER_TASK": "8",
+        "SLURM_SUBMIT_DIR": "/shared/me",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "FAKE_RC": "3",
+    }
+    done = subprocess.run(
+        ["bash", str(JOBS / "slurm.sbatch"), "name=demo", "grid.lengths=[16,32]"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 3, "the driver's exit status is the job's"
     calls = log.read_text().splitlines()
     head = next(c for c in calls if "--head" in c)
@@ -246,8 +253,16 @@ def test_slurm_sbatch_dry_run(stubs):
     workers = next(c for c in calls if "--address=10.1.2.3:6379" in c)
     assert "--nodes=2" in workers and "--exclude=node1" in workers
     driver = next(c for c in calls if c.startswith("cram-sweep "))
-    assert shlex.split(driver) == ["cram-sweep", "run", "cluster=ray", "cluster.address=10.1.2.3:6379", "tracking=server",
-                                   "out_dir=/shared/me/outputs", "name=demo", "grid.lengths=[16,32]"]
+    assert shlex.split(driver) == [
+        "cram-sweep",
+        "run",
+        "cluster=ray",
+        "cluster.address=10.1.2.3:6379",
+        "tracking=server",
+        "out_dir=/shared/me/outputs",
+        "name=demo",
+        "grid.lengths=[16,32]",
+    ]
     assert "RAY_ADDRESS=10.1.2.3:6379" in calls
     assert calls[-1].startswith("srun --overlap") and "ray stop" in calls[-1], "Ray is stopped on exit"
 
@@ -265,8 +280,14 @@ def test_ray_submit_dry_run(stubs):
 
     runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
     assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
-    assert args[args.index("--") + 1 :] == ["cram-sweep", "run", "cluster=ray", "tracking=server",
-                                            "out_dir=/data/outputs", "grid.lengths=[16,32]"]
+    assert args[args.index("--") + 1 :] == [
+        "cram-sweep",
+        "run",
+        "cluster=ray",
+        "tracking=server",
+        "out_dir=/data/outputs",
+        "grid.lengths=[16,32]",
+    ]
     # a relative or missing out_dir would land in the job's throwaway working dir: refused
     for bad in (["out_dir=outputs"], ["name=x"]):
         refused = subprocess.run([script, *bad], env=env, capture_output=True, text=True)

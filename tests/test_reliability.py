@@ -12,11 +12,9 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +27,7 @@ from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, work_items
 from cram_sweep.store import SweepDir, read_failures, read_results
 
-from .conftest import CLI, ROOT, TINY, assert_same_result, tiny_config
+from .helpers import CLI, ROOT, TINY, assert_same_result, cli_env, result_row, seed_mlflow_db, tiny_config, wait_for
 
 # One torch thread per worker: on a loaded 2-core machine two OpenMP threads per worker crawl (spin-waits).
 BASE = [*TINY, "worker.cpus=1"]
@@ -40,14 +38,19 @@ KEYS = ["cell", "sample"]
 
 # ---------------------------------------------------------------- helpers
 
+
 def start(args, log: Path, fault: str = None, preexec_fn=None) -> subprocess.Popen:
     """The console entry point in its own session; its output is copied to `log` by a thread of this process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-    env.pop("CRAM_SWEEP_FAULT", None)
-    if fault:
-        env["CRAM_SWEEP_FAULT"] = fault
-    proc = subprocess.Popen(CLI + list(args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=preexec_fn)
+    env = cli_env(**({"CRAM_SWEEP_FAULT": fault} if fault else {}))
+    proc = subprocess.Popen(
+        CLI + seed_mlflow_db(args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
 
     def copy():
         with open(log, "wb", buffering=0) as sink:
@@ -64,22 +67,9 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc)
-        raise AssertionError(f"the sweep did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+        raise AssertionError(f"the sweep did not finish in {timeout} s:\n{log.read_text()[-3000:]}") from None
     proc.copier.join(timeout=30)
     return log.read_text()
-
-
-def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-    kill_tree(proc)
-    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -165,7 +155,7 @@ def faulted(tmp_path_factory):
     proc = start(["run", *args], log, fault="oom_above_batch:2,nan_sample:L=8:1")
     second = {}
     try:
-        wait_for(lambda: sweep.config.is_file() and sweep.lock_file.read_text() == str(proc.pid), proc, log, "the lock")
+        wait_for(lambda: sweep.config.is_file() and sweep.lock_file.read_text() == str(proc.pid), "the lock", proc=proc, log=log)
         for name, argv in (("resume", ["resume", str(sweep.path)]), ("run", ["run", *args])):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -178,19 +168,20 @@ def faulted(tmp_path_factory):
             kill_tree(proc)
     # The un-faulted baseline: the engine on the same samples at the configured batch size (4), in this process.
     cfg = tiny_config(*FAULTED)
-    lm = load_model("tiny_llama", cfg.models.tiny_llama, "cpu")
+    lm = load_model("tiny_llama", cfg.models["tiny_llama"], "cpu")
     baseline = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (worker.cpus=1); also immune to busy cores
     try:
         for item in work_items(cfg, prepare_tokens(cfg), set()):
             for row in cram(lm.model, item.specs, item.cell.n_mem, cfg.optim, "fp32", batch_size=4):
-                baseline[item.cell.id, row["sample"]] = row
+                baseline[item.cell.id, row.sample] = row
     finally:
         torch.set_num_threads(threads)
     return {"proc": proc, "text": text, "sweep": sweep, "second": second, "still_running": still_running, "baseline": baseline}
 
 
+@pytest.mark.slow
 def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
     text, sweep = faulted["text"], faulted["sweep"]
     for length in (4, 8):  # the worker's own warning, forwarded by Ray
@@ -202,6 +193,7 @@ def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
     assert not any("oom" in r["error"].lower() or "memory" in r["error"].lower() for r in read_failures(sweep).to_pylist())
 
 
+@pytest.mark.slow
 def test_nan_sample_fails_alone_with_its_reason_and_sweep_exits_1(faulted, capsys):
     proc, text, sweep = faulted["proc"], faulted["text"], faulted["sweep"]
     assert proc.returncode == 1
@@ -221,6 +213,7 @@ def test_nan_sample_fails_alone_with_its_reason_and_sweep_exits_1(faulted, capsy
     assert "total: 5 done, 1 failed, 0 pending" in out
 
 
+@pytest.mark.slow
 def test_second_process_on_the_same_sweep_refuses(faulted):
     sweep = faulted["sweep"]
     assert faulted["still_running"], "the first sweep must still hold the lock while the others try"
@@ -238,17 +231,29 @@ def test_second_process_on_the_same_sweep_refuses(faulted):
 
 # ---------------------------------------------------------------- a Ray worker killed mid-batch, twice
 
+
+@pytest.mark.slow
 def test_worker_killed_mid_batch_retries_then_records_failures(tmp_path, capsys):
     """worker.max_retries=1: after the first kill the samples in flight run again on the restarted worker;
     after the second kill the ones still in flight have used their tries and are recorded failed."""
-    args = ["run", "name=wkill", f"out_dir={tmp_path}", *BASE, *SLOW, "grid.samples=10", "optim.max_steps=400",
-            "batch_size=2", "worker.samples_per_item=10", "worker.max_retries=1"]
+    args = [
+        "run",
+        "name=wkill",
+        f"out_dir={tmp_path}",
+        *BASE,
+        *SLOW,
+        "grid.samples=10",
+        "optim.max_steps=400",
+        "batch_size=2",
+        "worker.samples_per_item=10",
+        "worker.max_retries=1",
+    ]
     log = tmp_path / "run.log"
     sweep = SweepDir(tmp_path / "wkill")
     proc = start(args, log)
     try:
-        wait_for(lambda: read_results(sweep, KEYS).num_rows >= 1, proc, log, "the first stored rows")
-        first = wait_for(lambda: cram_workers(proc), proc, log, "the worker process")[0]
+        wait_for(lambda: read_results(sweep, KEYS).num_rows >= 1, "the first stored rows", proc=proc, log=log)
+        first = wait_for(lambda: cram_workers(proc), "the worker process", proc=proc, log=log)[0]
         first.kill()
         done_at_kill = set(stored(sweep, KEYS))
 
@@ -258,7 +263,7 @@ def test_worker_killed_mid_batch_retries_then_records_failures(tmp_path, capsys)
             workers = [w for w in cram_workers(proc) if w.pid != first.pid]
             return again and failed - again and workers and (failed, workers)
 
-        _, workers = wait_for(retried_and_progressing, proc, log, "a retried sample finished on the restarted worker")
+        _, workers = wait_for(retried_and_progressing, "a retried sample finished on the restarted worker", proc=proc, log=log)
         for worker in workers:
             worker.kill()
         text = finish(proc, log)
@@ -279,13 +284,13 @@ def test_worker_killed_mid_batch_retries_then_records_failures(tmp_path, capsys)
     assert f"total: {len(rows)} done, {len(final)} failed, 0 pending" in text
     code, out, _ = cli_main(capsys, "status", str(sweep.path))
     assert code == 0
-    print(f"stored at the first kill: {len(done_at_kill)}, retried: {len(first_try)}, failed for good: {len(final)}")
     for cell, sample in final:
         assert f"failed: {cell} sample {sample} (attempt 2): Actor" in out
     assert f"total: {len(rows)} done, {len(final)} failed, 0 pending" in out
 
 
 # ---------------------------------------------------------------- the driver killed during a store write; the disk fills
+
 
 def _mount_tmpfs(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
@@ -326,15 +331,19 @@ def store_faults(tmp_path_factory):
     disk = base / "disk"
     tmpfs = not os.environ.get("CRAM_TEST_NO_TMPFS") and _mount_tmpfs(disk)  # CRAM_TEST_NO_TMPFS=1: test the fallback
     sweep = SweepDir(disk / "st")
-    args = [f"out_dir={disk}", *BASE, *SLOW, "grid.samples=8", "optim.max_steps=300", "batch_size=2"]
+    args = [f"out_dir={disk}", *BASE, *SLOW, "grid.samples=8", "optim.max_steps=200", "batch_size=2"]
     seen = {"tmpfs": tmpfs}
     try:
         # 1. killed in the middle of a store write
         log1 = base / "1.log"
         proc = start(["run", "name=st", *args], log1, fault="store_write_sleep:2")
         try:
-            wait_for(lambda: list(sweep.results.glob("part-*.parquet")) and tmp_files(sweep), proc, log1,
-                     "a results write in progress after one stored part")
+            wait_for(
+                lambda: list(sweep.results.glob("part-*.parquet")) and tmp_files(sweep),
+                "a results write in progress after one stored part",
+                proc=proc,
+                log=log1,
+            )
             kill_tree(proc)
         finally:
             if proc.poll() is None:
@@ -350,7 +359,7 @@ def store_faults(tmp_path_factory):
         proc = start(["resume", str(sweep.path)], log2, preexec_fn=preexec)
         try:
             count = len(seen["after_kill"])
-            wait_for(lambda: read_results(sweep, KEYS).num_rows > count, proc, log2, "a new stored part")
+            wait_for(lambda: read_results(sweep, KEYS).num_rows > count, "a new stored part", proc=proc, log=log2)
             seen["stale_left"] = [t for t in seen["tmp_after_kill"] if t.exists()]
             if tmpfs:
                 filler = _fill(disk)
@@ -381,6 +390,7 @@ def store_faults(tmp_path_factory):
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_driver_killed_during_store_write_then_resume_completes_exactly_the_rest(store_faults):
     seen = store_faults
     assert seen["tmp_after_kill"], "the kill must land while a store file is being written"
@@ -399,6 +409,7 @@ def test_driver_killed_during_store_write_then_resume_completes_exactly_the_rest
     assert seen["tmp_final"] == [] and len(seen["files_final"]) == 1, "compacted to one file, no leftovers"
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_clear_error_and_store_stays_intact(store_faults):
     seen = store_faults
     assert seen["code2"] == 3, seen["log2"][-3000:]
@@ -414,12 +425,9 @@ def test_disk_full_is_one_clear_error_and_store_stays_intact(store_faults):
 
 # ---------------------------------------------------------------- the store, in-process: atomic files, leftovers, compaction
 
+
 def _rows(cell, samples):
-    return [{"cell": cell, "model": "m", "dataset": "d", "precision": "fp32", "length": 4, "n_mem": 1, "sample": i, "seed": 0,
-             "token_ids": [1, 2, 3, 4], "acc_no_mem": 0.0, "acc": 1.0, "ce_no_mem_bits": 9.0, "ce_bits": 1.0,
-             "info_gain_bits": 8.0, "gain_tokens": 3.0, "seconds": 0.1 * i, "steps": 5, "converged": True,
-             "greedy_prefix": 3, "greedy_exact": True, "memory": [0.5, -0.5], "hidden": 2, "vocab_size": 10}
-            for i in samples]
+    return [result_row(cell=cell, sample=i, seconds=0.1 * i, memory=[0.5, -0.5]) for i in samples]
 
 
 def test_store_ignores_and_cleans_half_files_and_survives_a_crashed_compaction(tmp_path):
@@ -459,6 +467,7 @@ def test_store_write_failure_is_a_store_error_and_leaves_nothing(tmp_path, monke
 
 # ---------------------------------------------------------------- bad input: one `error:` line naming the key, exit 2, no work
 
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
@@ -488,13 +497,19 @@ RUN_CASES = [
     ("n-mem-above-context", ["grid.lengths=[8]", "grid.n_mem=[1020]"], "grid.n_mem max 1020"),
     ("empty-grid", ["grid.lengths=[]"], "grid is empty"),
     ("unreadable-files-glob", ["grid.datasets=[files]", "datasets.files.path=/nonexistent/*.txt"], "datasets.files.path"),
-    ("text-too-short", ["grid.datasets=[files]", "datasets.files.path={root}/short.txt", "grid.samples=1", "grid.lengths=[64]"],
-     "grid.lengths"),
+    (
+        "text-too-short",
+        ["grid.datasets=[files]", "datasets.files.path={root}/short.txt", "grid.samples=1", "grid.lengths=[64]"],
+        "grid.lengths",
+    ),
     ("too-many-samples", ["grid.samples=100000"], "grid.samples"),
     ("unknown-model-source", ["models.tiny_llama.source=bogus"], "models.tiny_llama.source"),
     ("model-path-missing", ["models.tiny_llama.source=hf", "models.tiny_llama.path=/nonexistent"], "models.tiny_llama.path"),
-    ("gguf-not-a-model", ["models.tiny_llama.source=hf", "models.tiny_llama.path={root}/gguf",
-                          "models.tiny_llama.gguf_file=garbage.gguf"], "models.tiny_llama"),
+    (
+        "gguf-not-a-model",
+        ["models.tiny_llama.source=hf", "models.tiny_llama.path={root}/gguf", "models.tiny_llama.gguf_file=garbage.gguf"],
+        "models.tiny_llama",
+    ),
     ("bad-precision", ["precision=fp8"], "precision=fp8"),
 ]
 
@@ -519,7 +534,7 @@ def _sweep_dir(root: Path) -> SweepDir:
 
 def _old_schema_part(root: Path) -> Path:
     sweep = _sweep_dir(root)
-    table = pa.Table.from_pylist(_rows("tiny_llama/pydoc/n_mem=2/L=4", [0]), schema=store.RESULTS_SCHEMA)
+    table = store._table(_rows("tiny_llama/pydoc/n_mem=2/L=4", [0]), store.RESULTS_SCHEMA)
     sweep.results.mkdir()
     pq.write_table(table.replace_schema_metadata({b"cram_sweep_schema": b"0"}), sweep.results / "part-0.parquet")
     return sweep.path

@@ -7,9 +7,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from cram_sweep.config import Cell, UserError, load_sweep_config
+from cram_sweep.config import Cell, load_sweep_config
+from cram_sweep.errors import UserError
 from cram_sweep.report import CAPACITY_COLUMNS, build_report, cell_table, load_capacity
-from cram_sweep.store import RESULTS_SCHEMA, SweepDir, write_failures, write_results
+from cram_sweep.store import SweepDir, write_failures, write_results
+
+from .helpers import failure_row, result_row
 
 DIMS = {"m1": (8, 256), "m2": (4, 16)}  # model: (hidden, vocab_size); log2 vocab = 8 and 4
 
@@ -18,7 +21,8 @@ def make_sweep(tmp_path, models, lengths, n_mem, samples, rows=(), failures=()):
     sweep = SweepDir(tmp_path / "sweep")
     sweep.path.mkdir()
     grid = {"models": models, "datasets": ["pydoc"], "lengths": lengths, "n_mem": n_mem, "samples": samples}
-    OmegaConf.save(OmegaConf.create({"name": "demo", "grid": grid}), sweep.config)
+    models = {name: {"source": "random", "architecture": "llama"} for name in models}
+    OmegaConf.save(OmegaConf.create({"name": "demo", "grid": grid, "models": models, "datasets": {"pydoc": {}}}), sweep.config)
     assert load_sweep_config(sweep.config).grid.samples == samples
     write_results(sweep, list(rows))
     write_failures(sweep, list(failures))
@@ -27,19 +31,23 @@ def make_sweep(tmp_path, models, lengths, n_mem, samples, rows=(), failures=()):
 
 def row(model, n_mem, length, sample, acc, gain=0.0, info=0.0):
     hidden, vocab = DIMS[model]
-    values = {
-        "cell": Cell(model, "pydoc", n_mem, length).id, "model": model, "dataset": "pydoc", "precision": "fp32",
-        "length": length, "n_mem": n_mem, "sample": sample, "seed": sample, "token_ids": list(range(length)),
-        "acc_no_mem": 0.1, "acc": acc, "ce_no_mem_bits": 100.0 + info, "ce_bits": 100.0, "info_gain_bits": info,
-        "gain_tokens": gain, "seconds": 2.0, "steps": 50, "converged": acc == 1.0, "greedy_prefix": length - 1,
-        "greedy_exact": acc == 1.0, "memory": [0.0] * (n_mem * hidden), "hidden": hidden, "vocab_size": vocab,
-    }
-    assert set(values) == set(RESULTS_SCHEMA.names)
-    return values
+    return result_row(
+        model,
+        n_mem,
+        length,
+        sample,
+        acc,
+        hidden=hidden,
+        vocab_size=vocab,
+        seed=sample,
+        ce_no_mem_bits=100.0 + info,
+        info_gain_bits=info,
+        gain_tokens=gain,
+    )
 
 
 def failure(model, n_mem, length, sample):
-    return {"cell": Cell(model, "pydoc", n_mem, length).id, "sample": sample, "attempt": 1, "error": "OOM", "time": 0.0}
+    return failure_row(Cell(model, "pydoc", n_mem, length).id, sample)
 
 
 def assert_png(path):
@@ -50,27 +58,36 @@ def assert_png(path):
 def test_capacity_csv_matches_hand_computed_table(tmp_path):
     rows = [
         # m1, n_mem=1: L16 mean acc 0.995 fits; acc 0.99 counts as saturated (acc <= 0.99); L32 does not fit.
-        row("m1", 1, 16, 0, 1.0), row("m1", 1, 16, 1, 0.99, gain=10, info=20),
-        row("m1", 1, 32, 0, 0.5, gain=12, info=30), row("m1", 1, 32, 1, 0.7, gain=14, info=40),
+        row("m1", 1, 16, 0, 1.0),
+        row("m1", 1, 16, 1, 0.99, gain=10, info=20),
+        row("m1", 1, 32, 0, 0.5, gain=12, info=30),
+        row("m1", 1, 32, 1, 0.7, gain=14, info=40),
         # m1, n_mem=2: every sample fits: no saturated sample, NaN gain.
         *(row("m1", 2, length, s, 1.0) for length in (16, 32) for s in (0, 1)),
         # m2, n_mem=1: nothing fits: max_tokens 0.
-        row("m2", 1, 16, 0, 0.5, gain=4, info=1), row("m2", 1, 16, 1, 0.5, gain=6, info=2),
-        row("m2", 1, 32, 0, 0.5, gain=8, info=3), row("m2", 1, 32, 1, 0.5, gain=10, info=4),
+        row("m2", 1, 16, 0, 0.5, gain=4, info=1),
+        row("m2", 1, 16, 1, 0.5, gain=6, info=2),
+        row("m2", 1, 32, 0, 0.5, gain=8, info=3),
+        row("m2", 1, 32, 1, 0.5, gain=10, info=4),
         # m2, n_mem=2: one saturated sample: std NaN (ddof=1).
-        row("m2", 2, 16, 0, 1.0), row("m2", 2, 16, 1, 1.0),
-        row("m2", 2, 32, 0, 1.0), row("m2", 2, 32, 1, 0.9, gain=20, info=50),
+        row("m2", 2, 16, 0, 1.0),
+        row("m2", 2, 16, 1, 1.0),
+        row("m2", 2, 32, 0, 1.0),
+        row("m2", 2, 32, 1, 0.9, gain=20, info=50),
     ]
     sweep = make_sweep(tmp_path, ["m1", "m2"], [16, 32], [1, 2], 2, rows)
     report = build_report(sweep.path)
 
     nan = float("nan")
-    expected = pd.DataFrame([
-        ["m1", "pydoc", 1, 16, 12.0, 2.0, 30.0, 10.0, 16.0, 12 / 16],
-        ["m1", "pydoc", 2, 32, nan, nan, nan, nan, 32.0, nan],
-        ["m2", "pydoc", 1, 0, 7.0, math.sqrt(20 / 3), 2.5, math.sqrt(5 / 3), 16.0, 7 / 16],
-        ["m2", "pydoc", 2, 16, 20.0, nan, 50.0, nan, 32.0, 20 / 32],
-    ], columns=CAPACITY_COLUMNS)
+    expected = pd.DataFrame(
+        [
+            ["m1", "pydoc", 1, 16, 12.0, 2.0, 30.0, 10.0, 16.0, 12 / 16],
+            ["m1", "pydoc", 2, 32, nan, nan, nan, nan, 32.0, nan],
+            ["m2", "pydoc", 1, 0, 7.0, math.sqrt(20 / 3), 2.5, math.sqrt(5 / 3), 16.0, 7 / 16],
+            ["m2", "pydoc", 2, 16, 20.0, nan, 50.0, nan, 32.0, 20 / 32],
+        ],
+        columns=CAPACITY_COLUMNS,
+    )
     csv = pd.read_csv(sweep.report / "capacity.csv")
     assert list(csv.columns) == CAPACITY_COLUMNS
     pd.testing.assert_frame_equal(csv, expected)
@@ -78,8 +95,7 @@ def test_capacity_csv_matches_hand_computed_table(tmp_path):
     pd.testing.assert_frame_equal(load_capacity(sweep.path), expected)
 
     names = {path.name for path in report.files}
-    assert names == {"capacity.csv", "capacity.md", "accuracy_vs_length.png", "ce_with_vs_without.png",
-                     "info_gain_vs_n_mem.png"}
+    assert names == {"capacity.csv", "capacity.md", "accuracy_vs_length.png", "ce_with_vs_without.png", "info_gain_vs_n_mem.png"}
     for path in report.files:
         assert path.parent == sweep.report and path.is_file()
         if path.suffix == ".png":
@@ -92,7 +108,9 @@ def test_capacity_csv_matches_hand_computed_table(tmp_path):
 
 def test_partial_sweep_shows_failed_and_pending_cells(tmp_path):
     rows = [
-        row("m1", 1, 16, 0, 1.0), row("m1", 1, 16, 1, 1.0), row("m1", 1, 16, 2, 0.99, gain=9, info=30),
+        row("m1", 1, 16, 0, 1.0),
+        row("m1", 1, 16, 1, 1.0),
+        row("m1", 1, 16, 2, 0.99, gain=9, info=30),
         row("m1", 1, 32, 0, 0.6, gain=15, info=50),
     ]
     failures = [failure("m1", 1, 32, 1), failure("m1", 1, 16, 0)]  # L16 sample 0 failed once, then finished
@@ -109,7 +127,11 @@ def test_partial_sweep_shows_failed_and_pending_cells(tmp_path):
     assert np.isnan(cells.loc[2, "acc_mean"]) and np.isnan(cells.loc[2, "seconds_mean"])
 
     report = build_report(sweep)
-    assert report.capacity[["max_tokens", "gain_tokens_mean", "gain_tokens_std"]].iloc[0].tolist() == [16, 12.0, pytest.approx(math.sqrt(18))]
+    assert report.capacity[["max_tokens", "gain_tokens_mean", "gain_tokens_std"]].iloc[0].tolist() == [
+        16,
+        12.0,
+        pytest.approx(math.sqrt(18)),
+    ]
     md = (sweep.report / "capacity.md").read_text()
     assert "4 of 9 samples done, 1 failed, 4 pending: means are over finished samples" in md
     assert "| 32 | 1 | 0.600 | 15.0 | 0.00 | 1 / 1 |" in md

@@ -23,7 +23,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,42 +38,10 @@ from cram_sweep.config import compose_config
 from cram_sweep.data import sample_texts
 from cram_sweep.store import SweepDir, read_results
 
-from .conftest import CLI, ROOT, TINY, run_cli
+from .helpers import CLI, ROOT, TINY, cli_env, free_port, port_open, run_cli, wait_for
 
 FIXTURE_PG19 = ROOT / "tests" / "fixtures" / "pg19"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, proc=None, log: Path = None):
-    """Poll `check()` until it returns a true value; fail with the process log if it died or timed out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:
-            pass
-        time.sleep(0.3)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    state = f"exited {proc.returncode}" if proc is not None and proc.poll() is not None else f"not ready after {timeout:.0f} s"
-    raise AssertionError(f"{what} {state}\n{tail}")
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def session_pids(sid: int) -> list:
@@ -141,8 +108,14 @@ def ray_cluster():
     temp = Path(tempfile.mkdtemp(prefix="cram-ray-"))  # short: Ray's unix socket paths must stay < 108 chars
     port = free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", f"--temp-dir={temp}", "--disable-usage-stats",
-              "--include-log-monitor=false"]
+    common = [
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--block",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        "--include-log-monitor=false",
+    ]
     nodes = []
     with ray_auth_refreshed(), pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -150,21 +123,39 @@ def ray_cluster():
         refresh_ray_auth()  # this process's ray.init below: Ray cached the auth settings when first imported
         try:
             head_log = temp / "head.log"
-            nodes.append(subprocess.Popen(
-                [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                 f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}", *common],
-                stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-            wait_for(lambda: port_open(port), 90, "ray head", nodes[0], head_log)
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "ray"),
+                        "start",
+                        "--head",
+                        f"--port={port}",
+                        "--include-dashboard=false",
+                        f"--ray-client-server-port={free_port()}",
+                        f"--dashboard-agent-listen-port={free_port()}",
+                        *common,
+                    ],
+                    stdout=head_log.open("w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            wait_for(lambda: port_open(port), "ray head", timeout=90, proc=nodes[0], log=head_log)
             worker_log = temp / "worker.log"
-            nodes.append(subprocess.Popen(
-                [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={free_port()}", *common],
-                stdout=worker_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+            nodes.append(
+                subprocess.Popen(
+                    [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={free_port()}", *common],
+                    stdout=worker_log.open("w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             import ray
 
             ray.init(address=f"127.0.0.1:{port}", logging_level="ERROR", log_to_driver=False)
             try:
                 alive = lambda: [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]  # noqa: E731
-                wait_for(lambda: len(alive()) == 2, 120, "ray worker node", nodes[1], worker_log)
+                wait_for(lambda: len(alive()) == 2, "ray worker node", timeout=120, proc=nodes[1], log=worker_log)
                 node_ids = set(alive())
             finally:
                 ray.shutdown()
@@ -172,6 +163,17 @@ def ray_cluster():
         finally:
             stop_session(*nodes)
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def cram_worker_count(address: str) -> int:
+    """CramWorker actors the cluster at `address` has ever run (GCS actor table, dead or alive)."""
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return sum(a["ActorClassName"].endswith("CramWorker") for a in ray._private.state.actors().values())
+    finally:
+        ray.shutdown()
 
 
 def latest_cram_workers(address: str) -> dict:
@@ -190,22 +192,33 @@ def latest_cram_workers(address: str) -> dict:
     return {a["ActorID"]: a["Address"]["NodeID"] for a in actors if a["JobID"] == job}
 
 
+@pytest.mark.slow
 def test_ray_cluster_sweep_runs_on_both_nodes(mlflow_booting, ray_cluster, tmp_path):
     """`cram-sweep run cluster=ray cluster.address=...` on pydoc and on the pg19 fixture (second halves of its chunks)."""
     # (mlflow_booting: the MLflow server of the later tests boots meanwhile)
     from cram_sweep.model import load_tokenizer
 
-    proc = run_cli("run", "name=onray", f"out_dir={tmp_path}", *TINY, "grid.datasets=[pydoc,pg19]", f"datasets.pg19.path={FIXTURE_PG19}",
-                   "grid.samples=2", "cluster=ray", f"cluster.address={ray_cluster['address']}")
+    proc = run_cli(
+        "run",
+        "name=onray",
+        f"out_dir={tmp_path}",
+        *TINY,
+        "grid.datasets=[pydoc,pg19]",
+        f"datasets.pg19.path={FIXTURE_PG19}",
+        "grid.samples=2",
+        "cluster=ray",
+        f"cluster.address={ray_cluster['address']}",
+    )
     assert "total: 8 done, 0 failed, 0 pending" in proc.stdout
     table = read_results(SweepDir(tmp_path / "onray"), ["length", "token_ids"])
     assert sorted(zip(table["cell"].to_pylist(), table["sample"].to_pylist())) == sorted(
-        (f"tiny_llama/{d}/n_mem=2/L={L}", i) for d in ("pydoc", "pg19") for L in (4, 8) for i in range(2))
+        (f"tiny_llama/{d}/n_mem=2/L={L}", i) for d in ("pydoc", "pg19") for L in (4, 8) for i in range(2)
+    )
     workers = latest_cram_workers(ray_cluster["address"])
     assert len(workers) == 2, f"one worker per node, got {workers}"
     assert set(workers.values()) == ray_cluster["nodes"], "each of the two nodes ran a worker"
 
-    tokenizer = load_tokenizer("tiny_llama", compose_config(TINY).models.tiny_llama)
+    tokenizer = load_tokenizer("tiny_llama", compose_config(TINY).models["tiny_llama"])
     texts = sample_texts(pg19_config(FIXTURE_PG19), None, 2, 0)
     pg19_rows = [r for r in table.to_pylist() if "/pg19/" in r["cell"]]
     assert len(pg19_rows) == 4
@@ -226,7 +239,7 @@ SECOND_HALF_STARTS = [
 
 
 def pg19_config(path):
-    return compose_config(["grid.models=[tiny_llama]", "grid.datasets=[pg19]", f"datasets.pg19.path={path}"]).datasets.pg19
+    return compose_config(["grid.models=[tiny_llama]", "grid.datasets=[pg19]", f"datasets.pg19.path={path}"]).datasets["pg19"]
 
 
 def test_pg19_loader_gives_second_half_of_each_chunk():
@@ -257,8 +270,8 @@ def test_pg19_loader_reads_the_other_local_formats(tmp_path):
 
 def test_ray_cluster_unreachable_is_one_clear_error(monkeypatch):
     """ray.init alone retries an address where nothing listens for many minutes."""
-    from cram_sweep.config import UserError
-    from cram_sweep.orchestrate import connect_ray
+    from cram_sweep.cluster import connect_ray
+    from cram_sweep.errors import UserError
 
     address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)  # no cluster.address: RAY_ADDRESS is used
@@ -269,6 +282,15 @@ def test_ray_cluster_unreachable_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     with pytest.raises(UserError, match="dashboard / Jobs API URL"):
         connect_ray(compose_config(["cluster=ray"]))
+
+
+@pytest.mark.slow
+def test_cluster_local_runs_its_own_instance_beside_a_live_cluster_and_RAY_ADDRESS(ray_cluster, tmp_path):
+    """A live `ray start` cluster on the node, named by RAY_ADDRESS too, does not turn cluster=local into a cluster run."""
+    before = cram_worker_count(ray_cluster["address"])
+    proc = run_cli("run", "name=own", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", env=cli_env(RAY_ADDRESS=ray_cluster["address"]))
+    assert "total: 3 done, 0 failed, 0 pending" in proc.stdout
+    assert cram_worker_count(ray_cluster["address"]) == before, "no worker of the local sweep ran on the live cluster"
 
 
 # ------------------------------------------------------------------------------ MLflow on PostgreSQL + S3
@@ -298,11 +320,28 @@ def postgres_server():
         as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
     data, port = base / "data", free_port()
     try:
-        init = subprocess.run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
-                              capture_output=True, text=True, **as_user)
+        init = subprocess.run(
+            [initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"], capture_output=True, text=True, **as_user
+        )
         assert init.returncode == 0, init.stderr[-2000:]
-        start = subprocess.run([pg_ctl, "start", "-w", "-t", "60", "-D", str(data), "-l", str(base / "postgres.log"),
-                                "-o", f"-p {port} -h 127.0.0.1 -k {base} -F"], capture_output=True, text=True, **as_user)
+        start = subprocess.run(
+            [
+                pg_ctl,
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(data),
+                "-l",
+                str(base / "postgres.log"),
+                "-o",
+                f"-p {port} -h 127.0.0.1 -k {base} -F",
+            ],
+            capture_output=True,
+            text=True,
+            **as_user,
+        )
         assert start.returncode == 0, start.stderr[-2000:] + (base / "postgres.log").read_text()[-2000:]
         conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
         conn.autocommit = True
@@ -326,8 +365,13 @@ def s3_server():
     try:
         keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
         endpoint = f"http://127.0.0.1:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"], region_name=keys["AWS_DEFAULT_REGION"])
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+            region_name=keys["AWS_DEFAULT_REGION"],
+        )
         client.create_bucket(Bucket="mlflow")
         yield {"endpoint": endpoint, "env": {**keys, "MLFLOW_S3_ENDPOINT_URL": endpoint}, "client": client}
     finally:
@@ -348,15 +392,33 @@ class MlflowServer:
         self.starts += 1
         self.log = self.workdir / f"mlflow-{self.starts}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.postgres["url"],
-             "--artifacts-destination", "s3://mlflow/", "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.workdir, env={**os.environ, **self.s3["env"]}, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                self.postgres["url"],
+                "--artifacts-destination",
+                "s3://mlflow/",
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.workdir,
+            env={**os.environ, **self.s3["env"]},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float = 240) -> None:
         health = lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200  # noqa: E731
-        wait_for(health, timeout, "mlflow server", self.proc, self.log)
+        wait_for(health, "mlflow server", timeout=timeout, proc=self.proc, log=self.log)
 
     def kill(self) -> None:
         """As a crash would: SIGKILL the server and its workers at once."""
@@ -414,6 +476,7 @@ def children_of(client, parent_id: str) -> list:
     return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
 
 
+@pytest.mark.slow
 def test_mlflow_down_at_start_is_one_clear_error(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -421,7 +484,9 @@ def test_mlflow_down_at_start_is_one_clear_error(tmp_path):
     took = time.monotonic() - started
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot reach MLflow at {uri} (connection refused): start the server or fix tracking.uri / MLFLOW_TRACKING_URI"], proc.stderr[-2000:]
+    assert errors == [
+        f"error: cannot reach MLflow at {uri} (connection refused): start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
+    ], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert took < 45, f"{took:.0f} s: no minutes of retries"
     sweep = SweepDir(tmp_path / "nomlflow")
@@ -433,7 +498,7 @@ def test_mlflow_refusing_at_start_is_one_clear_error(tmp_path):
     """A server that answers 403, as `mlflow server` does for a Host header it does not allow."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from cram_sweep.config import UserError
+    from cram_sweep.errors import UserError
     from cram_sweep.tracking import Tracker
 
     class Refuse(BaseHTTPRequestHandler):
@@ -457,21 +522,32 @@ def test_mlflow_refusing_at_start_is_one_clear_error(tmp_path):
         cfg = compose_config(["name=refused", f"out_dir={tmp_path}", "tracking=server", f"tracking.uri={uri}"])
         with pytest.raises(UserError) as refused:
             Tracker(cfg, SweepDir(tmp_path / "refused")).start()
-        assert str(refused.value) == (f"MLflow at {uri} refused the request (HTTP 403: Invalid Host header - possible DNS rebinding "
-                                      "attack detected): allow this client on the server (mlflow server --allowed-hosts, credentials) "
-                                      "or fix tracking.uri")
+        assert str(refused.value) == (
+            f"MLflow at {uri} refused the request (HTTP 403: Invalid Host header - possible DNS rebinding "
+            "attack detected): allow this client on the server (mlflow server --allowed-hosts, credentials) "
+            "or fix tracking.uri"
+        )
     finally:
         server.shutdown()
         thread.join(5)
 
 
+@pytest.mark.slow
 def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_server, tmp_path, monkeypatch):
     # The whole scale-out setup: the driver joins the cluster through RAY_ADDRESS, tracks to the server.
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
     monkeypatch.delenv("RAY_AUTH_MODE")  # as `ray start` leaves it: the token alone (RAY_AUTH_TOKEN) must do
     # report=true: the run ends with what `cram-sweep report` does (the outage test runs that command).
-    run = run_cli("run", "name=served", f"out_dir={tmp_path}", *TINY, "cluster=ray", "tracking=server",
-                  f"tracking.uri={mlflow_server.uri}", "report=true")
+    run = run_cli(
+        "run",
+        "name=served",
+        f"out_dir={tmp_path}",
+        *TINY,
+        "cluster=ray",
+        "tracking=server",
+        f"tracking.uri={mlflow_server.uri}",
+        "report=true",
+    )
     assert "total: 6 done, 0 failed, 0 pending" in run.stdout and "report not logged" not in run.stderr
     sweep = SweepDir(tmp_path / "served")
     ids = json.loads(sweep.tracking.read_text())
@@ -504,13 +580,26 @@ def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_serv
         assert cur.fetchone()[0] >= 2
 
 
+@pytest.mark.slow
 def test_mlflow_killed_mid_sweep_then_report_resyncs(ray_cluster, mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this test's own polling: fail fast
     samples, lengths = 3, (4, 8, 12)
     total = samples * len(lengths)
-    args = ["run", "name=outage", f"out_dir={tmp_path}", *TINY, f"grid.samples={samples}", f"grid.lengths=[{','.join(map(str, lengths))}]",
-            "batch_size=1", "optim.patience=150", "optim.max_steps=300", "cluster=ray", f"cluster.address={ray_cluster['address']}",
-            "tracking=server", f"tracking.uri={mlflow_server.uri}"]
+    args = [
+        "run",
+        "name=outage",
+        f"out_dir={tmp_path}",
+        *TINY,
+        f"grid.samples={samples}",
+        f"grid.lengths=[{','.join(map(str, lengths))}]",
+        "batch_size=1",
+        "optim.patience=150",
+        "optim.max_steps=300",
+        "cluster=ray",
+        f"cluster.address={ray_cluster['address']}",
+        "tracking=server",
+        f"tracking.uri={mlflow_server.uri}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the sweep runs with cram-sweep's own settings
     log = tmp_path / "sweep.log"
@@ -518,11 +607,12 @@ def test_mlflow_killed_mid_sweep_then_report_resyncs(ray_cluster, mlflow_server,
     sweep = SweepDir(tmp_path / "outage")
     client = client_for(mlflow_server.uri)
     try:
+
         def some_cell_logged():
             ids = json.loads(sweep.tracking.read_text())
             return any(client.get_run(r).data.metrics.get("done", 0) >= 1 for r in ids["cells"].values())
 
-        wait_for(some_cell_logged, 240, "first metrics in MLflow", proc, log)
+        wait_for(some_cell_logged, "first metrics in MLflow", timeout=240, proc=proc, log=log)
         mlflow_server.kill()
         at_kill = read_results(sweep, ["acc"]).num_rows
         assert at_kill < total, "the server must die mid-sweep"

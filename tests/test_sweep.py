@@ -13,7 +13,9 @@ from mlflow.tracking import MlflowClient
 from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.store import SweepDir, read_results
 
-from .conftest import CLI, ROOT, TINY, run_cli, tiny_config
+from .helpers import CLI, ROOT, TINY, cli_env, run_cli, seed_mlflow_db, tiny_config
+
+pytestmark = pytest.mark.slow  # sweeps in processes of their own
 
 
 def mlflow_runs(out_dir: Path):
@@ -26,11 +28,21 @@ def mlflow_runs(out_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory):
-    """One real sweep (two models, two lengths, report on) shared by the tests that only read it."""
+def tiny_sweep(tmp_path_factory, stale_ray_tmpdir):
+    """One real sweep (two models, two lengths, report on) shared by the tests that only read it. Ray's temp dir
+    records a dead cluster, as a `ray start` killed without `ray stop` leaves it: cluster=local must not care."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("run", "name=e2e", f"out_dir={out}", *TINY, "grid.models=[tiny_llama,tiny_neox]", "report=true",
-                   "worker.progress_seconds=0")
+    proc = run_cli(
+        "run",
+        "name=e2e",
+        f"out_dir={out}",
+        *TINY,
+        "grid.models=[tiny_llama,tiny_neox]",
+        "report=true",
+        "worker.progress_seconds=0",
+        "progress_line_seconds=0",
+        env=cli_env(RAY_TMPDIR=str(stale_ray_tmpdir[0])),
+    )
     return out, proc
 
 
@@ -38,7 +50,10 @@ def test_local_ray_sweep_end_to_end(tiny_sweep):
     out, proc = tiny_sweep
     assert "sweep directory:" in proc.stdout and "MLflow parent run:" in proc.stdout
     assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
-    assert "running, step " in proc.stderr, "the progress bar shows the steps of running samples"
+    assert "Failed to connect to GCS" not in proc.stderr, "the stale recorded cluster was not tried"
+    assert "Token authentication" not in proc.stderr, "a local instance says nothing about cluster authentication"
+    assert "running, step " in proc.stderr, "the progress lines show the steps of running samples"
+    assert "\r" not in proc.stderr and "progress: 12/12 samples" in proc.stderr, "no terminal: plain lines, no bar frames"
     table = ds.dataset(out / "e2e" / "results").to_table()
     keys = set(zip(table["cell"].to_pylist(), table["sample"].to_pylist()))
     expected = {(f"{m}/pydoc/n_mem=2/L={L}", i) for m in ("tiny_llama", "tiny_neox") for L in (4, 8) for i in range(3)}
@@ -47,6 +62,8 @@ def test_local_ray_sweep_end_to_end(tiny_sweep):
     assert all(len(m) == 2 * 64 for m in table["memory"].to_pylist())
     parents, children = mlflow_runs(out)
     assert len(parents) == 1 and parents[0].info.run_id in proc.stdout
+    experiment = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db").get_experiment_by_name("cram-sweep")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on the runs, not GenAI traces"
     assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == sorted({k[0] for k in expected})
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -60,7 +77,13 @@ def test_local_ray_sweep_end_to_end(tiny_sweep):
 def test_report_is_logged_to_mlflow(tiny_sweep):
     out, _ = tiny_sweep
     report = out / "e2e" / "report"
-    assert {p.name for p in report.iterdir()} >= {"capacity.csv", "capacity.md", "accuracy_vs_length.png", "ce_with_vs_without.png", "info_gain_vs_n_mem.png"}
+    assert {p.name for p in report.iterdir()} >= {
+        "capacity.csv",
+        "capacity.md",
+        "accuracy_vs_length.png",
+        "ce_with_vs_without.png",
+        "info_gain_vs_n_mem.png",
+    }
     parents, _ = mlflow_runs(out)
     client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
@@ -83,7 +106,12 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
     text = capsys.readouterr().out
     assert f"matched prefix: {exact['length'] - 1} of {exact['length'] - 1}" in text and "exact match: yes" in text
     model, _, n_mem, length = inexact["cell"].split("/")
-    assert main(["decode", str(out / "e2e"), "--model", model, "--length", length[2:], "--n-mem", n_mem[6:], "--sample", str(inexact["sample"])]) == 0
+    assert (
+        main(
+            ["decode", str(out / "e2e"), "--model", model, "--length", length[2:], "--n-mem", n_mem[6:], "--sample", str(inexact["sample"])]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"matched prefix: {inexact['greedy_prefix']} of" in text and "exact match: no" in text and "[[" in text
     assert main(["decode", str(out / "e2e"), "--cell", exact["cell"], "--sample", "99"]) == 2
@@ -91,10 +119,18 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
 
 
 def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
-    args = ["run", "name=killed", f"out_dir={tmp_path}", *TINY, "grid.samples=8", "grid.lengths=[4,8,12]", "batch_size=1",
-            "optim.patience=150", "optim.max_steps=300"]
-    proc = subprocess.Popen(CLI + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = [
+        "run",
+        "name=killed",
+        f"out_dir={tmp_path}",
+        *TINY,
+        "grid.samples=4",
+        "grid.lengths=[4,8,12]",
+        "batch_size=1",
+    ]
+    proc = subprocess.Popen(
+        CLI + seed_mlflow_db(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env()
+    )
     sweep = SweepDir(tmp_path / "killed")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(sweep.results.glob("part-*.parquet"))) < 2:
@@ -102,35 +138,41 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = read_results(sweep, ["cell", "sample"])
-    assert 0 < before.num_rows < 24, "the kill must land mid-sweep"
+    assert 0 < before.num_rows < 12, "the kill must land mid-sweep"
     parent_before, _ = mlflow_runs(tmp_path)
 
     resumed = run_cli("resume", str(sweep.path), "batch_size=3", "attention=eager")
     assert load_sweep_config(sweep.config).batch_size == 3, "runtime overrides are kept for the next resume"
-    assert f"{before.num_rows} done, {24 - before.num_rows} to run" in resumed.stdout
+    assert f"{before.num_rows} done, {12 - before.num_rows} to run" in resumed.stdout
     after = read_results(sweep, ["cell", "sample"])
     raw = ds.dataset(sweep.results).to_table(columns=["cell", "sample"])
-    assert after.num_rows == raw.num_rows == 24, "every sample exactly once"
+    assert after.num_rows == raw.num_rows == 12, "every sample exactly once"
     parents, _ = mlflow_runs(tmp_path)
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
 
 
-def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path):
+def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path, capsys):
+    from cram_sweep.cli import main
+
     run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]")
-    again = run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]")
-    assert "3 done, 0 to run" in again.stdout
-    other = run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "seed=1", check=False)
-    assert other.returncode == 2
-    assert "holds a different sweep" in other.stderr and "resume" in other.stderr
+    # In this process: neither run below starts Ray (nothing is left to run; a different sweep is refused).
+    assert main(["run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "report=false"]) == 0
+    assert "3 done, 0 to run" in capsys.readouterr().out
+    assert main(["run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different sweep" in err and "resume" in err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("seed=1", "resume cannot change seed"),
-    ("grid.samples=9", "resume cannot change grid.samples"),
-    ("cluster=ray", "set the keys themselves"),
-    ("worker.nope=1", "resume overrides worker.nope=1"),
-    ("batch_size", "write key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=1", "resume cannot change seed"),
+        ("grid.samples=9", "resume cannot change grid.samples"),
+        ("cluster=ray", "set the keys themselves"),
+        ("worker.nope=1", "resume overrides worker.nope=1"),
+        ("batch_size", "write key=value"),
+    ],
+)
 def test_resume_refuses_overrides_that_change_results(tmp_path, capsys, override, message):
     from cram_sweep.cli import main
 

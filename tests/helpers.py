@@ -1,0 +1,157 @@
+"""Helpers shared by the test modules: the CLI in a fresh process, polling, result comparison, row factories."""
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cram_sweep.config import Cell, compose_config
+from cram_sweep.store import FailureRow, ResultRow
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "cram_sweep.cli"]
+
+# A tiny sweep that converges within a few hundred steps on the seeded random models.
+TINY = [
+    "grid.models=[tiny_llama]",
+    "grid.datasets=[pydoc]",
+    "grid.lengths=[4,8]",
+    "grid.n_mem=[2]",
+    "grid.samples=3",
+    "optim.lr=0.1",
+    "optim.max_steps=150",
+    "optim.patience=60",
+    "precision=fp32",
+    "batch_size=2",
+    "cluster.num_cpus=2",
+    "report=false",
+    "flush_seconds=0.5",
+]
+
+
+def tiny_config(*overrides):
+    return compose_config(TINY + list(overrides))
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a CLI process started by a test: unbuffered output, every Ray log line, no injected fault."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", **extra}
+    if "CRAM_SWEEP_FAULT" not in extra:
+        env.pop("CRAM_SWEEP_FAULT", None)
+    return env
+
+
+_MLFLOW_TEMPLATE = Path(tempfile.mkdtemp(prefix="cram-mlflow-template-")) / "mlflow.db"
+
+
+def seed_mlflow_db(args) -> list:
+    """Give the `out_dir=` of these CLI arguments an MLflow database whose tables MLflow itself already created
+    (once per test session): a new database costs each sweep ~4 s of migrations. Returns `args`."""
+    out_dirs = [Path(a.split("=", 1)[1]) for a in args if a.startswith("out_dir=")]
+    if out_dirs and not (out_dirs[0] / "mlflow.db").exists():
+        if not _MLFLOW_TEMPLATE.exists():
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=f"sqlite:///{_MLFLOW_TEMPLATE}").search_experiments()
+        out_dirs[0].mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE, out_dirs[0] / "mlflow.db")
+    return list(args)
+
+
+def run_cli(*args, check=True, timeout=300, env=None, **kwargs):
+    """The real console entry point in a fresh process, as a user runs it."""
+    seed_mlflow_db(args)
+    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env or cli_env(), **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def wait_for(check, what: str, timeout: float = 180, proc=None, log: Path = None):
+    """Poll `check()` until it returns a true value; fail with the process's log if it exited first or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # a store or port not there yet
+            value = None
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    state = f"exited {proc.returncode}" if proc is not None and proc.poll() is not None else f"not there after {timeout:.0f} s"
+    raise AssertionError(f"waiting for {what}: {state}\n{tail}")
+
+
+def fields(result) -> dict:
+    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+
+
+def assert_same_result(a, b, atol=1e-3):
+    """Two results of one sample agree: same trajectory length and accuracy, CE and vectors within fp rounding."""
+    import torch
+
+    a, b = fields(a), fields(b)
+    assert a["steps"] == b["steps"]
+    assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
+    assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
+    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
+    assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
+    assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
+
+
+def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_size=10, **values) -> ResultRow:
+    """A stored row with plausible defaults; `values` set any other column."""
+    row = {
+        "cell": Cell(model, "pydoc", n_mem, length).id,
+        "model": model,
+        "dataset": "pydoc",
+        "precision": "fp32",
+        "length": length,
+        "n_mem": n_mem,
+        "sample": sample,
+        "seed": 0,
+        "token_ids": list(range(length)),
+        "acc_no_mem": 0.1,
+        "acc": acc,
+        "ce_no_mem_bits": 100.0,
+        "ce_bits": 100.0,
+        "info_gain_bits": 0.0,
+        "gain_tokens": 0.0,
+        "seconds": 2.0,
+        "steps": 50,
+        "converged": acc == 1.0,
+        "greedy_prefix": length - 1,
+        "greedy_exact": acc == 1.0,
+        "memory": [0.0] * (n_mem * hidden),
+        "hidden": hidden,
+        "vocab_size": vocab_size,
+    }
+    return ResultRow(**{**row, **values})
+
+
+def failure_row(cell: str, sample: int, attempt: int = 1, error: str = "OOM") -> FailureRow:
+    return FailureRow(cell, sample, attempt, error, 0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

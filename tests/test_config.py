@@ -1,0 +1,51 @@
+"""Every config file composes into a checked SweepConfig; each section checks its own keys."""
+
+import pytest
+
+from cram_sweep.config import CONF_DIR, SweepConfig, available, compose_config
+from cram_sweep.errors import UserError
+
+from .helpers import tiny_config
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "cluster", "tracking"])
+def test_every_config_file_composes(group):
+    names = available(group)
+    assert names == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) and names
+    for name in names:
+        if group == "model":
+            cfg = compose_config([f"grid.models=[{name}]"])
+            assert cfg.models[name].source in ("hf", "gguf_package", "random")
+        elif group == "dataset":
+            extra = ["datasets.files.path=*.md"] if name == "files" else []
+            cfg = compose_config([f"grid.datasets=[{name}]", *extra])
+            assert cfg.datasets[name].source == name
+        else:
+            cfg = compose_config([f"{group}={name}"])
+            assert getattr(cfg, group).kind == ("ray" if name == "ray" else name)
+        assert isinstance(cfg, SweepConfig)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grid.samples=0", "grid.samples=0: need at least 1 sample per cell"),
+        ("optim.patience=0", "optim.patience=0: must be >= 1"),
+        ("worker.gpus=0", "worker.gpus must be > 0"),
+        ("cluster.kind=slurm", "cluster.kind=slurm: choose cluster=local or cluster=ray"),
+        ("tracking.kind=none", "tracking.kind=none: choose tracking=local or tracking=server"),
+        ("models.tiny_llama.architecture=gpt2", "models.tiny_llama.architecture=gpt2: a random model needs one of llama, gpt_neox"),
+        ("datasets.pydoc.source=web", "datasets.pydoc.source=web: choose pydoc, pg19, files, random"),
+        ("name=a/b", "name='a/b': a sweep name must be a plain directory name"),
+    ],
+)
+def test_each_section_checks_its_keys(override, message):
+    with pytest.raises(UserError) as raised:
+        tiny_config(override)
+    assert str(raised.value).startswith(message)
+
+
+def test_the_config_is_plain_dataclasses_once_composed():
+    cfg = tiny_config()
+    assert type(cfg.optim).__name__ == "OptimConfig" and type(cfg.models["tiny_llama"]).__name__ == "ModelConfig"
+    assert cfg.grid.lengths == [4, 8] and isinstance(cfg.grid.lengths, list)

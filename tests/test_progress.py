@@ -1,0 +1,53 @@
+"""Progress on stderr: plain lines where there is no terminal, the live bar on a terminal; the bf16-on-CPU warning."""
+
+import fcntl
+import io
+import os
+import struct
+import termios
+
+import pytest
+
+from cram_sweep import model
+from cram_sweep.progress import Progress
+
+
+def test_without_a_terminal_progress_is_plain_lines_at_an_interval():
+    log = io.StringIO()  # like a Slurm output file or `ray job logs`: not a terminal
+    progress = Progress(total=3, max_steps=100, line_seconds=3600, stream=log)
+    progress.heartbeat("m/d/n_mem=1/L=8", live=2, steps=40, failed=0)
+    progress.sample_done("m/d/n_mem=1/L=8", failed=0)
+    assert log.getvalue() == "", "nothing before the interval has passed"
+    progress.line_seconds = 0
+    progress.heartbeat("m/d/n_mem=1/L=8", live=2, steps=50, failed=1)
+    progress.sample_done("m/d/n_mem=1/L=8", failed=1)
+    progress.sample_done("m/d/n_mem=1/L=16", failed=1)
+    progress.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and all(line.startswith("progress: ") for line in lines)
+    assert lines[0].startswith("progress: 1/3 samples") and "failed 1, m/d/n_mem=1/L=8 2 running, step 50/100" in lines[0]
+    assert "ETA " in lines[0] and "samples/min" in lines[0]
+    assert lines[-1].startswith("progress: 3/3 samples") and "running" not in lines[-1]
+
+
+def test_on_a_terminal_progress_is_the_live_bar():
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal's size, as a real one has
+    with os.fdopen(follower, "w") as terminal:
+        progress = Progress(total=2, max_steps=100, line_seconds=0, stream=terminal)
+        progress.sample_done("c", failed=0)
+        progress.close()
+    shown = os.read(leader, 65536).decode()
+    os.close(leader)
+    assert "\r" in shown and "sample" in shown and "progress: " not in shown
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_warns_once_with_the_alternative(monkeypatch, fast_bf16):
+    monkeypatch.setattr(model, "has_fast_bf16", lambda device: fast_bf16)
+    warning = model.slow_bf16_warning("bf16", "cpu")
+    if fast_bf16:
+        assert warning is None
+    else:
+        assert "25x slower" in warning and "precision=auto or fp32" in warning and "\n" not in warning
+    assert model.slow_bf16_warning("fp32", "cpu") is None
