@@ -1,11 +1,12 @@
 # cram-sweep: `make run` sets up and runs a real sweep on the embedded default; `make test` sets up and tests.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 OUT ?= outputs
 RUN_ARGS ?=
 
-.PHONY: setup run test test-fast lint ui bench clean
+.PHONY: setup run test test-fast lint ui bench gpu-wheels gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +41,32 @@ ui: setup
 
 bench: setup
 	$(BIN)/cram-sweep bench $(RUN_ARGS)
+
+# An air-gapped GPU machine has torch, transformers, accelerate, pyarrow, matplotlib, tqdm and pytest, but not these
+# small pure-Python wheels (~0.5 MB): build them here, at the versions .venv uses, and carry $(WHEELS) along.
+WHEELS ?= .whl
+gpu-wheels: setup
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELS) $$($(PY) -m pip freeze | grep -iE '^(omegaconf|hydra-core|antlr4-python3-runtime|gguf)==')
+	@ls $(WHEELS)
+
+# On a GPU machine, from the repo root: install cram-sweep and the carried wheels into its Python ($(GPU_PY)),
+# run the `gpu` tests, then bench the SmolLM2-135M and Llama-3.2-1B shapes; everything lands in $(GPU_OUT).
+GPU_PY ?= python3
+GPU_OUT ?= outputs/gpu-check
+BENCH_GPU = $(GPU_PY) -m cram_sweep.cli bench --device cuda --dataset random --length 64 --rounds 1 --paper-samples 2
+gpu-check:
+	@$(GPU_PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || \
+	  { echo "error: make gpu-check needs a CUDA GPU, and $(GPU_PY) sees none (torch.cuda.is_available() is False): run it on a GPU machine" >&2; exit 1; }
+	mkdir -p $(GPU_OUT)
+	if ls $(WHEELS)/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps $(WHEELS)/*.whl; fi
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	$(GPU_PY) -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")' | tee $(GPU_OUT)/device.txt
+	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee $(GPU_OUT)/gpu-tests.txt
+	set -o pipefail; $(BENCH_GPU) --model shape_smollm2_135m --steps 40 --batch-sizes 1,16,64,256,auto --precisions fp32,bf16 \
+	  --out $(GPU_OUT)/bench-shape_smollm2_135m.csv 2>&1 | tee $(GPU_OUT)/bench-shape_smollm2_135m.txt
+	set -o pipefail; $(BENCH_GPU) --model shape_llama_3_2_1b --steps 20 --batch-sizes 1,8,32,auto --precisions bf16 \
+	  --out $(GPU_OUT)/bench-shape_llama_3_2_1b.csv 2>&1 | tee $(GPU_OUT)/bench-shape_llama_3_2_1b.txt
+	@echo "gpu-check: tables in $(GPU_OUT)"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

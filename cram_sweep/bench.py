@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .batching import auto_batch_size
 from .config import Cell, compose_config, sample_seed
 from .cram import SampleSpec, autocast, cram
 from .data import sample_token_ids
@@ -137,6 +138,17 @@ def paper_sample(model, token_ids: list[int], n_mem: int, steps: int, init_seed:
         opt.step()
 
 
+def resolve_batch_sizes(batch_sizes, lm, length: int, n_mem: int) -> list[int]:
+    """Each batch size as given, `auto` as a sweep would choose it on this device (batching.auto_batch_size)."""
+    resolved = []
+    for batch in batch_sizes:
+        if batch == "auto":
+            batch = auto_batch_size(lm, length, n_mem)
+            print(f"  batch size auto: {batch}", file=sys.stderr, flush=True)
+        resolved.append(batch)
+    return list(dict.fromkeys(resolved))
+
+
 def peak_flops(device_name: str) -> Optional[dict[str, float]]:
     return next((peaks for name, peaks in PEAK_FLOPS.items() if name in device_name), None)
 
@@ -166,6 +178,7 @@ def bench(
     started = time.perf_counter()
     lm = load_model(model_name, cfg.models[model_name], device)
     load_seconds = time.perf_counter() - started
+    batch_sizes = resolve_batch_sizes(batch_sizes, lm, length, n_mem)
     count = max(max(batch_sizes), paper_samples)
     ids = sample_token_ids(cfg.datasets[dataset], dataset, lm.tokenizer, count, length, cfg.seed)
     cell = Cell(model_name, dataset, n_mem, length)

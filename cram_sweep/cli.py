@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--length", type=int, default=64)
     bench.add_argument("--n-mem", type=int, default=1)
     bench.add_argument("--steps", type=int, default=10, help="optimization steps per sample")
-    bench.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    bench.add_argument(
+        "--batch-sizes",
+        type=lambda s: [x if x == "auto" else int(x) for x in s.split(",")],
+        default=[1, 8],
+        help="comma-separated; auto: what a sweep would choose on this device",
+    )
     bench.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"])
     bench.add_argument("--paper-samples", type=int, default=2, help="samples run by the paper's loop (with reloads: 1)")
     bench.add_argument("--rounds", type=int, default=3, help="alternations of the paper's loop and the engine, summed per row")

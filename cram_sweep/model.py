@@ -169,13 +169,18 @@ def _gguf_bar_off_without_terminal():
         gguf_utils.tqdm = bar
 
 
-def _build_model(name: str, cfg: ModelConfig, tokenizer) -> torch.nn.Module:
+def _build_model(name: str, cfg: ModelConfig, tokenizer, dev: torch.device) -> torch.nn.Module:
+    """A random model is initialised where it will run: on a GPU directly (an 8B shape built on the host would
+    take 32 GB and minutes there), on the CPU as always (so CPU results do not change)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.source == "random":
-        arch = dict(cfg.arch)
-        config = AutoConfig.for_model(cfg.architecture, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **arch)
-        with torch.random.fork_rng(devices=[]):
+        # arch may set vocab_size (the real shapes' vocabularies); the built-in tokenizer's ids fit any larger one
+        arch = {"vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, **cfg.arch}
+        if arch["vocab_size"] < len(tokenizer):
+            raise UserError(f"models.{name}.arch.vocab_size={arch['vocab_size']} is below the tokenizer's {len(tokenizer)}: raise it")
+        config = AutoConfig.for_model(cfg.architecture, **arch)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.device(dev):
             torch.manual_seed(cfg.init_seed)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     path, args = _pretrained_args(name, cfg)
@@ -196,7 +201,7 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
 
         hf_logging.disable_progress_bar()
         tokenizer = load_tokenizer(name, cfg)
-        model = _build_model(name, cfg, tokenizer).to(dev)
+        model = _build_model(name, cfg, tokenizer, dev).to(dev)
         model.eval().requires_grad_(False)
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (precision=fp32, the fp32 CE) on tensor cores

@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: the CLI in a fresh process, polling, result comparison, row factories."""
 
 import dataclasses
+import math
 import os
 import shutil
 import socket
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from cram_sweep.config import Cell, compose_config
 from cram_sweep.store import FailureRow, ResultRow
@@ -107,6 +110,44 @@ def assert_same_result(a, b, atol=1e-3):
     assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
     assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
     assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
+
+
+def naive_cram(model, token_ids, n_mem, init_seed, optim):
+    """The paper's procedure, one sample at a time, written independently of the engine."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    gen = torch.Generator().manual_seed(init_seed)
+    memory = torch.nn.Parameter((torch.randn(n_mem, embed.weight.shape[1], generator=gen) * embed.weight.std().item()).to(device))
+    opt = torch.optim.AdamW([memory], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    ids = torch.tensor(token_ids, device=device)[None]
+    text = embed(ids)
+    target = ids[0, 1:]
+    with torch.no_grad():
+        logits = model(inputs_embeds=text).logits[0, :-1]
+        ce0 = F.cross_entropy(logits, target).item()
+        acc0 = (logits.argmax(-1) == target).float().mean().item()
+    best_acc, best_step, best_ce, best_memory, step = -1.0, 0, math.inf, None, 0
+    for step in range(1, optim.max_steps + 1):
+        logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
+        loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(-1) == target).float().mean().item()
+        if acc > best_acc:
+            best_acc, best_step, best_memory = acc, step, memory.detach().clone()
+        best_ce = min(best_ce, loss.item())
+        if acc == 1.0 or step - best_step >= optim.patience:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    n_pred = len(token_ids) - 1
+    return {
+        "acc_no_mem": acc0,
+        "ce_no_mem_bits": ce0 * n_pred / math.log(2),
+        "acc": best_acc,
+        "steps": step,
+        "ce_bits": best_ce * n_pred / math.log(2),
+        "memory": best_memory.flatten().tolist(),
+    }
 
 
 def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_size=10, **values) -> ResultRow:

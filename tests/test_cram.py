@@ -1,17 +1,14 @@
 """The cramming loop against the design's semantics, on seeded random models (same code path as real ones)."""
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cram_sweep.config import Cell, sample_seed
 from cram_sweep.cram import Heartbeat, SampleResult, SampleSpec, cram, leading_matches, score
 from cram_sweep.data import sample_token_ids
 from cram_sweep.decode import greedy_decode
 
-from .helpers import assert_same_result, tiny_config
+from .helpers import assert_same_result, naive_cram, tiny_config
 
 CFG = tiny_config()
 OPTIM = CFG.optim
@@ -32,43 +29,6 @@ def specs_for(lm, length, count, n_mem=2, dataset="pydoc"):
 
 def by_sample(rows):
     return {r.sample: r for r in rows}
-
-
-def naive_cram(model, token_ids, n_mem, init_seed, optim):
-    """The paper's procedure, one sample at a time, written independently of the engine."""
-    embed = model.get_input_embeddings()
-    gen = torch.Generator().manual_seed(init_seed)
-    memory = torch.nn.Parameter(torch.randn(n_mem, embed.weight.shape[1], generator=gen) * embed.weight.std())
-    opt = torch.optim.AdamW([memory], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
-    ids = torch.tensor(token_ids)[None]
-    text = embed(ids)
-    target = ids[0, 1:]
-    with torch.no_grad():
-        logits = model(inputs_embeds=text).logits[0, :-1]
-        ce0 = F.cross_entropy(logits, target).item()
-        acc0 = (logits.argmax(-1) == target).float().mean().item()
-    best_acc, best_step, best_ce, best_memory, step = -1.0, 0, math.inf, None, 0
-    for step in range(1, optim.max_steps + 1):
-        logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
-        loss = F.cross_entropy(logits, target)
-        acc = (logits.argmax(-1) == target).float().mean().item()
-        if acc > best_acc:
-            best_acc, best_step, best_memory = acc, step, memory.detach().clone()
-        best_ce = min(best_ce, loss.item())
-        if acc == 1.0 or step - best_step >= optim.patience:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    n_pred = len(token_ids) - 1
-    return {
-        "acc_no_mem": acc0,
-        "ce_no_mem_bits": ce0 * n_pred / math.log(2),
-        "acc": best_acc,
-        "steps": step,
-        "ce_bits": best_ce * n_pred / math.log(2),
-        "memory": best_memory.flatten().tolist(),
-    }
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_neox"])

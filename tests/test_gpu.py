@@ -1,0 +1,145 @@
+"""The CUDA path: the engine against the naive loop, batch independence, fewer host syncs, bf16 vectors,
+`batch_size=auto` and the OOM split, on a real GPU (`make gpu-check`).
+
+Skipped with the reason where CUDA is missing. CRAM_GPU_TESTS_ON_CPU=1 runs the ones that mean something on a
+CPU there (to work on these tests without a GPU). Imports only what an air-gapped GPU machine has: torch,
+transformers, pyarrow, the carried omegaconf/hydra wheels; no Ray, no MLflow.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from cram_sweep.batching import auto_batch_size, cram_fitting
+from cram_sweep.config import Cell, sample_seed
+from cram_sweep.cram import SampleSpec, cram, score
+from cram_sweep.data import sample_token_ids
+from cram_sweep.model import load_model, resolve_attention
+
+from .helpers import assert_same_result, naive_cram, tiny_config
+
+ON_CPU = os.environ.get("CRAM_GPU_TESTS_ON_CPU") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE != "cuda" and not ON_CPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False here); `make gpu-check` runs these"),
+]
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="measures CUDA memory")
+
+CFG = tiny_config()
+OPTIM = CFG.optim
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_neox"])
+def tiny(request):
+    cfg = tiny_config(f"grid.models=[{request.param}]")
+    return load_model(request.param, cfg.models[request.param], DEVICE)
+
+
+@pytest.fixture
+def true_fp32():
+    """fp32 matmuls without TF32 (which load_model turns on for speed): the semantics at full precision."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def specs_for(lm, length, count, n_mem=2):
+    ids = sample_token_ids(CFG.datasets["pydoc"], "pydoc", lm.tokenizer, count, length, seed=0)
+    cell = Cell(lm.name, "pydoc", n_mem, length)
+    return [SampleSpec(i, ids[i], sample_seed(0, cell, i)) for i in range(count)]
+
+
+def by_sample(rows):
+    return {r.sample: r for r in rows}
+
+
+def test_engine_matches_the_naive_loop_at_fp32(tiny, true_fp32):
+    specs = specs_for(tiny, 8, 3)
+    engine = by_sample(cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=3, check_every=16))
+    for spec in specs:
+        assert_same_result(engine[spec.sample], naive_cram(tiny.model, spec.token_ids, 2, spec.init_seed, OPTIM))
+
+
+def test_a_sample_does_not_feel_its_batch(tiny, true_fp32):
+    specs = specs_for(tiny, 8, 5)
+    alone = {s.sample: next(iter(cram(tiny.model, [s], 2, OPTIM, "fp32", batch_size=1))) for s in specs}
+    for batch_size, order in ((2, specs), (5, specs[::-1])):
+        batched = by_sample(cram(tiny.model, order, 2, OPTIM, "fp32", batch_size=batch_size, check_every=16))
+        for sample, row in batched.items():
+            assert_same_result(row, alone[sample])
+
+
+def test_host_syncs_every_16_steps_give_the_rows_of_every_step(tiny, true_fp32):
+    specs = specs_for(tiny, 8, 4)
+    every = by_sample(cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=4, check_every=1))
+    sixteen = by_sample(cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=4, check_every=16))
+    for sample, row in every.items():
+        assert sixteen[sample].steps == row.steps, "frozen samples do not step on"
+        assert_same_result(sixteen[sample], row)
+
+
+def test_bf16_rows_vectors_reproduce_their_accuracy(tiny):
+    """Running the stored vectors alone, under the recorded precision, gives the stored accuracy."""
+    rows = list(cram(tiny.model, specs_for(tiny, 8, 3), 2, OPTIM, "bf16", batch_size=3, check_every=16))
+    for row in rows:
+        ids = torch.tensor(row.token_ids, device=DEVICE)[None]
+        memory = torch.tensor(row.memory, device=DEVICE).view(1, 2, -1)
+        with torch.no_grad():
+            _, acc, _ = score(tiny.model, memory, tiny.model.get_input_embeddings()(ids), ids[:, 1:], "bf16")
+        assert acc.item() == pytest.approx(row.acc, abs=1e-6), (row.sample, row.acc, acc.item())
+
+
+def _shape_model():
+    cfg = tiny_config("grid.models=[shape_smollm2_135m]")
+    return load_model("shape_smollm2_135m", cfg.models["shape_smollm2_135m"], DEVICE)
+
+
+def _long_specs(lm, length, count):
+    gen = torch.Generator().manual_seed(0)  # random ids: speed and memory do not depend on the text
+    cell = Cell(lm.name, "random", 1, length)
+    return [SampleSpec(i, torch.randint(2, 500, (length,), generator=gen).tolist(), sample_seed(0, cell, i)) for i in range(count)]
+
+
+@cuda_only
+def test_auto_batch_size_runs_and_uses_most_of_the_free_memory():
+    lm = _shape_model()
+    length = 512
+    torch.cuda.empty_cache()
+    free_before, _ = torch.cuda.mem_get_info()
+    in_use = torch.cuda.memory_allocated()
+    batch = auto_batch_size(lm, length, 1)
+    torch.cuda.reset_peak_memory_stats()
+    optim = dataclasses.replace(OPTIM, max_steps=3, patience=3)
+    rows = list(cram(lm.model, _long_specs(lm, length, batch), 1, optim, "bf16", batch_size=batch, check_every=16,
+                     attention=resolve_attention("auto", lm.device, length + 1)))
+    used = (torch.cuda.max_memory_allocated() - in_use) / free_before
+    assert len(rows) == batch and all(r.steps == 3 for r in rows)
+    assert 0.5 <= used <= 0.95, f"batch {batch} used {used:.0%} of the free memory"
+
+
+@cuda_only
+def test_a_real_cuda_oom_halves_the_batch_and_changes_no_result(true_fp32):
+    lm = _shape_model()
+    length, optim = 256, dataclasses.replace(OPTIM, max_steps=4, patience=4)
+    specs = _long_specs(lm, length, 8)
+    attention = resolve_attention("auto", lm.device, length + 1)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    alone = by_sample(cram(lm.model, specs[:2], 1, optim, "fp32", batch_size=2, attention=attention))
+    per_two = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((base + 1.5 * per_two) / total)  # room for 2 samples, not for 8 or 4
+    try:
+        fitted = by_sample(cram_fitting(lm, specs, 1, optim, "fp32", batch_size=8, label="oom test", attention=attention))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert sorted(fitted) == list(range(8))
+    for sample, row in alone.items():
+        assert_same_result(fitted[sample], row)
