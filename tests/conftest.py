@@ -1,3 +1,4 @@
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -5,6 +6,13 @@ from pathlib import Path
 import pytest
 
 from .helpers import free_port, tiny_config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    # `make test` runs two test modules at once on a 2-core machine: one compute thread per process, as the tiny
+    # sweeps' Ray workers get (cluster.num_cpus=1), else spinning OpenMP threads halve everyone's speed.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

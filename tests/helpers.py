@@ -33,7 +33,7 @@ TINY = [
     "optim.patience=60",
     "precision=fp32",
     "batch_size=2",
-    "cluster.num_cpus=2",
+    "cluster.num_cpus=1",
     "report=false",
     "flush_seconds=0.5",
 ]

@@ -69,6 +69,17 @@ def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
         proc.wait(timeout=30)
         assert time.monotonic() - sent < 15, log.read_text()[-2000:]
         assert proc.returncode != 0
+
+        def session_left():  # Ray's processes of this sweep (its session) share the driver's fate
+            left = []
+            for pid in psutil.pids():
+                try:
+                    left += [pid] if os.getsid(pid) == proc.pid else []
+                except OSError:
+                    pass
+            return left
+
+        wait_for(lambda: not session_left(), "the sweep's Ray processes to exit with it", timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -49,3 +49,19 @@ def test_the_config_is_plain_dataclasses_once_composed():
     cfg = tiny_config()
     assert type(cfg.optim).__name__ == "OptimConfig" and type(cfg.models["tiny_llama"]).__name__ == "ModelConfig"
     assert cfg.grid.lengths == [4, 8] and isinstance(cfg.grid.lengths, list)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("shape_smollm2_135m", 134_515_008), ("shape_llama_3_2_1b", 1_235_814_400), ("shape_llama_3_1_8b", 8_030_261_248)],
+)
+def test_shape_models_have_the_published_architectures(name, params):
+    """The parameter counts of SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_cfg = compose_config([f"grid.models=[{name}]"]).models[name]
+    config = AutoConfig.for_model(model_cfg.architecture, **model_cfg.arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == params

@@ -305,3 +305,17 @@ def test_docker_compose_config_validates():
         pytest.skip("docker client has no Compose v2 plugin (`docker compose version` fails): compose.yaml checked structurally only")
     done = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_gpu_check_without_cuda_is_one_error_line():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: make gpu-check would run")
+    proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines()[0].startswith("error: make gpu-check needs a CUDA GPU"), proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [proc.stderr.splitlines()[0]]

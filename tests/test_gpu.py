@@ -24,7 +24,9 @@ ON_CPU = os.environ.get("CRAM_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE != "cuda" and not ON_CPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False here); `make gpu-check` runs these"),
+    pytest.mark.skipif(
+        DEVICE != "cuda" and not ON_CPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False here); `make gpu-check` runs these"
+    ),
 ]
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="measures CUDA memory")
 
@@ -114,8 +116,18 @@ def test_auto_batch_size_runs_and_uses_most_of_the_free_memory():
     batch = auto_batch_size(lm, length, 1)
     torch.cuda.reset_peak_memory_stats()
     optim = dataclasses.replace(OPTIM, max_steps=3, patience=3)
-    rows = list(cram(lm.model, _long_specs(lm, length, batch), 1, optim, "bf16", batch_size=batch, check_every=16,
-                     attention=resolve_attention("auto", lm.device, length + 1)))
+    rows = list(
+        cram(
+            lm.model,
+            _long_specs(lm, length, batch),
+            1,
+            optim,
+            "bf16",
+            batch_size=batch,
+            check_every=16,
+            attention=resolve_attention("auto", lm.device, length + 1),
+        )
+    )
     used = (torch.cuda.max_memory_allocated() - in_use) / free_before
     assert len(rows) == batch and all(r.steps == 3 for r in rows)
     assert 0.5 <= used <= 0.95, f"batch {batch} used {used:.0%} of the free memory"

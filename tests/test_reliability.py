@@ -322,7 +322,7 @@ def _fill(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def store_faults(tmp_path_factory):
-    """One sweep of 8 samples on a small filesystem of its own:
+    """One sweep of 6 samples on a small filesystem of its own:
     1. `run`, SIGKILLed while a results file is being written (.tmp written, not yet renamed);
     2. `resume`, during which the disk fills up (a tmpfs, or where mounting is not allowed, the
        driver's file-size limit: RLIMIT_FSIZE set on the running driver, SIGXFSZ ignored);
@@ -331,7 +331,7 @@ def store_faults(tmp_path_factory):
     disk = base / "disk"
     tmpfs = not os.environ.get("CRAM_TEST_NO_TMPFS") and _mount_tmpfs(disk)  # CRAM_TEST_NO_TMPFS=1: test the fallback
     sweep = SweepDir(disk / "st")
-    args = [f"out_dir={disk}", *BASE, *SLOW, "grid.samples=8", "optim.max_steps=200", "batch_size=2"]
+    args = [f"out_dir={disk}", *BASE, *SLOW, "grid.samples=6", "optim.max_steps=150", "batch_size=2"]
     seen = {"tmpfs": tmpfs}
     try:
         # 1. killed in the middle of a store write
@@ -396,15 +396,15 @@ def test_driver_killed_during_store_write_then_resume_completes_exactly_the_rest
     assert seen["tmp_after_kill"], "the kill must land while a store file is being written"
     assert seen["tmp_rows"] >= 1, "the write in flight held finished samples"
     done = len(seen["after_kill"])
-    assert 0 < done < 8
+    assert 0 < done < 6
     assert seen["raw_after_kill"] == done, "a reader never sees the half-written file"
     assert seen["stale_left"] == [], "the next run removed the leftover .tmp under the lock"
-    assert f"8 samples in 1 cells: {done} done, {8 - done} to run" in seen["log2"]
+    assert f"6 samples in 1 cells: {done} done, {6 - done} to run" in seen["log2"]
     refilled = len(seen["after_full"])
-    assert f"8 samples in 1 cells: {refilled} done, {8 - refilled} to run" in seen["log3"]
+    assert f"6 samples in 1 cells: {refilled} done, {6 - refilled} to run" in seen["log3"]
     assert seen["code3"] == 0, seen["log3"]
-    assert len(seen["final"]) == 8 and seen["raw_final"] == 8, "every sample exactly once"
-    assert set(seen["final"]) == {("tiny_llama/pydoc/n_mem=2/L=8", i) for i in range(8)}
+    assert len(seen["final"]) == 6 and seen["raw_final"] == 6, "every sample exactly once"
+    assert set(seen["final"]) == {("tiny_llama/pydoc/n_mem=2/L=8", i) for i in range(6)}
     same_rows(seen["after_kill"], seen["final"])
     assert seen["tmp_final"] == [] and len(seen["files_final"]) == 1, "compacted to one file, no leftovers"
 
