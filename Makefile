@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 # slow case, a 2-core x86 CPU without fast bf16 (fp32); RUN_ARGS adds overrides (e.g. RUN_ARGS="optim.max_steps=500").
 run: setup
 	@echo "make run: SmolLM2-135M, lengths 8/16/32, 4 samples each, at most 150 steps a sample:" \
-	  "expect about 6 minutes on a 2-core CPU in fp32, less where the CPU has fast bf16"
+	  "expect about 7 minutes on a 2-core CPU in fp32, less where the CPU has fast bf16"
 	$(BIN)/cram-sweep run out_dir=$(OUT) 'grid.lengths=[8,16,32]' grid.samples=4 optim.max_steps=150 optim.patience=100 $(RUN_ARGS)
 
 # Two test modules at a time: most of the suite's wall time is waiting (processes, Ray and servers starting, kills
@@ -41,6 +41,7 @@ lint: setup
 
 # MLflow UI on the local store: compare sweeps by selecting their runs in the `cram-sweep` experiment.
 ui: setup
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning (the runs; MLflow 3 opens on GenAI traces otherwise)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --port 5000
 
 bench: setup

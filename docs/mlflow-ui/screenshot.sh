@@ -25,6 +25,6 @@ profile=$(mktemp -d)
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
   --disable-component-update --disable-sync --user-data-dir="$profile" --hide-scrollbars \
   --window-size=1600,900 --virtual-time-budget=15000 --screenshot="$png" \
-  "http://127.0.0.1:$port/#/experiments/$experiment" 2>/dev/null
+  "http://127.0.0.1:$port/#/experiments/$experiment/runs?workflowType=machine_learning" 2>/dev/null
 rm -rf "$profile"
 echo "screenshot: $png (experiment $experiment at http://127.0.0.1:$port)"
