@@ -14,7 +14,7 @@ from collections import defaultdict
 import ray
 
 from . import interrupt, store
-from .cellstate import STATE_COLUMNS, by_cell, cell_state, cell_states
+from .cellstate import STATE_COLUMNS, by_cell, cell_state
 from .cluster import connect_ray, start_workers
 from .config import Cell, SweepConfig, cells, sample_seed
 from .cram import SampleSpec
@@ -82,12 +82,14 @@ class Sweep:
         done, failed = by_cell(results, failures)
         self.done_rows.update(done)
         self.failed_samples.update(failed)
-        self.tracker.record_cells(cell_states(self.cfg, results, failures))
+        self.tracker.record_cells((cell, self._state(cell)) for cell in cells(self.cfg))
         return set(zip(results["cell"].to_pylist(), results["sample"].to_pylist()))
 
     def _track(self, cell: Cell) -> None:
-        state = cell_state(self.cfg.grid.samples, self.done_rows[cell.id], self.failed_samples[cell.id])
-        self.tracker.record(cell.id, state, cell_tags(cell))
+        self.tracker.record(cell.id, self._state(cell), cell_tags(cell))
+
+    def _state(self, cell: Cell) -> dict:
+        return cell_state(self.cfg.grid.samples, self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))
 
     def accept(self, cell: Cell, finished: Finished) -> None:
         result = finished.result
