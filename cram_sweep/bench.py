@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from .batching import auto_batch_size
 from .config import Cell, compose_config, sample_seed
-from .cram import SampleSpec, autocast, cram
+from .cram import SampleSpec, cram
 from .data import sample_token_ids
-from .model import clear_cache, load_model, resolve_attention, resolve_device
+from .model import autocast, clear_cache, load_model, resolve_attention, resolve_device
 
 # Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.
 # Matched by substring of the device name, in this order (A100 before A10).

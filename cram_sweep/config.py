@@ -97,19 +97,74 @@ class GridConfig:
             _require(n_mem >= 1, f"grid.n_mem contains {n_mem}: the number of vectors must be >= 1")
 
 
+SCHEDULES = ("constant", "cosine")
+INITS = ("embed_std", "uniform")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.9
     weight_decay: float = 0.01
-    max_steps: int = 5000
-    patience: int = 2000
+    max_steps: int = 5000  # per sample, all stages together
+    patience: int = 2000  # full: stop after this many steps without a better accuracy
+    schedule: str = "constant"  # constant | cosine (the reference's cosine_with_min_lr over each sample's max_steps)
+    warmup_steps: int = 0  # cosine: linear warm-up from lr 0
+    min_lr: float = 0.0  # cosine: the floor
+    init: str = "embed_std"  # embed_std: randn * std(input embeddings) | uniform: U[0, init_scale)
+    init_scale: float = 0.02
 
     def __post_init__(self):
         for key in ("max_steps", "patience"):
             _require(getattr(self, key) >= 1, f"optim.{key}={getattr(self, key)}: must be >= 1")
         _require(self.lr > 0, f"optim.lr={self.lr}: must be > 0")
+        _require(self.schedule in SCHEDULES, f"optim.schedule={self.schedule}: choose {' or '.join(SCHEDULES)}")
+        _require(self.init in INITS, f"optim.init={self.init}: choose {' or '.join(INITS)}")
+        _require(0 <= self.warmup_steps < self.max_steps, f"optim.warmup_steps={self.warmup_steps}: must be >= 0 and below optim.max_steps")
+        _require(0 <= self.min_lr < self.lr, f"optim.min_lr={self.min_lr}: must be >= 0 and below optim.lr")
+        _require(self.init_scale > 0, f"optim.init_scale={self.init_scale}: must be > 0")
+
+
+METHODS = ("full", "progressive")
+GROWTHS = ("linear", "geometric")
+BACKOFFS = ("bisect", "linear")
+
+
+@dataclass
+class MethodConfig:
+    """How a cell's length is used. full (Kuratov et al.): the vectors are optimized for the whole text of the
+    cell's length. progressive (Tarasov et al.): the cell's length is a cap; stages grow the target prefix
+    from `min_length` and the horizon is the longest stage that converged."""
+
+    name: str = "full"  # full | progressive
+    predict_first: bool = False  # the last vector predicts the first text token (all of a stage's tokens are targets)
+    growth: str = "linear"  # progressive: linear (+step per converged stage) | geometric (double, then back off)
+    backoff: str = "bisect"  # geometric: bisect | linear (+1 from the longest converged stage)
+    min_length: int = 1  # progressive: the first stage's length
+    step: int = 8  # progressive: linear growth per stage; geometric: the back-off's resolution
+    steps_per_stage: int = 500  # progressive: a stage without convergence after this many steps fails
+    threshold: float = 1.0  # progressive: a stage converges at this teacher-forced accuracy
+
+    def __post_init__(self):
+        _require(self.name in METHODS, f"method.name={self.name}: choose method=full or method=progressive")
+        _require(self.growth in GROWTHS, f"method.growth={self.growth}: choose {' or '.join(GROWTHS)}")
+        _require(self.backoff in BACKOFFS, f"method.backoff={self.backoff}: choose {' or '.join(BACKOFFS)}")
+        for key in ("min_length", "step", "steps_per_stage"):
+            _require(getattr(self, key) >= 1, f"method.{key}={getattr(self, key)}: must be >= 1")
+        _require(0 < self.threshold <= 1, f"method.threshold={self.threshold}: must be in (0, 1]")
+        _require(
+            self.name == "full" or self.predict_first or self.min_length >= 2,
+            f"method.min_length={self.min_length} with predict_first=false: a stage needs a token to predict, set method.min_length >= 2",
+        )
+        _require(
+            self.name == "progressive" or not self.predict_first,
+            "method.predict_first=true needs method=progressive (full cramming gives the first token, as Kuratov et al.)",
+        )
+
+    @property
+    def progressive(self) -> bool:
+        return self.name == "progressive"
 
 
 @dataclass
@@ -163,6 +218,7 @@ class SweepConfig:
     progress_line_seconds: float = 30.0  # where stderr is no terminal (logs): one plain progress line at most this often
     grid: GridConfig = field(default_factory=GridConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -311,6 +367,10 @@ def validate(cfg: SweepConfig) -> None:
         missing = [name for name in names if name not in getattr(cfg, key)]
         if missing:
             raise UserError(f"grid.{key} names {missing[0]}, which has no entry under {key}: add {key}.{missing[0]} or fix grid.{key}")
+    if cfg.method.progressive and cfg.method.min_length > min(cfg.grid.lengths):
+        raise UserError(
+            f"method.min_length={cfg.method.min_length} exceeds the shortest cap in grid.lengths ({min(cfg.grid.lengths)}): lower it or raise the lengths"
+        )
 
 
 def to_yaml(cfg) -> str:
@@ -330,7 +390,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
 
 
 # Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "grid", "optim", "models", "datasets")
+RESULT_KEYS = ("seed", "precision", "grid", "optim", "method", "models", "datasets")
 
 
 def result_config(cfg: SweepConfig) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .config import load_sweep_config
-from .cram import attention_implementation, autocast, leading_matches
+from .cram import leading_matches
 from .errors import UserError
-from .model import load_model, resolve_attention
+from .model import attention_implementation, autocast, load_model, resolve_attention
 from .store import SweepDir, read_results
 
 

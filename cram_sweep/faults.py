@@ -33,7 +33,7 @@ def pause_before_rename() -> None:
 
 
 @contextlib.contextmanager
-def injected(model, cell_id: str, specs):
+def injected(model, specs):
     """The worker-side faults, as forward hooks on `model` while one work item runs."""
     import torch
 
@@ -41,15 +41,16 @@ def injected(model, cell_id: str, specs):
     handles = []
     if "nan_sample" in found:
         cell_part, sample = found["nan_sample"]
-        target = [s.token_ids for s in specs if s.sample == int(sample)] if cell_part in cell_id else []
+        target = [s.token_ids for s in specs if s.sample == int(sample) and cell_part in s.cell]
         if target:
             poisoned = torch.tensor(target[0], device=model.device)
 
-            def poison(module, inputs, output):  # rows of the input ids equal to that sample's ids -> NaN embeddings
-                ids = inputs[0]
-                if ids.dim() != 2 or ids.shape[1] != poisoned.numel():
+            def poison(module, inputs, output):  # rows of the input ids equal to that sample's ids (then padding) -> NaN embeddings
+                ids, n = inputs[0], poisoned.numel()
+                if ids.dim() != 2 or ids.shape[1] < n:
                     return output
-                return output.masked_fill((ids == poisoned).all(dim=1)[:, None, None], float("nan"))
+                rows = (ids[:, :n] == poisoned).all(dim=1) & (ids[:, n:] == 0).all(dim=1)
+                return output.masked_fill(rows[:, None, None], float("nan"))
 
             handles.append(model.get_input_embeddings().register_forward_hook(poison))
     if "oom_above_batch" in found:

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import struct
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -230,3 +231,49 @@ def model_context(name: str, cfg: ModelConfig) -> int:
             raise UserError(f"model {name}: cannot read a model config from {path!r} ({one_line(err, 200)}): fix models.{name}") from None
         _CONTEXTS[key] = int(getattr(config, "max_position_embeddings", 1 << 30))
     return _CONTEXTS[key]
+
+
+_BF16_LINEAR_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def autocast(model, precision: str, cast_cache: bool = True):
+    """bf16: the forward under bf16 autocast, as the reference runs Llama-family models.
+
+    Autocast re-casts frozen (requires_grad=False) fp32 weights on every call; with `cast_cache` each
+    Linear's weight is cast once and kept, which gives the same numbers without the per-step casts.
+    """
+    if precision != "bf16":
+        yield
+        return
+    device_type = model.get_input_embeddings().weight.device.type
+    if not cast_cache:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model not in _BF16_LINEAR_WEIGHTS:
+        _BF16_LINEAR_WEIGHTS[model] = [torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False) for m in linears]
+    originals = [m.weight for m in linears]
+    for module, weight in zip(linears, _BF16_LINEAR_WEIGHTS[model]):
+        module.weight = weight
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for module, weight in zip(linears, originals):
+            module.weight = weight
+
+
+@contextlib.contextmanager
+def attention_implementation(model, implementation: Optional[str]):
+    """Run the model with this attention implementation (None: as loaded), then restore it."""
+    loaded = model.config._attn_implementation
+    if implementation is None or implementation == loaded:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(loaded)

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import ray
 
@@ -23,7 +24,7 @@ from .errors import UserError, one_line
 from .model import load_tokenizer, model_context, slow_bf16_warning
 from .pool import Beat, Lost, Row, Stranded, WorkerPool
 from .progress import Progress
-from .store import FailureRow, ResultRow
+from .store import FailureRow, ResultRow, StageRow
 from .tracking import Tracker, cell_tags
 from .worker import Finished, WorkItem
 
@@ -48,16 +49,21 @@ def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int
 
 
 def work_items(cfg: SweepConfig, tokens, done: set) -> list[WorkItem]:
+    """The pending samples, grouped by (model, n_mem) across cells and datasets, shortest text first, in items
+    of `worker.samples_per_item`: a worker's batch runs full from one cell into the next."""
     per_item = cfg.worker.samples_per_item or (4 * cfg.batch_size if cfg.batch_size != "auto" else 64)
-    items = []
-    for cell in cells(cfg):
-        specs = [
-            SampleSpec(i, tokens[cell.model, cell.dataset][i][: cell.length], sample_seed(cfg.seed, cell, i))
+    groups: dict[tuple[str, int], list[SampleSpec]] = defaultdict(list)
+    for cell in sorted(cells(cfg), key=lambda c: c.length):
+        groups[cell.model, cell.n_mem] += [
+            SampleSpec(i, tokens[cell.model, cell.dataset][i][: cell.length], sample_seed(cfg.seed, cell, i), cell.id)
             for i in range(cfg.grid.samples)
             if (cell.id, i) not in done
         ]
-        items += [WorkItem(cell, specs[start : start + per_item]) for start in range(0, len(specs), per_item)]
-    return items
+    return [
+        WorkItem(model, n_mem, specs[start : start + per_item])
+        for (model, n_mem), specs in groups.items()
+        for start in range(0, len(specs), per_item)
+    ]
 
 
 class Sweep:
@@ -69,7 +75,9 @@ class Sweep:
         self.tracker = tracker
         self.done_rows: dict[str, list] = defaultdict(list)  # per cell: its stored rows' STATE_COLUMNS
         self.failed_samples: dict[str, set] = defaultdict(set)  # per cell: samples with a failed attempt
+        self.cells = {cell.id: cell for cell in cells(cfg)}
         self.rows: list[ResultRow] = []
+        self.stage_rows: list[StageRow] = []
         self.failures: list[FailureRow] = []
         self.attempts: dict[tuple[str, int], int] = defaultdict(int)
         self.failed: dict[tuple[str, int], str] = {}  # failed for good in this execution
@@ -91,12 +99,13 @@ class Sweep:
     def _state(self, cell: Cell) -> dict:
         return cell_state(self.cfg.grid.samples, self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))
 
-    def accept(self, cell: Cell, finished: Finished) -> None:
+    def accept(self, finished: Finished) -> None:
         result = finished.result
+        cell = self.cells[result.cell]
         if result.error:
             self.fail(cell, result.sample, result.error, final=True)
             return
-        fields = {k: v for k, v in vars(result).items() if k != "error"}
+        fields = {k: v for k, v in vars(result).items() if k not in ("error", "cell", "stage_records")}
         row = ResultRow(
             cell=cell.id,
             model=cell.model,
@@ -110,6 +119,7 @@ class Sweep:
             **fields,
         )
         self.rows.append(row)
+        self.stage_rows += [StageRow(cell.id, result.sample, **vars(record)) for record in result.stage_records]
         self.done_rows[cell.id].append({"sample": row.sample, **{key: getattr(row, key) for key in STATE_COLUMNS}})
         self._track(cell)
 
@@ -127,6 +137,8 @@ class Sweep:
         due = force or len(self.rows) >= STORE_FLUSH_ROWS or time.monotonic() - self.last_store_flush > self.cfg.flush_seconds
         if due:
             if self.rows:
+                store.write_stages(self.sweep, self.stage_rows)  # before their results: see store.read_stages
+                self.stage_rows = []
                 store.write_results(self.sweep, self.rows)
                 self.rows = []
             if self.failures:
@@ -141,11 +153,12 @@ class Sweep:
             interrupt.check()
             for event in pool.get_next(timeout=1.0):
                 if isinstance(event, Row):
-                    self.accept(event.item.cell, event.finished)
-                    progress.sample_done(event.item.cell.id, len(self.failed))
+                    result = event.finished.result
+                    self.accept(event.finished)
+                    progress.sample_done(result.cell, len(self.failed), result.horizon if result.method == "progressive" else None)
                 elif isinstance(event, Beat):
                     beat = event.heartbeat
-                    progress.heartbeat(event.item.cell.id, beat.live, beat.steps, len(self.failed))
+                    progress.heartbeat(event.item.label, beat.live, beat.steps, len(self.failed), beat.stage_length)
                 elif isinstance(event, Lost):
                     for item in self.retry(event.item, event.error):
                         pool.submit(item)
@@ -164,8 +177,8 @@ class Sweep:
         message = f"{type(cause or err).__name__}: {one_line(cause or err)[-500:]}"
         retry = []
         for spec in item.specs:
-            final = self.attempts[item.cell.id, spec.sample] + 1 > self.cfg.worker.max_retries
-            self.fail(item.cell, spec.sample, message, final)
+            final = self.attempts[spec.cell, spec.sample] + 1 > self.cfg.worker.max_retries
+            self.fail(self.cells[spec.cell], spec.sample, message, final)
             if not final:
                 retry.append(spec)
         batch_size = item.batch_size
@@ -174,16 +187,16 @@ class Sweep:
             batch_size = current // 2  # Ray's memory monitor killed the worker: retry with a smaller batch (same results)
         log.warning(
             "work item of %s failed (%s): retrying %d samples, %d recorded failed",
-            item.cell.id,
+            item.label,
             type(err).__name__,
             len(retry),
             len(item.specs) - len(retry),
         )
-        return [WorkItem(item.cell, retry, batch_size)] if retry else []
+        return [replace(item, specs=retry, batch_size=batch_size)] if retry else []
 
     def give_up(self, item: WorkItem, reason: str) -> None:
         for spec in item.specs:
-            self.fail(item.cell, spec.sample, reason, final=True)
+            self.fail(self.cells[spec.cell], spec.sample, reason, final=True)
 
 
 def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens) -> int:

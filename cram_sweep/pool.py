@@ -124,6 +124,7 @@ class WorkerPool:
             return [Lost(item, err)]
         if isinstance(out, Heartbeat):
             return [Beat(item, out)]
-        remaining = replace(item, specs=[s for s in item.specs if s.sample != out.result.sample])
+        finished = (out.result.cell, out.result.sample)
+        remaining = replace(item, specs=[s for s in item.specs if (s.cell, s.sample) != finished])
         self.running[ref] = (worker, remaining)
         return [Row(item, out)]

@@ -20,17 +20,21 @@ class Progress:
         self.started = self.last_line = time.monotonic()
         self.bar = tqdm(total=total, unit="sample", file=self.stream, dynamic_ncols=True, smoothing=0.1) if self.stream.isatty() else None
 
-    def sample_done(self, cell_id: str, failed: int) -> None:
+    def sample_done(self, cell_id: str, failed: int, horizon: Optional[int] = None) -> None:
+        """`horizon`: a progressive sample's, shown with its cell."""
         self.done, self.failed = self.done + 1, failed
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{cell_id} failed={failed}", refresh=False)
+            reached = f" horizon={horizon}" if horizon is not None else ""
+            self.bar.set_postfix_str(f"{cell_id}{reached} failed={failed}", refresh=False)
             self.bar.update(1)
         else:
             self._line()
 
-    def heartbeat(self, cell_id: str, live: int, steps: int, failed: int) -> None:
+    def heartbeat(self, label: str, live: int, steps: int, failed: int, stage_length: int = 0) -> None:
+        """`stage_length`: the longest stage a running progressive sample has reached."""
         self.failed = failed
-        self.running = f"{cell_id} {live} running, step {steps}/{self.max_steps}"
+        stage = f", stages up to length {stage_length}" if stage_length else ""
+        self.running = f"{label} {live} running, step {steps}/{self.max_steps}{stage}"
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.running} failed={failed}")
         else:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from . import faults
 from .errors import StoreError, UserError, one_line
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _VERSION_KEY = b"cram_sweep_schema"
 
 
@@ -61,9 +61,30 @@ class ResultRow:
     converged: bool
     greedy_prefix: int
     greedy_exact: bool
-    memory: list[float]  # the best vectors, n_mem x hidden flattened (float32 on disk)
+    memory: list[float]  # the stored vectors, n_mem x hidden flattened (float32 on disk)
     hidden: int
     vocab_size: int
+    method: str  # full | progressive
+    predict_first: bool
+    horizon: int  # the longest prefix the stored vectors reproduce (progressive: the longest converged stage)
+    stages: int
+    fail_acc: float  # accuracy at the first failed stage (NaN if none failed)
+
+
+@dataclass
+class StageRow:
+    """One stage of a progressive sample, as `stages/` stores it: the growth trajectory."""
+
+    cell: str
+    sample: int
+    stage: int
+    length: int
+    phase: str
+    converged: bool
+    steps: int
+    total_steps: int
+    acc: float
+    ce_bits: float
 
 
 @dataclass
@@ -96,6 +117,7 @@ def arrow_schema(row_type) -> pa.Schema:
 
 RESULTS_SCHEMA = arrow_schema(ResultRow)
 FAILURES_SCHEMA = arrow_schema(FailureRow)
+STAGES_SCHEMA = arrow_schema(StageRow)
 
 
 class SweepDir:
@@ -105,6 +127,7 @@ class SweepDir:
     config = property(lambda self: self.path / "sweep.yaml")
     results = property(lambda self: self.path / "results")
     failures = property(lambda self: self.path / "failures")
+    stages = property(lambda self: self.path / "stages")
     tracking = property(lambda self: self.path / "tracking.json")
     report = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
@@ -146,7 +169,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def remove_partial(sweep: SweepDir) -> list[Path]:
     """Delete the hidden `.part-*.tmp` files a killed writer left; call only while holding the lock."""
     removed = []
-    for folder in (sweep.results, sweep.failures):
+    for folder in (sweep.results, sweep.failures, sweep.stages):
         if folder.is_dir():
             for tmp in folder.glob(".part-*.tmp"):
                 tmp.unlink(missing_ok=True)
@@ -205,6 +228,11 @@ def write_failures(sweep: SweepDir, rows: list[FailureRow]) -> None:
         _write_table(sweep.failures, _table(rows, FAILURES_SCHEMA))
 
 
+def write_stages(sweep: SweepDir, rows: list[StageRow]) -> None:
+    if rows:
+        _write_table(sweep.stages, _table(rows, STAGES_SCHEMA))
+
+
 def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
     if not folder.is_dir():
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
@@ -226,10 +254,10 @@ def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
     return dataset.to_table(columns=columns)
 
 
-def _dedup(table: pa.Table) -> pa.Table:
+def _dedup(table: pa.Table, key_columns=("cell", "sample")) -> pa.Table:
     if table.num_rows == 0:
         return table
-    keys = pc.binary_join_element_wise(table["cell"], pc.cast(table["sample"], pa.string()), "#")
+    keys = pc.binary_join_element_wise(*(pc.cast(table[c], pa.string()) for c in key_columns), "#")
     first = pc.unique(keys)
     index = pc.index_in(first, keys)
     return table.take(index)
@@ -246,12 +274,19 @@ def read_failures(sweep: SweepDir) -> pa.Table:
     return _read(sweep.failures, FAILURES_SCHEMA)
 
 
+def read_stages(sweep: SweepDir) -> pa.Table:
+    """Every stage of every finished progressive sample once. Stages are written before their sample's result
+    row: a sample rerun after a crash between the two writes its stages again, and the first copy is kept."""
+    return _dedup(_read(sweep.stages, STAGES_SCHEMA), ("cell", "sample", "stage"))
+
+
 def compact(sweep: SweepDir) -> None:
-    """Merge the results' part files into one (many small files slow every later read)."""
-    parts = sorted(sweep.results.glob("part-*.parquet")) if sweep.results.is_dir() else []
-    if len(parts) < 2:
-        return
-    merged = _write_table(sweep.results, read_results(sweep))
-    for part in parts:
-        if part != merged:
-            part.unlink()
+    """Merge the results' and stages' part files, each into one (many small files slow every later read)."""
+    for folder, read in ((sweep.results, read_results), (sweep.stages, read_stages)):
+        parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+        if len(parts) < 2:
+            continue
+        merged = _write_table(folder, read(sweep))
+        for part in parts:
+            if part != merged:
+                part.unlink()

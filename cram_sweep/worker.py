@@ -1,7 +1,8 @@
 """The Ray actor that crams: one per GPU (or CPU node), each model loaded once, one result per finished sample.
 
 The sweep-wide settings (`WorkerSettings`) reach a worker once, when it is created (and again when Ray
-restarts it); a `WorkItem` carries only a cell and its samples.
+restarts it); a `WorkItem` carries samples of one model and n_mem, from any of its cells (each sample names
+its cell), so a worker's batch stays full from one cell to the next.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from . import faults
 from .batching import auto_batch_size, cram_fitting
-from .config import Cell, ModelConfig, OptimConfig, SweepConfig
+from .config import MethodConfig, ModelConfig, OptimConfig, SweepConfig
 from .cram import Heartbeat, SampleResult, SampleSpec
 from .model import load_model, resolve_attention, resolve_precision
 
@@ -30,6 +31,7 @@ class WorkerSettings:
 
     models: dict[str, ModelConfig]
     optim: OptimConfig
+    method: MethodConfig
     precision: str
     attention: str
     batch_size: Union[int, str]
@@ -42,6 +44,7 @@ class WorkerSettings:
         return cls(
             cfg.models,
             cfg.optim,
+            cfg.method,
             cfg.precision,
             cfg.attention,
             cfg.batch_size,
@@ -53,9 +56,15 @@ class WorkerSettings:
 
 @dataclass
 class WorkItem:
-    cell: Cell
-    specs: list[SampleSpec]
+    model: str
+    n_mem: int
+    specs: list[SampleSpec]  # shortest first: the engine pads a batch to its longest text
     batch_size: Optional[int] = None  # None: the sweep's; set lower when Ray's memory monitor killed a worker
+
+    @property
+    def label(self) -> str:
+        cells = sorted({spec.cell for spec in self.specs})
+        return cells[0] if len(cells) == 1 else f"{self.model}/n_mem={self.n_mem} ({len(cells)} cells)"
 
 
 @dataclass
@@ -83,25 +92,27 @@ class CramWorker:
         return os.getpid()
 
     def run(self, item: WorkItem) -> Iterator[Union[Finished, Heartbeat]]:
-        s, cell = self.settings, item.cell
-        lm = load_model(cell.model, s.models[cell.model], s.device)
+        s = self.settings
+        lm = load_model(item.model, s.models[item.model], s.device)
         precision = resolve_precision(s.precision, lm.family, lm.device)
-        attention = resolve_attention(s.attention, lm.device, cell.length + cell.n_mem)
+        longest = max(len(spec.token_ids) for spec in item.specs)
+        attention = resolve_attention(s.attention, lm.device, longest + item.n_mem)
         batch_size = item.batch_size or s.batch_size
         if batch_size == "auto":
-            batch_size = auto_batch_size(lm, cell.length, cell.n_mem)
+            batch_size = auto_batch_size(lm, longest, item.n_mem)
         check_every = s.check_every or (16 if lm.device.type == "cuda" else 1)
-        with faults.injected(lm.model, cell.id, item.specs):
+        with faults.injected(lm.model, item.specs):
             for out in cram_fitting(
                 lm,
                 item.specs,
-                cell.n_mem,
+                item.n_mem,
                 s.optim,
                 precision,
                 batch_size,
-                label=cell.id,
+                label=item.label,
                 check_every=check_every,
                 attention=attention,
                 heartbeat_seconds=s.progress_seconds,
+                method=s.method,
             ):
                 yield Finished(out, precision, lm.hidden, lm.vocab_size) if isinstance(out, SampleResult) else out

@@ -176,6 +176,11 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "memory": [0.0] * (n_mem * hidden),
         "hidden": hidden,
         "vocab_size": vocab_size,
+        "method": "full",
+        "predict_first": False,
+        "horizon": length if acc == 1.0 else 0,
+        "stages": 1,
+        "fail_acc": math.nan if acc == 1.0 else acc,
     }
     return ResultRow(**{**row, **values})
 
