@@ -15,9 +15,10 @@ import pyarrow as pa
 from .config import Cell, SweepConfig, cells
 
 # The result columns the state reads.
-STATE_COLUMNS = ["acc", "gain_tokens", "info_gain_bits", "seconds", "greedy_exact", "greedy_prefix"]
+STATE_COLUMNS = ["acc", "gain_tokens", "info_gain_bits", "seconds", "greedy_exact", "greedy_prefix", "horizon"]
 MEANS = {
     "acc_mean": "acc",
+    "horizon_mean": "horizon",
     "gain_tokens_mean": "gain_tokens",
     "info_gain_bits_mean": "info_gain_bits",
     "greedy_exact_share": "greedy_exact",
@@ -40,6 +41,8 @@ def cell_state(samples: int, done: Sequence[Mapping], failed: Iterable[int]) -> 
         "pending": max(samples - len(done_samples) - len(failed_samples), 0),
         **{name: mean(key) for name, key in MEANS.items()},
         "greedy_prefix_max": max((row["greedy_prefix"] for row in done), default=math.nan),
+        "horizon_min": min((row["horizon"] for row in done), default=math.nan),
+        "horizon_max": max((row["horizon"] for row in done), default=math.nan),
     }
 
 

@@ -92,6 +92,7 @@ def print_status(sweep: SweepDir, seconds: bool = False) -> int:
     width = max(len(c) for c in table["cell"])
     for row in table.to_dict("records"):
         line = f"{row['cell']:<{width}}  done {row['done']:>4}  failed {row['failed']:>3}  pending {row['pending']:>4}  mean acc {row['acc_mean']:.3f}"
+        line += f"  horizon {row['horizon_mean']:5.1f} (max {row['horizon_max']:.0f})"
         if seconds:
             line += f"  gain {row['gain_tokens_mean']:6.1f} tok  info gain {row['info_gain_bits_mean']:7.1f} bits  {row['seconds_mean']:.2f} s/sample"
         print(line)

@@ -12,21 +12,22 @@ from .store import SweepDir, read_results
 
 
 @torch.no_grad()
-def greedy_decode(model, memory: torch.Tensor, first_tokens: torch.Tensor, n_new: int, precision: str) -> torch.Tensor:
-    """Greedy continuation of [memory, first text token] for `n_new` tokens: (B, n_new) ids.
+def greedy_decode(model, memory: torch.Tensor, given: torch.Tensor, n_new: int, precision: str) -> torch.Tensor:
+    """Greedy continuation of [memory, given tokens] for `n_new` tokens: (B, n_new) ids. `given`: (B, k) ids,
+    the first text token (k = 1), or none (k = 0) where the vectors predict the first token.
 
     Every step runs the whole sequence, as the optimization's forward does, not a KV-cached increment:
     crammed vectors sit at narrow argmax margins, and under bf16 a cached forward's different rounding
     alone flipped tokens of SmolLM2 samples whose teacher-forced accuracy was 1.0.
     """
     embed = model.get_input_embeddings()
-    tokens = first_tokens[:, None]
+    tokens = given
     with autocast(model, precision):
         for _ in range(n_new):
             inputs = torch.cat([memory, embed(tokens)], dim=1)
             logits = model(inputs_embeds=inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
             tokens = torch.cat([tokens, logits.float().argmax(dim=-1)[:, None]], dim=1)
-    return tokens[:, 1:]
+    return tokens[:, given.shape[1] :]
 
 
 def select_row(table, args) -> dict:
@@ -56,14 +57,16 @@ def select_row(table, args) -> dict:
 
 
 def decode_row(lm, row: dict, attention: str = "auto") -> tuple[list[int], int]:
-    """Greedy tokens after the first text token, and how many match the text before the first error.
+    """The greedy tokens after the given ones (the first text token, none with `predict_first`), and how many
+    match the text before the first error.
 
     Runs with the precision and attention implementation the sweep optimized with."""
     ids = torch.tensor(row["token_ids"], device=lm.device)
+    given = 0 if row["predict_first"] else 1
     memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
     with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids) + row["n_mem"])):
-        decoded = greedy_decode(lm.model, memory, ids[:1], len(ids) - 1, row["precision"])
-    prefix = int(leading_matches(decoded == ids[None, 1:])[0])
+        decoded = greedy_decode(lm.model, memory, ids[None, :given], len(ids) - given, row["precision"])
+    prefix = int(leading_matches(decoded == ids[None, given:])[0])
     return decoded[0].tolist(), prefix
 
 
@@ -73,21 +76,23 @@ def decode_command(args) -> int:
     cfg = load_sweep_config(sweep.config)
     lm = load_model(row["model"], cfg.models[row["model"]], cfg.device)
     decoded, prefix = decode_row(lm, row, cfg.attention)
-    ids = list(row["token_ids"])
-    tok = lm.tokenizer
-    matched = tok.decode(ids[: prefix + 1])
-    print(f"cell {row['cell']} sample {row['sample']}: acc {row['acc']:.4f}, precision {row['precision']}")
+    ids, tok = list(row["token_ids"]), lm.tokenizer
+    given = 0 if row["predict_first"] else 1
+    reproduced = given + prefix  # text tokens reproduced, the given one included
+    print(f"cell {row['cell']} sample {row['sample']} ({row['method']}): acc {row['acc']:.4f}, precision {row['precision']}")
     print("--- original ---")
     print(tok.decode(ids))
     print("--- decoded from the vectors (first differing token in [[ ]]) ---")
-    if prefix == len(ids) - 1:
-        print(tok.decode(ids[:1] + decoded))
+    if reproduced == len(ids):
+        print(tok.decode(ids[:given] + decoded))
     else:
-        print(matched + "[[" + tok.decode(decoded[prefix : prefix + 1]) + "]]" + tok.decode(decoded[prefix + 1 :]))
-        print(f"--- expected at the first difference: {tok.decode(ids[prefix + 1 : prefix + 2])!r}")
-    exact = prefix == len(ids) - 1
+        print(tok.decode(ids[:reproduced]) + "[[" + tok.decode(decoded[prefix : prefix + 1]) + "]]" + tok.decode(decoded[prefix + 1 :]))
+        print(f"--- expected at the first difference: {tok.decode(ids[reproduced : reproduced + 1])!r}")
     print(
-        f"matched prefix: {prefix} of {len(ids) - 1} predicted tokens; exact match: {'yes' if exact else 'no'}"
+        f"matched prefix: {prefix} of {len(ids) - given} predicted tokens; exact match: {'yes' if reproduced == len(ids) else 'no'}"
         f" (stored: greedy_prefix {row['greedy_prefix']}, greedy_exact {row['greedy_exact']})"
     )
+    if row["method"] == "progressive":
+        ok = row["horizon"] > 0 and reproduced >= row["horizon"]
+        print(f"horizon {row['horizon']} of {len(ids)} tokens: the horizon prefix decodes exactly: {'yes' if ok else 'no'}")
     return 0

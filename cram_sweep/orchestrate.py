@@ -25,7 +25,7 @@ from .model import load_tokenizer, model_context, slow_bf16_warning
 from .pool import Beat, Lost, Row, Stranded, WorkerPool
 from .progress import Progress
 from .store import FailureRow, ResultRow, StageRow
-from .tracking import Tracker, cell_tags
+from .tracking import Tracker
 from .worker import Finished, WorkItem
 
 log = logging.getLogger("cram_sweep")
@@ -94,7 +94,7 @@ class Sweep:
         return set(zip(results["cell"].to_pylist(), results["sample"].to_pylist()))
 
     def _track(self, cell: Cell) -> None:
-        self.tracker.record(cell.id, self._state(cell), cell_tags(cell))
+        self.tracker.record(cell, self._state(cell))
 
     def _state(self, cell: Cell) -> dict:
         return cell_state(self.cfg.grid.samples, self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))

@@ -1,10 +1,14 @@
 """The capacity report of a sweep: capacity table, per-cell table, Markdown summary and plots.
 
-Everything is computed from the results store and `sweep.yaml`; nothing here talks to MLflow.
-Definitions (per model, dataset, n_mem) follow the design's "The method": `max_tokens` is the largest
-length whose mean accuracy is >= 0.99; gain and information gain are averaged over the samples that
-did not fit (acc <= 0.99) across all lengths; utilization is that mean gain over the theoretical
-capacity n_mem * hidden * 16 / log2(vocab_size).
+Everything is computed from the results and stages stores and `sweep.yaml`; nothing here talks to MLflow.
+Definitions, per (model, dataset, n_mem, method):
+- full (the design's "The method"): `max_tokens` is the largest length whose mean accuracy is >= 0.99;
+  gain and information gain are averaged over the samples that did not fit (acc <= 0.99) across all
+  lengths; utilization is that mean gain over the theoretical capacity n_mem * hidden * 16 / log2(vocab_size).
+- progressive: gain and information gain at each sample's horizon, averaged over the samples;
+  utilization is the mean horizon over the theoretical capacity.
+- both: a sample's horizon is the longest prefix its stored vectors reproduce exactly, the most over the
+  group's lengths (full: the greedy prefix of the length's best vectors), so the two methods compare.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from matplotlib.figure import Figure
 from .cellstate import cell_states
 from .config import load_sweep_config
 from .errors import UserError
-from .store import SweepDir, read_failures, read_results
+from .store import SweepDir, read_failures, read_results, read_stages
 
 FIT = 0.99
 GROUP = ["model", "dataset", "n_mem"]
@@ -29,7 +33,12 @@ CAPACITY_COLUMNS = [
     "model",
     "dataset",
     "n_mem",
+    "method",
     "max_tokens",
+    "horizon_mean",
+    "horizon_std",
+    "horizon_min",
+    "horizon_max",
     "gain_tokens_mean",
     "gain_tokens_std",
     "info_gain_bits_mean",
@@ -50,6 +59,8 @@ CELL_COLUMNS = [
     "gain_tokens_mean",
     "info_gain_bits_mean",
     "greedy_exact_share",
+    "horizon_mean",
+    "horizon_max",
     "seconds_mean",
 ]
 
@@ -81,25 +92,32 @@ def _max_tokens(group: pd.DataFrame) -> int:
     return int(fits.max()) if len(fits) else 0
 
 
-def _capacity_row(group: pd.DataFrame) -> dict:
-    saturated = group[group["acc"] <= FIT]
+def _capacity_row(method: str, group: pd.DataFrame) -> dict:
     n_mem, hidden, vocab = (int(group[key].iloc[0]) for key in ("n_mem", "hidden", "vocab_size"))
     theoretical = n_mem * hidden * 16 / math.log2(vocab)
-    gain_mean = saturated["gain_tokens"].mean()
+    longest = group.loc[group.groupby("sample")["horizon"].idxmax()]  # each sample's row of its longest horizon
+    horizon = longest["horizon"]
+    scored = longest if method == "progressive" else group[group["acc"] <= FIT]
+    gain_mean = scored["gain_tokens"].mean()
     return {
-        "max_tokens": _max_tokens(group),
+        "max_tokens": _max_tokens(group) if method == "full" else math.nan,
+        "horizon_mean": horizon.mean(),
+        "horizon_std": horizon.std(),
+        "horizon_min": horizon.min(),
+        "horizon_max": horizon.max(),
         "gain_tokens_mean": gain_mean,
-        "gain_tokens_std": saturated["gain_tokens"].std(),
-        "info_gain_bits_mean": saturated["info_gain_bits"].mean(),
-        "info_gain_bits_std": saturated["info_gain_bits"].std(),
+        "gain_tokens_std": scored["gain_tokens"].std(),
+        "info_gain_bits_mean": scored["info_gain_bits"].mean(),
+        "info_gain_bits_std": scored["info_gain_bits"].std(),
         "theoretical_tokens": theoretical,
-        "utilization": gain_mean / theoretical,
+        "utilization": (gain_mean if method == "full" else horizon.mean()) / theoretical,
     }
 
 
 def capacity_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, dataset, n_mem) with the columns of report/capacity.csv."""
-    rows = [{**dict(zip(GROUP, key)), **_capacity_row(group)} for key, group in results.groupby(GROUP, sort=True)]
+    """One row per (model, dataset, n_mem, method) with the columns of report/capacity.csv."""
+    keys = [*GROUP, "method"]
+    rows = [{**dict(zip(keys, key)), **_capacity_row(key[-1], group)} for key, group in results.groupby(keys, sort=True)]
     return pd.DataFrame(rows, columns=CAPACITY_COLUMNS)
 
 
@@ -141,13 +159,26 @@ def _progress_note(cell_rows: pd.DataFrame, samples: int) -> str:
 
 
 def _capacity_markdown(capacity: pd.DataFrame) -> str:
-    header = ["model", "dataset", "n_mem", "max tokens", "gain tokens", "info gain (bits)", "theoretical tokens", "utilization"]
+    header = [
+        "model",
+        "dataset",
+        "n_mem",
+        "method",
+        "max tokens",
+        "horizon [min–max]",
+        "gain tokens",
+        "info gain (bits)",
+        "theoretical tokens",
+        "utilization",
+    ]
     rows = [
         [
             r.model,
             r.dataset,
             r.n_mem,
-            r.max_tokens,
+            r.method,
+            _fmt(r.max_tokens, ".0f"),
+            f"{_pm(r.horizon_mean, r.horizon_std)} [{_fmt(r.horizon_min, '.0f')}–{_fmt(r.horizon_max, '.0f')}]",
             _pm(r.gain_tokens_mean, r.gain_tokens_std),
             _pm(r.info_gain_bits_mean, r.info_gain_bits_std),
             _fmt(r.theoretical_tokens, ".1f"),
@@ -159,7 +190,7 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
 
 
 def _cells_markdown(cell_rows: pd.DataFrame) -> str:
-    header = ["length", "done", "mean acc", "mean gain (tokens)", "greedy-exact share", "failed / pending"]
+    header = ["length", "done", "mean acc", "mean gain (tokens)", "greedy-exact share", "horizon mean (max)", "failed / pending"]
     parts = []
     for (model, dataset, n_mem), group in cell_rows.groupby(GROUP, sort=False):
         rows = [
@@ -169,6 +200,7 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
                 _fmt(r.acc_mean, ".3f"),
                 _fmt(r.gain_tokens_mean, ".1f"),
                 _fmt(r.greedy_exact_share, ".2f"),
+                f"{_fmt(r.horizon_mean, '.1f')} ({_fmt(r.horizon_max, '.0f')})",
                 f"{r.failed} / {r.pending}",
             ]
             for r in group.itertuples()
@@ -186,9 +218,14 @@ def _markdown(name: str, capacity: pd.DataFrame, cell_rows: pd.DataFrame, sample
 
 {_capacity_markdown(capacity)}
 
-max tokens: the longest length whose mean accuracy is >= {FIT}. Gain tokens and info gain: mean ± std
-over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit).
-Theoretical tokens: n_mem · hidden · 16 / log2(vocab size); utilization: mean gain / theoretical tokens.
+Horizon: per sample, the longest prefix its stored vectors reproduce exactly (greedy), the most over the
+lengths; mean ± std over the samples [min–max]. Progressive: the longest converged stage.
+Full: max tokens is the longest length whose mean accuracy is >= {FIT}; gain tokens and info gain are
+mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit);
+utilization: mean gain / theoretical tokens.
+Progressive: gain tokens and info gain are those of each sample's horizon prefix (tokens 1..horizon-1);
+utilization: mean horizon / theoretical tokens.
+Theoretical tokens: n_mem · hidden · 16 / log2(vocab size).
 
 ## Cells
 
@@ -303,6 +340,44 @@ def _plot_info_gain(capacity: pd.DataFrame, path: Path) -> Path:
     return _save(fig, ax, path)
 
 
+def _plot_horizon_vs_ce(results: pd.DataFrame, path: Path) -> Path:
+    """The paper's claim: the text's cross-entropy, not its length, sets the horizon."""
+    fig, ax = _axes(6.5, 4.5)
+    scored = results[results["horizon"] > 1]
+    per_token = scored["ce_no_mem_bits"] / (scored["horizon"] - 1)
+    colours = _colours(zip(results["model"], results["n_mem"]))
+    for key, group in scored.groupby(["model", "n_mem"]):
+        ax.scatter(per_token[group.index], group["horizon"], s=26, alpha=0.8, color=colours[key], label=f"{key[0]} / n_mem={key[1]}")
+    ax.set(
+        xlabel="CE of the horizon prefix without vectors (bits per token)",
+        ylabel="horizon (tokens)",
+        title="Horizon per sample vs the text's cross-entropy",
+    )
+    return _save(fig, ax, path)
+
+
+def _plot_growth(stages: pd.DataFrame, path: Path) -> Path:
+    """Each progressive sample's stages: target length against its cumulative steps (hollow: failed stage)."""
+    fig, ax = _axes(7, 4.5)
+    colours = _colours(stages["cell"])
+    labelled = set()
+    for (cell, _), trajectory in stages.sort_values("stage").groupby(["cell", "sample"]):
+        ax.plot(
+            trajectory["total_steps"],
+            trajectory["length"],
+            color=colours[cell],
+            alpha=0.6,
+            linewidth=1,
+            label=None if cell in labelled else cell,
+        )
+        labelled.add(cell)
+        done = trajectory["converged"]
+        ax.scatter(trajectory["total_steps"][done], trajectory["length"][done], s=12, color=colours[cell])
+        ax.scatter(trajectory["total_steps"][~done], trajectory["length"][~done], s=18, facecolors="none", edgecolors=colours[cell])
+    ax.set(xlabel="cumulative optimization steps", ylabel="stage length (tokens)", title="Progressive growth, one line per sample")
+    return _save(fig, ax, path)
+
+
 def build_report(sweep_dir) -> Report:
     """Write report/capacity.csv, report/capacity.md and the PNG plots of a sweep directory."""
     sweep = _sweep(sweep_dir).require()
@@ -316,11 +391,11 @@ def build_report(sweep_dir) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     capacity.to_csv(out / "capacity.csv", index=False)
     (out / "capacity.md").write_text(_markdown(cfg.name, capacity, cell_rows, cfg.grid.samples))
-    files = [
-        out / "capacity.csv",
-        out / "capacity.md",
-        _plot_accuracy(cell_rows, out / "accuracy_vs_length.png"),
-        _plot_ce(results, out / "ce_with_vs_without.png"),
-        _plot_info_gain(capacity, out / "info_gain_vs_n_mem.png"),
-    ]
+    files = [out / "capacity.csv", out / "capacity.md"]
+    if cfg.method.progressive:
+        stages = read_stages(sweep).to_pandas()
+        files += [_plot_horizon_vs_ce(results, out / "horizon_vs_ce.png"), _plot_growth(stages, out / "growth.png")]
+    else:
+        files.append(_plot_accuracy(cell_rows, out / "accuracy_vs_length.png"))
+    files += [_plot_ce(results, out / "ce_with_vs_without.png"), _plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
     return Report(capacity=capacity, cells=cell_rows, files=files)

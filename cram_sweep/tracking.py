@@ -210,14 +210,14 @@ class Tracker:
             self._save_ids()
         return self.ids["cells"][cell_id]
 
-    def record(self, cell_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
-        self.pending[cell_id] = (metrics, tags)
+    def record(self, cell: Cell, metrics: dict[str, float]) -> None:
+        self.pending[cell.id] = (metrics, cell_tags(cell, self.cfg.method.name))
 
     def record_cells(self, states) -> None:
         """Queue every cell with stored samples or failures (cellstate.cell_states): re-syncs MLflow from the store."""
         for cell, state in states:
             if state["done"] or state["failed"]:
-                self.record(cell.id, state, cell_tags(cell))
+                self.record(cell, state)
 
     def flush(self, force: bool = False) -> bool:
         """Send the latest metrics of every changed cell; False (and kept for later) if MLflow failed.
@@ -285,8 +285,8 @@ class Tracker:
             log.warning("could not close the MLflow runs (%s): `cram-sweep report SWEEP_DIR` closes them later", _why(err))
 
 
-def cell_tags(cell: Cell) -> dict[str, str]:
-    return {"model": cell.model, "dataset": cell.dataset, "n_mem": str(cell.n_mem), "length": str(cell.length)}
+def cell_tags(cell: Cell, method: str) -> dict[str, str]:
+    return {"model": cell.model, "dataset": cell.dataset, "n_mem": str(cell.n_mem), "length": str(cell.length), "method": method}
 
 
 def metric_key(*parts) -> str:
@@ -301,7 +301,8 @@ def log_report(tracker: Tracker, report) -> None:
     metrics = {}
     for row in report.capacity.to_dict("records"):
         group = (row["model"], row["dataset"], f"n_mem_{row['n_mem']}")
-        for key in ("max_tokens", "gain_tokens_mean", "info_gain_bits_mean", "utilization"):
+        keys = ("horizon_mean", "horizon_std", "horizon_min", "horizon_max", "gain_tokens_mean", "info_gain_bits_mean", "utilization")
+        for key in keys + (("max_tokens",) if row["method"] == "full" else ()):
             metrics[metric_key(key, *group)] = row[key]
     tracker.log_metrics(metrics)
     failed, pending = int(report.cells["failed"].sum()), int(report.cells["pending"].sum())

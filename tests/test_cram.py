@@ -104,7 +104,7 @@ def test_stored_vectors_give_stored_accuracy_and_greedy_prefix(request, model):
         with torch.no_grad():
             _, acc, _ = score(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
         assert acc.item() == pytest.approx(row.acc, abs=1e-6)
-        decoded = greedy_decode(lm.model, memory, ids[:, 0], ids.shape[1] - 1, "fp32")
+        decoded = greedy_decode(lm.model, memory, ids[:, :1], ids.shape[1] - 1, "fp32")
         assert leading_matches(decoded == ids[:, 1:]).item() == row.greedy_prefix
         assert row.greedy_exact == (row.greedy_prefix == ids.shape[1] - 1)
     if model == "tiny_llama":  # converged samples and one that is not
@@ -201,3 +201,27 @@ def test_heartbeats_report_running_steps_and_change_no_result(tiny_llama):
 def test_leading_matches_counts_up_to_the_first_error():
     correct = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
     assert leading_matches(correct).tolist() == [2, 0, 4]
+
+
+def test_full_cramming_results_are_those_from_before_progressive_cramming(tiny_llama, tiny_neox):
+    """method=full through the batched row-wise AdamW and the padded-batch engine: the rows the engine gave
+    before progressive cramming existed (same steps and accuracies; floats within rounding across CPUs)."""
+    import json
+
+    from .helpers import ROOT
+
+    golden = json.loads((ROOT / "tests" / "fixtures" / "full_cramming_before_progressive.json").read_text())["rows"]
+    models = {"tiny_llama": tiny_llama, "tiny_neox": tiny_neox}
+    for key in sorted({(g["model"], g["length"], g["batch_size"], g["check_every"]) for g in golden}):
+        name, length, batch_size, check_every = key
+        lm = models[name]
+        specs = specs_for(lm, length, 5)
+        rows = by_sample(cram(lm.model, specs, 2, OPTIM, "fp32", batch_size=batch_size, check_every=check_every))
+        for g in (g for g in golden if (g["model"], g["length"], g["batch_size"], g["check_every"]) == key):
+            row = rows[g["sample"]]
+            assert (row.steps, row.greedy_prefix) == (g["steps"], g["greedy_prefix"]), (key, g["sample"])
+            assert row.acc == pytest.approx(g["acc"], abs=1e-6) and row.acc_no_mem == pytest.approx(g["acc_no_mem"], abs=1e-6)
+            assert row.ce_bits == pytest.approx(g["ce_bits"], rel=1e-4) and row.ce_no_mem_bits == pytest.approx(
+                g["ce_no_mem_bits"], rel=1e-5
+            )
+            assert torch.allclose(torch.tensor(row.memory), torch.tensor(g["memory"]), atol=1e-4)

@@ -174,8 +174,8 @@ def faulted(tmp_path_factory):
     torch.set_num_threads(1)  # as the worker (worker.cpus=1); also immune to busy cores
     try:
         for item in work_items(cfg, prepare_tokens(cfg), set()):
-            for row in cram(lm.model, item.specs, item.cell.n_mem, cfg.optim, "fp32", batch_size=4):
-                baseline[item.cell.id, row.sample] = row
+            for row in cram(lm.model, item.specs, item.n_mem, cfg.optim, "fp32", batch_size=4):
+                baseline[row.cell, row.sample] = row
     finally:
         torch.set_num_threads(threads)
     return {"proc": proc, "text": text, "sweep": sweep, "second": second, "still_running": still_running, "baseline": baseline}
@@ -184,8 +184,8 @@ def faulted(tmp_path_factory):
 @pytest.mark.slow
 def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
     text, sweep = faulted["text"], faulted["sweep"]
-    for length in (4, 8):  # the worker's own warning, forwarded by Ray
-        assert f"out of memory on tiny_llama/pydoc/n_mem=2/L={length}: retrying 3 samples with batch_size=2" in text
+    # the worker's own warning, forwarded by Ray: one work item holds both cells (same model and n_mem)
+    assert "out of memory on tiny_llama/n_mem=2 (2 cells): retrying 6 samples with batch_size=2" in text
     rows = stored(sweep)
     assert len(rows) == 5 and raw_count(sweep) == 5
     for key, row in rows.items():  # batch 2 after the OOM, batch 4 in the baseline: the same trajectories
@@ -511,6 +511,17 @@ RUN_CASES = [
         "models.tiny_llama",
     ),
     ("bad-precision", ["precision=fp8"], "precision=fp8"),
+    ("progressive-min-length-0", ["method=progressive", "method.min_length=0"], "method.min_length=0"),
+    ("progressive-step-0", ["method=progressive", "method.step=0"], "method.step=0"),
+    ("progressive-steps-per-stage-0", ["method=progressive", "method.steps_per_stage=0"], "method.steps_per_stage=0"),
+    ("progressive-threshold-0", ["method=progressive", "method.threshold=0"], "method.threshold=0"),
+    ("progressive-threshold-above-1", ["method=progressive", "method.threshold=1.5"], "method.threshold=1.5"),
+    ("progressive-unknown-growth", ["method=progressive", "method.growth=cubic"], "method.growth=cubic"),
+    ("progressive-unknown-backoff", ["method=progressive", "method.backoff=ternary"], "method.backoff=ternary"),
+    ("progressive-min-length-above-cap", ["method=progressive", "method.min_length=16", "grid.lengths=[8]"], "method.min_length=16"),
+    ("progressive-no-first-target", ["method=progressive", "method.predict_first=false", "method.min_length=1"], "method.min_length=1"),
+    ("unknown-method", ["method=partial"], "unknown option method=partial"),
+    ("unknown-schedule", ["optim.schedule=linear"], "optim.schedule=linear"),
 ]
 
 

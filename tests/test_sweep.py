@@ -11,11 +11,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cram_sweep.config import load_sweep_config, to_yaml
-from cram_sweep.store import SweepDir, read_results
+from cram_sweep.store import SweepDir, read_results, read_stages
 
 from .helpers import CLI, ROOT, TINY, cli_env, run_cli, seed_mlflow_db, tiny_config
 
 pytestmark = pytest.mark.slow  # sweeps in processes of their own
+# progressive cramming that grows a few stages on the tiny models within seconds (see tests/test_progressive.py)
+PROGRESSIVE = [
+    "method=progressive",
+    "method.step=1",
+    "method.steps_per_stage=40",
+    "optim.max_steps=300",
+    "optim.warmup_steps=0",
+    "optim.init=embed_std",
+]
 
 
 def mlflow_runs(out_dir: Path):
@@ -118,7 +127,8 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
     assert "finished samples are [0, 1, 2]" in capsys.readouterr().err
 
 
-def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
+@pytest.mark.parametrize("method", [[], PROGRESSIVE], ids=["full", "progressive"])
+def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path, method):
     args = [
         "run",
         "name=killed",
@@ -127,6 +137,7 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
         "grid.samples=4",
         "grid.lengths=[4,8]",
         "batch_size=1",
+        *method,
     ]
     proc = subprocess.Popen(
         CLI + seed_mlflow_db(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env()
@@ -147,8 +158,53 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
     after = read_results(sweep, ["cell", "sample"])
     raw = ds.dataset(sweep.results).to_table(columns=["cell", "sample"])
     assert after.num_rows == raw.num_rows == 8, "every sample exactly once"
+    if method:  # each sample's stages once, as many as its row counts (a killed sample reran from its start)
+        stages = read_stages(sweep).to_pylist()
+        per_sample = {(r["cell"], r["sample"]): r["stages"] for r in read_results(sweep, ["stages"]).to_pylist()}
+        counted = {key: sum(1 for s in stages if (s["cell"], s["sample"]) == key) for key in per_sample}
+        assert counted == per_sample and all(count >= 1 for count in counted.values())
     parents, _ = mlflow_runs(tmp_path)
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
+
+
+def test_progressive_sweep_end_to_end(tmp_path, capsys):
+    """method=progressive through the CLI: horizons in the results, every stage in stages/, the report's horizon
+    table and plots, horizon metrics on the MLflow child and parent runs, status and decode of the horizon."""
+    from cram_sweep.cli import main
+
+    proc = run_cli(
+        "run",
+        "name=prog",
+        f"out_dir={tmp_path}",
+        *TINY,
+        *PROGRESSIVE,
+        "grid.lengths=[6,12]",
+        "report=true",
+        "worker.progress_seconds=0",
+        "progress_line_seconds=0",
+    )
+    assert "total: 6 done, 0 failed, 0 pending" in proc.stdout
+    assert "stages up to length" in proc.stderr, "progress shows the stage lengths reached"
+    sweep = SweepDir(tmp_path / "prog")
+    rows = read_results(sweep).to_pylist()
+    assert {r["method"] for r in rows} == {"progressive"} and all(r["predict_first"] for r in rows)
+    assert max(r["horizon"] for r in rows) >= 3
+    stages = read_stages(sweep).to_pylist()
+    for row in rows:
+        mine = sorted((s for s in stages if (s["cell"], s["sample"]) == (row["cell"], row["sample"])), key=lambda s: s["stage"])
+        assert len(mine) == row["stages"] and mine[-1]["total_steps"] == row["steps"]
+        assert row["horizon"] == max((s["length"] for s in mine if s["converged"]), default=0)
+    capacity = (sweep.report / "capacity.csv").read_text()
+    assert "progressive" in capacity and "horizon_mean" in capacity
+    assert {"horizon_vs_ce.png", "growth.png", "capacity.md"} <= {p.name for p in sweep.report.iterdir()}
+    parents, children = mlflow_runs(tmp_path)
+    assert all("horizon_mean" in c.data.metrics and c.data.tags["method"] == "progressive" for c in children)
+    assert "horizon_mean/tiny_llama/pydoc/n_mem_2" in parents[0].data.metrics
+    status = run_cli("status", str(sweep.path))
+    assert status.stdout.count("horizon") == 2
+    best = max(rows, key=lambda r: r["horizon"])
+    assert main(["decode", str(sweep.path), "--cell", best["cell"], "--sample", str(best["sample"])]) == 0
+    assert f"horizon {best['horizon']} of {best['length']} tokens: the horizon prefix decodes exactly: yes" in capsys.readouterr().out
 
 
 def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path, capsys):

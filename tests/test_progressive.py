@@ -1,0 +1,255 @@
+"""Progressive cramming against an independent batch-size-1 loop written the way the reference runs it,
+and the batching it adds: mixed lengths in one right-padded batch, snapshots, greedy decoding of the horizon."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cram_sweep.adamw import RowAdamW, learning_rates
+from cram_sweep.config import Cell, sample_seed
+from cram_sweep.cram import SampleSpec, cram, token_scores
+from cram_sweep.data import sample_token_ids
+from cram_sweep.decode import greedy_decode
+
+from .helpers import tiny_config
+
+# The tiny random model grows a few stages within seconds: +1 per stage, cosine without warm-up, randn init
+# (from U[0, 0.02) and a warm-up it hardly gets past the first token: see docs/progressive.md on SmolLM2).
+PROGRESSIVE = [
+    "method=progressive",
+    "method.step=1",
+    "method.steps_per_stage=40",
+    "optim.max_steps=300",
+    "optim.warmup_steps=0",
+    "optim.init=embed_std",
+]
+GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
+
+
+def progressive_config(*overrides):
+    return tiny_config(*PROGRESSIVE, *overrides)
+
+
+def specs_for(lm, cap, count, cell="c"):
+    cfg = progressive_config()
+    ids = sample_token_ids(cfg.datasets["pydoc"], "pydoc", lm.tokenizer, count, cap, seed=0)
+    return [SampleSpec(i, ids[i], sample_seed(0, Cell(lm.name, "pydoc", 1, cap), i), cell) for i in range(count)]
+
+
+def cosine_lambda(optim):
+    """Hugging Face's cosine_with_min_lr, as a LambdaLR factor (written here from its definition)."""
+
+    def factor(step):
+        if step < optim.warmup_steps:
+            return step / max(1, optim.warmup_steps)
+        progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) * (1 - optim.min_lr / optim.lr) + optim.min_lr / optim.lr)
+
+    return factor
+
+
+def naive_progressive(model, token_ids, n_mem, init_seed, optim, method):
+    """The reference's stage loop at batch size 1: torch AdamW with a LambdaLR, a stage is judged on the forward
+    before each update, warm starts keep the optimizer, geometric back-offs reload a deep-copied snapshot."""
+    embed = model.get_input_embeddings()
+    gen = torch.Generator().manual_seed(init_seed)
+    if optim.init == "uniform":
+        init = torch.rand(n_mem, embed.weight.shape[1], generator=gen) * optim.init_scale
+    else:
+        init = torch.randn(n_mem, embed.weight.shape[1], generator=gen) * embed.weight.std().item()
+    memory = torch.nn.Parameter(init.clone())
+    opt = torch.optim.AdamW([memory], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(optim))
+    ids = torch.tensor(token_ids)[None]
+    given = 0 if method.predict_first else 1
+    steps, stages, best, snapshot = 0, [], 0, None
+
+    def stage(length):
+        nonlocal steps, snapshot
+        text = embed(ids[:, :length])
+        targets = ids[0, given:length]
+        for stage_steps in range(method.steps_per_stage + 1):
+            logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem - 1 + given : n_mem + length - 1]
+            loss = F.cross_entropy(logits, targets)
+            acc = (logits.argmax(-1) == targets).float().mean().item()
+            if acc >= method.threshold:
+                snapshot = (
+                    memory.detach().clone(),
+                    copy.deepcopy(opt.state_dict()),
+                    copy.deepcopy(sched.state_dict()),
+                    memory.detach().clone(),
+                )
+                stages.append((length, True, stage_steps))
+                return True
+            if stage_steps == method.steps_per_stage or steps == optim.max_steps:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+        stages.append((length, False, stage_steps))
+        return False
+
+    def restore():
+        with torch.no_grad():
+            memory.copy_(snapshot[0])
+        opt.load_state_dict(
+            copy.deepcopy(snapshot[1])
+        )  # torch aliases the loaded state: a second restore would see the first probe's moments
+        sched.load_state_dict(snapshot[2])
+
+    length, cap = min(method.min_length, len(token_ids)), len(token_ids)
+    if method.growth == "linear":
+        while stage(length) and steps < optim.max_steps and length < cap:
+            best, length = length, min(length + method.step, cap)
+        best = max([s[0] for s in stages if s[1]], default=0)
+    else:
+        lo, hi = None, None
+        while True:  # ramp: double until a stage fails
+            if stage(length):
+                lo = length
+                if length >= cap or steps >= optim.max_steps:
+                    break
+                length = min(2 * length, cap)
+            else:
+                hi = length
+                break
+        while lo is not None and hi is not None and hi - lo > method.step and steps < optim.max_steps:  # bisect
+            mid = (lo + hi) // 2
+            restore()
+            if stage(mid):
+                lo = mid
+            else:
+                hi = mid
+        best = lo or 0
+    vectors = snapshot[3] if snapshot else init
+    return {"stages": stages, "horizon": best, "steps": steps, "memory": vectors.flatten()}
+
+
+def compare(result, naive):
+    engine_stages = [(r.length, r.converged, r.steps) for r in result.stage_records]
+    assert engine_stages == naive["stages"]
+    assert result.horizon == naive["horizon"] and result.steps == naive["steps"]
+    # the naive forward computes every position's logits, the engine only the predicting ones: float rounding
+    # differs from the first step, and Adam carries it along (~1e-2 after 100 steps at lr 0.05)
+    assert torch.allclose(torch.tensor(result.memory), naive["memory"], atol=5e-2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [*GIVEN_FIRST, "method.growth=geometric", "optim.warmup_steps=10"],
+        [*GIVEN_FIRST, "optim.schedule=constant", "optim.lr=0.05", "optim.init=uniform"],
+    ],
+    ids=["linear-cosine", "geometric-bisect-warmup", "constant-lr-uniform-init-first-token-given"],
+)
+def test_engine_matches_naive_reference_loop(tiny_llama, overrides):
+    cfg = progressive_config(*overrides)
+    specs = specs_for(tiny_llama, 12, 3)
+    results = {r.sample: r for r in cram(tiny_llama.model, specs, 1, cfg.optim, "fp32", batch_size=3, method=cfg.method)}
+    growth = []
+    for spec in specs:
+        naive = naive_progressive(tiny_llama.model, spec.token_ids, 1, spec.init_seed, cfg.optim, cfg.method)
+        compare(results[spec.sample], naive)
+        growth.append(len(naive["stages"]))
+    assert max(growth) >= 3, f"the samples grew through several stages: {growth}"
+
+
+def test_mixed_lengths_in_one_batch_give_each_sample_its_solo_trajectory(tiny_llama):
+    """Caps 6, 9 and 12 and samples at different stages share one right-padded batch; each sample's stages,
+    horizon, steps and vectors are those it has alone."""
+    cfg = progressive_config(*GIVEN_FIRST, "method.growth=geometric", "method.backoff=linear")
+    specs = specs_for(tiny_llama, 6, 2, "a") + specs_for(tiny_llama, 9, 2, "b") + specs_for(tiny_llama, 12, 2, "c")
+    batched = {(r.cell, r.sample): r for r in cram(tiny_llama.model, specs, 1, cfg.optim, "fp32", batch_size=4, method=cfg.method)}
+    for spec in specs:
+        (alone,) = cram(tiny_llama.model, [spec], 1, cfg.optim, "fp32", batch_size=1, method=cfg.method)
+        row = batched[spec.cell, spec.sample]
+        assert [(r.length, r.converged, r.steps, r.phase) for r in row.stage_records] == [
+            (r.length, r.converged, r.steps, r.phase) for r in alone.stage_records
+        ]
+        assert (row.horizon, row.steps) == (alone.horizon, alone.steps)
+        assert torch.allclose(torch.tensor(row.memory), torch.tensor(alone.memory), atol=1e-4)
+    assert len({r.horizon for r in batched.values()}) > 1
+
+
+def test_right_padding_changes_nothing(tiny_llama):
+    """A short text right-padded into a batch with a longer one has the CE, predictions and gradient it has alone."""
+    embed = tiny_llama.model.get_input_embeddings()
+    short, long = specs_for(tiny_llama, 5, 1)[0].token_ids, specs_for(tiny_llama, 11, 2)[1].token_ids
+    padded_ids = torch.tensor([short + [0] * 6, long])
+    memory = torch.randn(2, 1, embed.weight.shape[1], requires_grad=True)
+    ce, correct = token_scores(tiny_llama.model, memory, embed(padded_ids), padded_ids[:, 1:], "fp32")
+    ce[0, :4].mean().backward()
+    alone_memory = memory.detach()[:1].clone().requires_grad_()
+    ids = torch.tensor([short])
+    ce_alone, correct_alone = token_scores(tiny_llama.model, alone_memory, embed(ids), ids[:, 1:], "fp32")
+    ce_alone.mean().backward()
+    assert torch.allclose(ce[0, :4], ce_alone[0], atol=1e-5) and torch.equal(correct[0, :4], correct_alone[0])
+    assert torch.allclose(memory.grad[0], alone_memory.grad[0], atol=1e-6) and memory.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_row_adamw_is_torch_adamw_per_row(schedule):
+    """Each row follows torch.optim.AdamW with its own LambdaLR, whatever the other rows' positions."""
+    optim = progressive_config(f"optim.schedule={schedule}", "optim.warmup_steps=10").optim
+    torch.manual_seed(0)
+    start = torch.randn(3, 2, 8)
+    rows = RowAdamW(optim, "cpu")
+    rows.add(start)
+    batched = start.clone()
+    params = [torch.nn.Parameter(start[i].clone()) for i in range(3)]
+    opts = [torch.optim.AdamW([p], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay) for p in params]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(optim) if schedule == "cosine" else lambda _: 1.0) for o in opts]
+    for step in range(30):
+        grads = torch.randn(3, 2, 8)
+        active = torch.tensor([True, step % 2 == 0, step % 3 == 0])  # rows at different schedule positions
+        rows.step(batched, grads, active)
+        for i in range(3):
+            if active[i]:
+                params[i].grad = grads[i].clone()
+                opts[i].step()
+                scheds[i].step()
+    for i in range(3):
+        assert torch.equal(batched[i], params[i].detach()), f"row {i}"
+    assert rows.count.tolist() == [30, 15, 10]
+    assert learning_rates(optim)[0] == (0.0 if schedule == "cosine" else optim.lr)
+
+
+def test_snapshot_and_restore_bring_back_the_moments_and_schedule_position():
+    optim = progressive_config().optim
+    rows = RowAdamW(optim, "cpu")
+    memory = torch.randn(2, 1, 4)
+    rows.add(memory)
+    for _ in range(5):
+        rows.step(memory, torch.randn(2, 1, 4), torch.tensor([True, True]))
+    snapshot = rows.snapshot()
+    for _ in range(7):
+        rows.step(memory, torch.randn(2, 1, 4), torch.tensor([True, True]))
+    after = rows.snapshot()
+    rows.restore(snapshot, torch.tensor([True, False]))
+    for name in RowAdamW.STATE:
+        assert torch.equal(getattr(rows, name)[0], snapshot[name][0]), name
+        assert torch.equal(getattr(rows, name)[1], after[name][1]), name
+    assert rows.count.tolist() == [5, 12]
+
+
+def test_greedy_decode_of_the_stored_vectors_reproduces_the_horizon_prefix(tiny_llama):
+    for overrides in ([], GIVEN_FIRST):
+        cfg = progressive_config(*overrides)
+        given = 0 if cfg.method.predict_first else 1
+        results = list(cram(tiny_llama.model, specs_for(tiny_llama, 12, 3), 1, cfg.optim, "fp32", batch_size=3, method=cfg.method))
+        assert any(r.horizon >= 3 for r in results), [r.horizon for r in results]
+        for r in results:
+            if r.horizon == 0:
+                continue
+            ids = torch.tensor(r.token_ids)[None]
+            memory = torch.tensor(r.memory).view(1, 1, -1)
+            decoded = greedy_decode(tiny_llama.model, memory, ids[:, :given], r.horizon - given, "fp32")
+            assert torch.equal(decoded, ids[:, given : r.horizon]), (r.sample, r.horizon)
+            assert r.greedy_exact and r.greedy_prefix == r.horizon - given
+            assert r.info_gain_bits == pytest.approx(r.ce_no_mem_bits - r.ce_bits)
