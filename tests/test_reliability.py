@@ -356,10 +356,11 @@ def store_faults(tmp_path_factory):
         # 2. resume; the disk fills while it writes
         log2 = base / "2.log"
         preexec = None if tmpfs else (lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
-        proc = start(["resume", str(sweep.path)], log2, preexec_fn=preexec)
+        proc = start(["resume", str(sweep.path)], log2, fault="store_write_sleep:2", preexec_fn=preexec)
         try:
-            count = len(seen["after_kill"])
-            wait_for(lambda: read_results(sweep, KEYS).num_rows > count, "a new stored part", proc=proc, log=log2)
+            # the disk fills while the first new part waits to be renamed: the rename needs no space, every later write fails
+            new_tmp = lambda: [t for t in tmp_files(sweep) if t.parent == sweep.results and t not in seen["tmp_after_kill"]]  # noqa: E731
+            wait_for(new_tmp, "a results write in progress", proc=proc, log=log2)
             seen["stale_left"] = [t for t in seen["tmp_after_kill"] if t.exists()]
             if tmpfs:
                 filler = _fill(disk)

@@ -81,10 +81,11 @@ def test_capacity_csv_matches_hand_computed_table(tmp_path):
     nan = float("nan")
     expected = pd.DataFrame(
         [
-            ["m1", "pydoc", 1, 16, 12.0, 2.0, 30.0, 10.0, 16.0, 12 / 16],
-            ["m1", "pydoc", 2, 32, nan, nan, nan, nan, 32.0, nan],
-            ["m2", "pydoc", 1, 0, 7.0, math.sqrt(20 / 3), 2.5, math.sqrt(5 / 3), 16.0, 7 / 16],
-            ["m2", "pydoc", 2, 16, 20.0, nan, 50.0, nan, 32.0, 20 / 32],
+            # horizon: per sample the longest over its lengths (result_row: the length where acc is 1.0, else 0)
+            ["m1", "pydoc", 1, "full", 16, 8.0, math.sqrt(128), 0, 16, 12.0, 2.0, 30.0, 10.0, 16.0, 12 / 16],
+            ["m1", "pydoc", 2, "full", 32, 32.0, 0.0, 32, 32, nan, nan, nan, nan, 32.0, nan],
+            ["m2", "pydoc", 1, "full", 0, 0.0, 0.0, 0, 0, 7.0, math.sqrt(20 / 3), 2.5, math.sqrt(5 / 3), 16.0, 7 / 16],
+            ["m2", "pydoc", 2, "full", 16, 24.0, math.sqrt(128), 16, 32, 20.0, nan, 50.0, nan, 32.0, 20 / 32],
         ],
         columns=CAPACITY_COLUMNS,
     )
@@ -102,8 +103,8 @@ def test_capacity_csv_matches_hand_computed_table(tmp_path):
             assert_png(path)
     md = (sweep.report / "capacity.md").read_text()
     assert "All 16 samples done." in md and "pending:" not in md
-    assert "| m1 | pydoc | 1 | 16 | 12.0 ± 2.0 | 30.0 ± 10.0 | 16.0 | 75.0% |" in md
-    assert "| m1 | pydoc | 2 | 32 | – | – | 32.0 | – |" in md
+    assert "| m1 | pydoc | 1 | full | 16 | 8.0 ± 11.3 [0–16] | 12.0 ± 2.0 | 30.0 ± 10.0 | 16.0 | 75.0% |" in md
+    assert "| m1 | pydoc | 2 | full | 32 | 32.0 ± 0.0 [32–32] | – | – | 32.0 | – |" in md
 
 
 def test_partial_sweep_shows_failed_and_pending_cells(tmp_path):
@@ -134,8 +135,8 @@ def test_partial_sweep_shows_failed_and_pending_cells(tmp_path):
     ]
     md = (sweep.report / "capacity.md").read_text()
     assert "4 of 9 samples done, 1 failed, 4 pending: means are over finished samples" in md
-    assert "| 32 | 1 | 0.600 | 15.0 | 0.00 | 1 / 1 |" in md
-    assert "| 64 | 0 | – | – | – | 0 / 3 |" in md
+    assert "| 32 | 1 | 0.600 | 15.0 | 0.00 | 0.0 (0) | 1 / 1 |" in md
+    assert "| 64 | 0 | – | – | – | – (–) | 0 / 3 |" in md
     for name in ("accuracy_vs_length.png", "ce_with_vs_without.png", "info_gain_vs_n_mem.png"):
         assert_png(sweep.report / name)
 
