@@ -334,7 +334,7 @@ def _plot_info_gain(capacity: pd.DataFrame, path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set(
         xlabel="number of vectors (n_mem)",
-        ylabel=f"information gain (bits), samples with acc ≤ {FIT}",
+        ylabel="information gain (bits)",
         title="Information gain vs number of vectors (mean ± std)",
     )
     return _save(fig, ax, path)

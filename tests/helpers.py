@@ -38,6 +38,17 @@ TINY = [
     "flush_seconds=0.5",
 ]
 
+# Progressive cramming that grows a few stages on the tiny models within seconds: +1 per stage, cosine without
+# warm-up, randn init (from U[0, 0.02) with a warm-up they hardly get past the first token).
+TINY_PROGRESSIVE = [
+    "method=progressive",
+    "method.step=1",
+    "method.steps_per_stage=40",
+    "optim.max_steps=300",
+    "optim.warmup_steps=0",
+    "optim.init=embed_std",
+]
+
 
 def tiny_config(*overrides):
     return compose_config(TINY + list(overrides))

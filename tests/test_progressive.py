@@ -14,23 +14,13 @@ from cram_sweep.cram import SampleSpec, cram, token_scores
 from cram_sweep.data import sample_token_ids
 from cram_sweep.decode import greedy_decode
 
-from .helpers import tiny_config
+from .helpers import TINY_PROGRESSIVE, tiny_config
 
-# The tiny random model grows a few stages within seconds: +1 per stage, cosine without warm-up, randn init
-# (from U[0, 0.02) and a warm-up it hardly gets past the first token: see docs/progressive.md on SmolLM2).
-PROGRESSIVE = [
-    "method=progressive",
-    "method.step=1",
-    "method.steps_per_stage=40",
-    "optim.max_steps=300",
-    "optim.warmup_steps=0",
-    "optim.init=embed_std",
-]
 GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
 
 
 def progressive_config(*overrides):
-    return tiny_config(*PROGRESSIVE, *overrides)
+    return tiny_config(*TINY_PROGRESSIVE, *overrides)
 
 
 def specs_for(lm, cap, count, cell="c"):

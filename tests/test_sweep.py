@@ -13,18 +13,9 @@ from mlflow.tracking import MlflowClient
 from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.store import SweepDir, read_results, read_stages
 
-from .helpers import CLI, ROOT, TINY, cli_env, run_cli, seed_mlflow_db, tiny_config
+from .helpers import CLI, ROOT, TINY, TINY_PROGRESSIVE, cli_env, run_cli, seed_mlflow_db, tiny_config
 
 pytestmark = pytest.mark.slow  # sweeps in processes of their own
-# progressive cramming that grows a few stages on the tiny models within seconds (see tests/test_progressive.py)
-PROGRESSIVE = [
-    "method=progressive",
-    "method.step=1",
-    "method.steps_per_stage=40",
-    "optim.max_steps=300",
-    "optim.warmup_steps=0",
-    "optim.init=embed_std",
-]
 
 
 def mlflow_runs(out_dir: Path):
@@ -127,7 +118,7 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
     assert "finished samples are [0, 1, 2]" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", [[], PROGRESSIVE], ids=["full", "progressive"])
+@pytest.mark.parametrize("method", [[], TINY_PROGRESSIVE], ids=["full", "progressive"])
 def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path, method):
     args = [
         "run",
@@ -177,7 +168,7 @@ def test_progressive_sweep_end_to_end(tmp_path, capsys):
         "name=prog",
         f"out_dir={tmp_path}",
         *TINY,
-        *PROGRESSIVE,
+        *TINY_PROGRESSIVE,
         "grid.lengths=[6,12]",
         "report=true",
         "worker.progress_seconds=0",
