@@ -216,7 +216,8 @@ def stubs(tmp_path):
     """Stand-ins for srun/scontrol/ray/python/cram-sweep that log their arguments."""
     bindir, log = tmp_path / "bin", tmp_path / "calls.log"
     bindir.mkdir()
-    record = f'printf "%s" "$(basename "$0")" >> {log}; printf " %q" "$@" >> {log}; echo >> {log}\n'
+    # one append per call: the head's background srun and the foreground health check write at once
+    record = f'echo "$(basename "$0")$(printf " %q" "$@")" >> {log}\n'
     _stub(bindir, "scontrol", "printf 'node1\\nnode2\\nnode3\\n'\n")
     _stub(
         bindir,
