@@ -6,7 +6,8 @@ progressive cramming with geometric growth up to the grid's longest length, on t
 Sample-steps count forward+backward passes (full: its steps; progressive: its updates plus the judging forward
 of each stage). Wall times are this process's, engine only (the model loads once, before either clock starts).
 Prints the answers side by side (max_tokens; the horizons) and the ratio of sample-steps and of wall time.
-`--both` overrides go to both runs (e.g. `--both optim.max_steps=1000`), `--full` / `--progressive` to one of them.
+`--both` overrides go to both runs (e.g. `--both precision=bf16`; fp32 unless told), `--full` / `--progressive` to
+one of them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def run(overrides: list[str], batch_size: int) -> tuple[list[SampleResult], floa
     started = time.perf_counter()
     results = [
         r
-        for r in cram(lm.model, item.specs, item.n_mem, cfg.optim, "fp32", batch_size=batch_size, method=cfg.method)
+        for r in cram(lm.model, item.specs, item.n_mem, cfg.optim, cfg.precision, batch_size=batch_size, method=cfg.method)
         if isinstance(r, SampleResult)
     ]
     return results, time.perf_counter() - started

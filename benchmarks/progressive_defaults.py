@@ -7,6 +7,7 @@ JSON line, so an interrupted run keeps what it measured (and --arms runs the res
     # on 2 cores, two processes of one thread (about 20 % faster than one of two threads), then the table:
     .venv/bin/python benchmarks/progressive_defaults.py --threads 1 --arms reference+predict_first reference+first_given &
     .venv/bin/python benchmarks/progressive_defaults.py --threads 1 --arms kuratov+predict_first kuratov+first_given
+    .venv/bin/python benchmarks/progressive_defaults.py --table     # the table of what --out holds, nothing run
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=64)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=Path("outputs/progressive-defaults.jsonl"))
+    parser.add_argument("--table", action="store_true", help="only print the table of the samples --out holds")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (0: torch's default); two processes of one thread each use 2 cores best"
     )
@@ -89,7 +91,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for arm in args.arms:
+    for arm in [] if args.table else args.arms:
         run_arm(arm, ARMS[arm], args.samples, args.cap, args.out)
     print_table([json.loads(line) for line in args.out.read_text().splitlines()])
 
