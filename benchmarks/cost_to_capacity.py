@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 from cram_sweep.config import compose_config
-from cram_sweep.cram import SampleResult, cram
+from cram_sweep.cram import Heartbeat, SampleResult, cram
 from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, work_items
 
@@ -26,13 +27,20 @@ def run(overrides: list[str], batch_size: int) -> tuple[list[SampleResult], floa
     cfg = compose_config(["precision=fp32", *overrides])
     lm = load_model(cfg.grid.models[0], cfg.models[cfg.grid.models[0]], "cpu")
     (item,) = work_items(cfg, prepare_tokens(cfg), set())
-    started = time.perf_counter()
-    results = [
-        r
-        for r in cram(lm.model, item.specs, item.n_mem, cfg.optim, cfg.precision, batch_size=batch_size, method=cfg.method)
-        if isinstance(r, SampleResult)
-    ]
+    started, results = time.perf_counter(), []
+    for r in cram(
+        lm.model, item.specs, item.n_mem, cfg.optim, cfg.precision, batch_size=batch_size, method=cfg.method, heartbeat_seconds=60
+    ):
+        if isinstance(r, SampleResult):
+            results.append(r)
+        print(f"  {cfg.method.name}: {len(results)}/{len(item.specs)} done, {_progress(r)}", file=sys.stderr, flush=True)
     return results, time.perf_counter() - started
+
+
+def _progress(r: SampleResult | Heartbeat) -> str:
+    if isinstance(r, Heartbeat):
+        return f"{r.live} running, step {r.steps}" + (f", stages up to length {r.stage_length}" if r.stage_length else "")
+    return f"L={len(r.token_ids)} sample {r.sample}: steps {r.steps}, acc {r.acc:.3f}, horizon {r.horizon}"
 
 
 def max_tokens(results: list[SampleResult]) -> int:
