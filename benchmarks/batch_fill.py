@@ -60,13 +60,16 @@ def main() -> None:
     per_cell = [[s for s in item.specs if s.cell == cell] for cell in dict.fromkeys(s.cell for s in item.specs)]
     before = measure(lm, per_cell, cfg)
     after = measure(lm, [item.specs], cfg)
-    assert before["sample_steps"] == after["sample_steps"], "a sample's steps do not depend on its batch"
+    moved = {key: (steps, after["sample_steps"][key]) for key, steps in before["sample_steps"].items() if steps != after["sample_steps"][key]}
     print("| worker batches | optimization forwards | at full batch | one sample alone | padded positions | wall (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, row in (("one cell at a time (before)", before), ("across cells, right-padded (now)", after)):
         print(
             f"| {name} | {row['steps']} | {row['full_share']:.0%} | {row['alone_share']:.0%} | {row['padding']:+.0%} | {row['wall_s']:.0f} |"
         )
+    # Exact arithmetic makes a sample's trajectory independent of its batch (tests/test_progressive.py proves it on
+    # tiny models); a padded batch changes the GEMM shapes, so rounding can move a stop by a step on a real model.
+    print(f"samples whose steps differ (before, now): {len(moved)} of {len(before['sample_steps'])} {moved}")
 
 
 if __name__ == "__main__":
