@@ -36,7 +36,9 @@ def measure(lm, batches, cfg, max_padding: float = MAX_PADDING) -> dict:
     started, steps = time.perf_counter(), {}
     try:
         for specs in batches:
-            for r in cram(lm.model, specs, cfg.grid.n_mem[0], cfg.optim, "fp32", batch_size=cfg.batch_size, method=cfg.method, max_padding=max_padding):
+            for r in cram(
+                lm.model, specs, cfg.grid.n_mem[0], cfg.optim, "fp32", batch_size=cfg.batch_size, method=cfg.method, max_padding=max_padding
+            ):
                 if isinstance(r, SampleResult):
                     steps[r.cell, r.sample] = r.steps
     finally:
@@ -76,7 +78,9 @@ def main() -> None:
     # Exact arithmetic makes a sample's trajectory independent of its batch (tests/test_progressive.py proves it on
     # tiny models); a padded batch changes the GEMM shapes, so rounding can move a stop by a step on a real model.
     for name, row in rows.items():
-        moved = {key: (steps, row["sample_steps"][key]) for key, steps in before["sample_steps"].items() if steps != row["sample_steps"][key]}
+        moved = {
+            key: (steps, row["sample_steps"][key]) for key, steps in before["sample_steps"].items() if steps != row["sample_steps"][key]
+        }
         print(f"{name}: samples whose steps differ from before: {len(moved)} of {len(before['sample_steps'])} {moved}")
 
 
