@@ -37,7 +37,14 @@ def measure(lm, batches, cfg, max_padding: float = MAX_PADDING) -> dict:
     try:
         for specs in batches:
             for r in cram(
-                lm.model, specs, cfg.grid.n_mem[0], cfg.optim, "fp32", batch_size=cfg.batch_size, method=cfg.method, max_padding=max_padding
+                lm.model,
+                specs,
+                cfg.grid.n_mem[0],
+                cfg.optim,
+                cfg.precision,
+                batch_size=cfg.batch_size,
+                method=cfg.method,
+                max_padding=max_padding,
             ):
                 if isinstance(r, SampleResult):
                     steps[r.cell, r.sample] = r.steps
@@ -66,9 +73,11 @@ def main() -> None:
     (item,) = work_items(cfg, prepare_tokens(cfg), set())
     per_cell = [[s for s in item.specs if s.cell == cell] for cell in dict.fromkeys(s.cell for s in item.specs)]
     before = measure(lm, per_cell, cfg)
-    rows = {"one cell at a time (before)": before}
-    for bound in args.max_padding or [MAX_PADDING]:
-        rows[f"across cells, right-padded, max_padding {bound} (now)"] = measure(lm, [item.specs], cfg, bound)
+    now = {
+        f"across cells, right-padded, max_padding {bound} (now)": measure(lm, [item.specs], cfg, bound)
+        for bound in args.max_padding or [MAX_PADDING]
+    }
+    rows = {"one cell at a time (before)": before, **now}
     print("| worker batches | optimization forwards | at full batch | one sample alone | padded positions | wall (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
@@ -77,7 +86,7 @@ def main() -> None:
         )
     # Exact arithmetic makes a sample's trajectory independent of its batch (tests/test_progressive.py proves it on
     # tiny models); a padded batch changes the GEMM shapes, so rounding can move a stop by a step on a real model.
-    for name, row in rows.items():
+    for name, row in now.items():
         moved = {
             key: (steps, row["sample_steps"][key]) for key, steps in before["sample_steps"].items() if steps != row["sample_steps"][key]
         }

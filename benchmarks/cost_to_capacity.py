@@ -17,10 +17,13 @@ import statistics
 import sys
 import time
 
+import pandas as pd
+
 from cram_sweep.config import compose_config
 from cram_sweep.cram import Heartbeat, SampleResult, cram
 from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.report import max_tokens
 
 
 def run(overrides: list[str], batch_size: int) -> tuple[list[SampleResult], float]:
@@ -43,14 +46,6 @@ def _progress(r: SampleResult | Heartbeat) -> str:
     return f"L={len(r.token_ids)} sample {r.sample}: steps {r.steps}, acc {r.acc:.3f}, horizon {r.horizon}"
 
 
-def max_tokens(results: list[SampleResult]) -> int:
-    by_length: dict[int, list[float]] = {}
-    for r in results:
-        by_length.setdefault(len(r.token_ids), []).append(r.acc)
-    fits = [length for length, accs in by_length.items() if statistics.mean(accs) >= 0.99]
-    return max(fits, default=0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -69,9 +64,10 @@ def main() -> None:
     full_steps = sum(r.steps for r in full)
     progressive_steps = sum(r.steps + r.stages for r in progressive)
     horizons = sorted(r.horizon for r in progressive)
+    full_accs = pd.DataFrame({"length": [len(r.token_ids) for r in full], "acc": [r.acc for r in full]})
     print("| method | answer | sample-steps | wall (s) |")
     print("| --- | --- | --- | --- |")
-    print(f"| full, lengths {lengths} | max_tokens {max_tokens(full)} | {full_steps} | {full_s:.0f} |")
+    print(f"| full, lengths {lengths} | max_tokens {max_tokens(full_accs)} | {full_steps} | {full_s:.0f} |")
     print(
         f"| progressive geometric, cap {max(args.lengths)} | horizons {horizons} (mean {statistics.mean(horizons):.1f}) | {progressive_steps} | {progressive_s:.0f} |"
     )

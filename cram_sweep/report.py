@@ -86,7 +86,8 @@ def load_capacity(sweep_dir) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else capacity_table(load_results(sweep_dir))
 
 
-def _max_tokens(group: pd.DataFrame) -> int:
+def max_tokens(group: pd.DataFrame) -> int:
+    """The longest length whose mean accuracy is >= FIT (0 if none); `group` has `length` and `acc` columns."""
     mean_acc = group.groupby("length")["acc"].mean()
     fits = mean_acc.index[mean_acc >= FIT]
     return int(fits.max()) if len(fits) else 0
@@ -100,7 +101,7 @@ def _capacity_row(method: str, group: pd.DataFrame) -> dict:
     scored = longest if method == "progressive" else group[group["acc"] <= FIT]
     gain_mean = scored["gain_tokens"].mean()
     return {
-        "max_tokens": _max_tokens(group) if method == "full" else math.nan,
+        "max_tokens": max_tokens(group) if method == "full" else math.nan,
         "horizon_mean": horizon.mean(),
         "horizon_std": horizon.std(),
         "horizon_min": horizon.min(),
