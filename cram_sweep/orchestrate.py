@@ -48,10 +48,14 @@ def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int
     return tokens
 
 
+def samples_per_item(cfg: SweepConfig) -> int:
+    return cfg.worker.samples_per_item or (4 * cfg.batch_size if cfg.batch_size != "auto" else 64)
+
+
 def work_items(cfg: SweepConfig, tokens, done: set) -> list[WorkItem]:
     """The pending samples, grouped by (model, n_mem) across cells and datasets, shortest text first, in items
     of `worker.samples_per_item`: a worker's batch runs full from one cell into the next."""
-    per_item = cfg.worker.samples_per_item or (4 * cfg.batch_size if cfg.batch_size != "auto" else 64)
+    per_item = samples_per_item(cfg)
     groups: dict[tuple[str, int], list[SampleSpec]] = defaultdict(list)
     for cell in sorted(cells(cfg), key=lambda c: c.length):
         groups[cell.model, cell.n_mem] += [
