@@ -25,6 +25,7 @@ from collections import deque
 
 from cram_sweep.config import compose_config, load_sweep_config
 from cram_sweep.cram import MAX_PADDING, SampleResult, _admit, cram
+from cram_sweep.errors import UserError
 from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, samples_per_item, work_items
 from cram_sweep.report import load_results
@@ -134,10 +135,11 @@ def replay_sweep(sweep_dir: str, bounds: list[float]) -> None:
     results = results[results["method"] == "full"].sort_values(["length", "cell", "sample"], kind="stable")
     per_item = samples_per_item(cfg)
     for (model, n_mem), group in results.groupby(["model", "n_mem"]):
-        samples = list(zip(group["length"], group["steps"]))
-        items = [samples[start : start + per_item] for start in range(0, len(samples), per_item)]
-        per_cell = [[s for s in item if s[0] == length] for item in items for length in dict.fromkeys(length for length, _ in item)]
-        print(f"\n{model}, n_mem={n_mem}: {len(samples)} samples in {len(items)} work items, {sum(s for _, s in samples)} sample-steps")
+        rows = list(zip(group["length"], group["steps"], group["cell"]))
+        item_rows = [rows[start : start + per_item] for start in range(0, len(rows), per_item)]
+        per_cell = [[(n, s) for n, s, c in item if c == cell] for item in item_rows for cell in dict.fromkeys(c for *_, c in item)]
+        items = [[(n, s) for n, s, _ in item] for item in item_rows]
+        print(f"\n{model}, n_mem={n_mem}: {len(rows)} samples in {len(items)} work items, {group['steps'].sum()} sample-steps")
         print_table(
             {
                 "one cell at a time (before, replayed)": replay(per_cell, cfg.batch_size, n_mem),
@@ -155,7 +157,10 @@ def main() -> None:
     args = parser.parse_args()
     bounds = args.max_padding or [MAX_PADDING]
     if args.replay:
-        replay_sweep(args.replay, bounds)
+        try:
+            replay_sweep(args.replay, bounds)
+        except UserError as err:
+            raise SystemExit(f"error: {err}") from None
         return
     cfg = compose_config(MAKE_RUN + args.overrides)
     lm = load_model(cfg.grid.models[0], cfg.models[cfg.grid.models[0]], "cpu")

@@ -49,6 +49,7 @@ def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int
 
 
 def samples_per_item(cfg: SweepConfig) -> int:
+    """How many samples one work item (one `cram` call on a worker) holds."""
     return cfg.worker.samples_per_item or (4 * cfg.batch_size if cfg.batch_size != "auto" else 64)
 
 
