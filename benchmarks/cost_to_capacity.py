@@ -2,6 +2,7 @@
 progressive cramming with geometric growth up to the grid's longest length, on the same samples of one model.
 
     .venv/bin/python benchmarks/cost_to_capacity.py --lengths 8 16 32 64 --samples 4
+    .venv/bin/python benchmarks/cost_to_capacity.py --lengths 8 16 24 32 40 48 56 64   # spacing = the horizon's resolution (method.step)
 
 Sample-steps count forward+backward passes (full: its steps; progressive: its updates plus the judging forward
 of each stage). Wall times are this process's, engine only (the model loads once, before either clock starts).
