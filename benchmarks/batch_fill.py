@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from cram_sweep.config import compose_config, load_sweep_config
-from cram_sweep.cram import MAX_PADDING, SampleResult, _admit, cram
+from cram_sweep.cram import MAX_PADDING, SampleResult, _admit, cram, padded_and_real
 from cram_sweep.errors import UserError
 from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, samples_per_item, work_items
@@ -79,7 +79,7 @@ def measure(lm, batches, cfg, max_padding: float = MAX_PADDING) -> dict:
     return {
         **fill(sizes, sum(padded), real, cfg.batch_size),
         "wall_s": time.perf_counter() - started,
-        "samples": [(lengths[key], steps[key]) for specs in batches for spec in specs for key in [(spec.cell, spec.sample)]],
+        "samples": [(length, steps[key]) for key, length in lengths.items()],  # in the order the samples were given
     }
 
 
@@ -93,8 +93,7 @@ class _Slots:
         return len(self.running)
 
     def positions(self, extra=()) -> tuple[int, int]:
-        lengths = [length for length, _ in [*self.running, *extra]]
-        return max(lengths) * len(lengths), sum(lengths)
+        return padded_and_real([length for length, _ in [*self.running, *extra]])
 
 
 def replay(batches: list[list[tuple[int, int]]], batch_size: int, n_mem: int, max_padding: float = MAX_PADDING) -> dict:

@@ -137,6 +137,11 @@ def _pad_to(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([tensor, pad], dim=1)
 
 
+def padded_and_real(lengths: list[int]) -> tuple[int, int]:
+    """Positions of a right-padded batch of texts of these lengths, and how many of them are real."""
+    return max(lengths) * len(lengths), sum(lengths)
+
+
 # per-row tensors whose dim 1 runs over text positions: right-padded when a longer text joins
 _PER_POSITION = ("ids", "text_embeds", "ce0_tok", "correct0_tok", "horizon_ce_tok", "horizon_correct")
 
@@ -165,8 +170,7 @@ class _Batch:
 
     def positions(self, extra: Iterable[SampleSpec] = ()) -> tuple[int, int]:
         """(padded, real) text positions of a step, with `extra` samples added."""
-        lengths = [self.offset + n for n in self.targets] + [self._first_target(s) + self.offset for s in extra]
-        return max(lengths) * len(lengths), sum(lengths)
+        return padded_and_real([self.offset + n for n in self.targets] + [self._first_target(s) + self.offset for s in extra])
 
     def _first_target(self, spec: SampleSpec) -> int:
         if self.method.progressive:
