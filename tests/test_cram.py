@@ -205,7 +205,15 @@ def test_leading_matches_counts_up_to_the_first_error():
 
 def test_full_cramming_results_are_those_from_before_progressive_cramming(tiny_llama, tiny_neox):
     """method=full through the batched row-wise AdamW and the padded-batch engine: the rows the engine gave
-    before progressive cramming existed (same steps and accuracies; floats within rounding across CPUs)."""
+    before progressive cramming existed, on whatever x86 CPU and thread count this runs.
+
+    The fixture was written on another machine, so it promises exactly only what does not depend on the matmul
+    kernel: the decisions (steps, greedy prefix, accuracies). The floats carry the last-bit rounding of that
+    machine's kernels, amplified by each sample's ~100 steps: on a Zen 4 (avx512_bf16) the vectors moved by at most 1.4e-4
+    (|x| ~ 1; 7e-5 on an AMX Xeon), held here to 1e-3. The lowest summed CE moved by up to 0.4 %: near
+    convergence it is a few tokens' log-probabilities on the steep side of the softmax, so a 1e-4 change of the
+    vectors moves it by far more than their relative change; held to 1 %. Bit-identity is tested within one
+    process (test_batch_does_not_change_a_sample and the others above)."""
     import json
 
     from .helpers import ROOT
@@ -218,10 +226,22 @@ def test_full_cramming_results_are_those_from_before_progressive_cramming(tiny_l
         specs = specs_for(lm, length, 5)
         rows = by_sample(cram(lm.model, specs, 2, OPTIM, "fp32", batch_size=batch_size, check_every=check_every))
         for g in (g for g in golden if (g["model"], g["length"], g["batch_size"], g["check_every"]) == key):
-            row = rows[g["sample"]]
-            assert (row.steps, row.greedy_prefix) == (g["steps"], g["greedy_prefix"]), (key, g["sample"])
-            assert row.acc == pytest.approx(g["acc"], abs=1e-6) and row.acc_no_mem == pytest.approx(g["acc_no_mem"], abs=1e-6)
-            assert row.ce_bits == pytest.approx(g["ce_bits"], rel=1e-4) and row.ce_no_mem_bits == pytest.approx(
-                g["ce_no_mem_bits"], rel=1e-5
-            )
-            assert torch.allclose(torch.tensor(row.memory), torch.tensor(g["memory"]), atol=1e-4)
+            row, where = rows[g["sample"]], (key, g["sample"])
+            assert (row.steps, row.greedy_prefix) == (g["steps"], g["greedy_prefix"]), where
+            assert (row.acc, row.acc_no_mem) == pytest.approx((g["acc"], g["acc_no_mem"]), abs=1e-6), where
+            assert row.ce_no_mem_bits == pytest.approx(g["ce_no_mem_bits"], rel=1e-5), where
+            assert row.ce_bits == pytest.approx(g["ce_bits"], rel=1e-2), where
+            assert torch.allclose(torch.tensor(row.memory), torch.tensor(g["memory"]), atol=1e-3), where
+
+
+def test_the_engine_imports_neither_pandas_nor_matplotlib():
+    """Every Ray worker imports the engine; pandas and matplotlib (the report's) would cost it ~2 s and 400 MB."""
+    import subprocess
+    import sys
+
+    code = "import sys, cram_sweep, cram_sweep.cram, cram_sweep.worker; print(sorted({'pandas', 'matplotlib'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import cram_sweep
+
+    assert cram_sweep.load_results.__module__ == "cram_sweep.report"
