@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import socket
 import time
 import typing
 import uuid
@@ -139,20 +140,33 @@ class SweepDir:
 
     @contextmanager
     def lock(self):
-        """Exclusive for one run/resume at a time; the kernel drops it if the process dies."""
+        """Exclusive for one run/resume at a time; the kernel drops it if the process dies.
+
+        An `flock` on `.lock`, which records its holder (`lock_holder`). It excludes processes on other hosts only
+        where the filesystem forwards flock to a lock manager (docs/reliability.md); one that has no locks at all
+        (ENOLCK: NFS without its lock manager) is one UserError line."""
         self.path.mkdir(parents=True, exist_ok=True)
         handle = open(self.lock_file, "a+")  # noqa: SIM115 - held open for the whole context: closing it releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "?"
+            holder = handle.read().strip() or "holder unknown"
             handle.close()
-            raise UserError(f"another cram-sweep process (pid {holder}) is working on {self.path}: wait for it or stop it") from None
+            raise UserError(f"another cram-sweep process ({holder}) is working on {self.path}: wait for it or stop it") from None
+        except OSError as err:
+            handle.close()
+            if err.errno not in _NO_LOCKS:
+                raise
+            raise UserError(
+                f"cannot lock {self.lock_file} ({errno.errorcode[err.errno]}: {err.strerror}): its filesystem offers no file locks "
+                "(NFS without a reachable lock manager?): put out_dir on a local disk or on a filesystem with "
+                "locking (NFSv4, Lustre mounted with -o flock; see docs/reliability.md)"
+            ) from None
         try:  # who holds the lock, for the message above; a full disk must not stop the lock itself
             handle.seek(0)
             handle.truncate()
-            handle.write(str(os.getpid()))
+            handle.write(lock_holder(os.getpid()))
             handle.flush()
         except OSError:
             pass
@@ -164,6 +178,13 @@ class SweepDir:
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# flock on a filesystem without locks: NFS without a lock manager (ENOLCK), FUSE or Lustre without -o flock.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def lock_holder(pid: int) -> str:
+    """The holder of a sweep's lock as `.lock` records it and a refused process shows it: `pid N on host H`."""
+    return f"pid {pid} on host {socket.gethostname()}"
 
 
 def remove_partial(sweep: SweepDir) -> list[Path]:

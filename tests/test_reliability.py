@@ -10,6 +10,7 @@ import errno
 import io
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from cram_sweep import cli, store
 from cram_sweep.config import to_yaml
 from cram_sweep.cram import cram
+from cram_sweep.errors import UserError
 from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, work_items
 from cram_sweep.store import SweepDir, read_failures, read_results
@@ -155,7 +157,9 @@ def faulted(tmp_path_factory):
     proc = start(["run", *args], log, fault="oom_above_batch:2,nan_sample:L=8:1")
     second = {}
     try:
-        wait_for(lambda: sweep.config.is_file() and sweep.lock_file.read_text() == str(proc.pid), "the lock", proc=proc, log=log)
+        wait_for(
+            lambda: sweep.config.is_file() and sweep.lock_file.read_text() == store.lock_holder(proc.pid), "the lock", proc=proc, log=log
+        )
         for name, argv in (("resume", ["resume", str(sweep.path)]), ("run", ["run", *args])):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -464,6 +468,33 @@ def test_store_write_failure_is_a_store_error_and_leaves_nothing(tmp_path, monke
         store.write_results(sweep, _rows("c", [1]))
     monkeypatch.undo()
     assert tmp_files(sweep) == [] and read_results(sweep)["sample"].to_pylist() == [0]
+
+
+def test_lock_records_pid_and_host_and_refuses_a_second_holder_with_them(tmp_path):
+    sweep = SweepDir(tmp_path / "s")
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}"
+    with sweep.lock():
+        assert sweep.lock_file.read_text() == holder
+        with pytest.raises(UserError) as refused, sweep.lock():  # flock: a second open file conflicts, even in one process
+            pass
+    assert str(refused.value) == f"another cram-sweep process ({holder}) is working on {sweep.path}: wait for it or stop it"
+
+
+def test_filesystem_without_locks_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """NFS mounted with nolock (or without its lock manager): flock fails with ENOLCK."""
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    code, out, err = cli_main(capsys, "run", "name=nolock", f"out_dir={tmp_path}", *TINY)
+    assert code == 2 and "Traceback" not in err, err
+    assert error_lines(err) == err.strip().splitlines(), err
+    [line] = error_lines(err)
+    lock_file = SweepDir(tmp_path / "nolock").lock_file
+    assert line.startswith(f"error: cannot lock {lock_file} (ENOLCK: "), line
+    assert "put out_dir on a local disk or on a filesystem with locking" in line and "docs/reliability.md" in line, line
+    assert not SweepDir(tmp_path / "nolock").config.exists(), "nothing written without the lock"
 
 
 # ---------------------------------------------------------------- bad input: one `error:` line naming the key, exit 2, no work
