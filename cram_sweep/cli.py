@@ -11,12 +11,14 @@ from pathlib import Path
 from . import interrupt
 from .config import compose, load_sweep_config, result_config, to_sweep_config, to_yaml, with_runtime_overrides
 from .errors import StoreError, UserError, one_line
+from .redact import redact, redact_record
 from .store import SweepDir, write_atomically
 
 
 def _write_config(sweep: SweepDir, cfg) -> None:
+    """sweep.yaml: the resolved config with the secrets of its URIs masked (a resume takes them from the environment)."""
     try:
-        write_atomically(sweep.config, lambda tmp: tmp.write_text(to_yaml(cfg)))
+        write_atomically(sweep.config, lambda tmp: tmp.write_text(redact(to_yaml(cfg))))
     except OSError as err:
         raise StoreError(f"cannot write {sweep.config} ({err.strerror}): free space or fix the permissions of {sweep.path}") from None
 
@@ -44,7 +46,7 @@ def _finish(cfg, sweep: SweepDir, tokens) -> int:
     code = run_sweep(cfg, sweep, tokens)
     print_status(sweep, seconds=True)
     if cfg.report:
-        publish_report(sweep)
+        publish_report(sweep, cfg)
     if code:
         print(f"some samples failed: see `cram-sweep status {sweep.path}`, then `cram-sweep resume {sweep.path}`")
     return code
@@ -53,7 +55,7 @@ def _finish(cfg, sweep: SweepDir, tokens) -> int:
 def cmd_run(overrides, show_config: bool) -> int:
     node = compose(overrides)
     if show_config:
-        print(to_yaml(node), end="")
+        print(redact(to_yaml(node)), end="")
         return 0
     cfg = to_sweep_config(node)
     from .orchestrate import prepare_tokens
@@ -112,9 +114,9 @@ def cmd_status(path: str) -> int:
     return 0
 
 
-def publish_report(sweep: SweepDir) -> None:
+def publish_report(sweep: SweepDir, cfg) -> None:
     """Write the report, re-sync the cells' MLflow metrics from the store and log the report to the sweep's
-    parent run (MLflow failing loses no file)."""
+    parent run (MLflow failing loses no file). `cfg` is the sweep's config as this process holds it (real URIs)."""
     from .cellstate import cell_states
     from .report import build_report
     from .store import read_failures, read_results
@@ -122,7 +124,6 @@ def publish_report(sweep: SweepDir) -> None:
 
     report = build_report(sweep.path)
     print(f"report: {sweep.report / 'capacity.md'}")
-    cfg = load_sweep_config(sweep.config)
     tracker = Tracker(cfg, sweep)
     try:
         tracker.start()
@@ -137,7 +138,7 @@ def publish_report(sweep: SweepDir) -> None:
 
 def cmd_report(path: str) -> int:
     sweep = SweepDir(path).require()
-    publish_report(sweep)
+    publish_report(sweep, load_sweep_config(sweep.config))
     print((sweep.report / "capacity.md").read_text())
     return 0
 
@@ -185,6 +186,8 @@ def main(argv=None) -> int:
     interrupt.install()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # MLflow's SQL store logs every failed query with a full traceback before raising; the tracker
+    for handler in logging.getLogger().handlers:  # every warning line, whoever logs it
+        handler.addFilter(redact_record)
     # reports each MLflow failure in one warning line (a full disk must end in one `error:` line).
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)
@@ -205,10 +208,10 @@ def main(argv=None) -> int:
 
         return bench_command(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
     except StoreError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 3
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

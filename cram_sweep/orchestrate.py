@@ -208,7 +208,7 @@ def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens) -> int:
     """Run every missing sample of the sweep; returns the exit code (0: all done, 1: some failed)."""
     tracker = Tracker(cfg, sweep)
     run_id = tracker.start()
-    print(f"sweep directory: {sweep.path}\nMLflow parent run: {run_id} ({tracker.uri})", flush=True)
+    print(f"sweep directory: {sweep.path}\nMLflow parent run: {run_id} ({tracker.shown_uri})", flush=True)
     state = Sweep(cfg, sweep, tracker)
     done = state.load_existing()
     items = work_items(cfg, tokens, done)

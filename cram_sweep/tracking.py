@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from .config import Cell, SweepConfig
 from .errors import UserError, one_line
+from .redact import is_redacted, redact
 from .store import SweepDir, write_atomically
 
 log = logging.getLogger("cram_sweep")
@@ -92,18 +93,33 @@ def _start_error(uri: str, err: Exception) -> str:
 
 
 def tracking_uri(cfg: SweepConfig, sweep: SweepDir) -> str:
-    """Local tracking lives beside the sweep, in its out_dir, whatever the working directory."""
+    """The real tracking URI. Local tracking lives beside the sweep, in its out_dir, whatever the working directory.
+
+    A server URI that sweep.yaml stores redacted (its password masked) is the URI of MLFLOW_TRACKING_URI when
+    that redacts to the same text; a `tracking.uri=` override of `resume` replaces it outright."""
     if cfg.tracking.kind == "server":
         uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise UserError("tracking=server needs a server: set tracking.uri=http://HOST:5000 or MLFLOW_TRACKING_URI")
-        return uri
+        return _unredacted(uri, sweep) if is_redacted(uri) else uri
     root = sweep.path.resolve().parent
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
 
 
+def _unredacted(stored: str, sweep: SweepDir) -> str:
+    """The real URI behind `stored`, a redacted tracking.uri from sweep.yaml: MLFLOW_TRACKING_URI, if it is that URI."""
+    real = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if redact(real) == stored:
+        return real
+    raise UserError(
+        f"{sweep.config} stores tracking.uri={stored} without its secret: set MLFLOW_TRACKING_URI to the full URI, "
+        f"or give it with `cram-sweep resume {sweep.path} tracking.uri=URI`"
+    )
+
+
 def _flat_params(cfg: SweepConfig) -> dict[str, str]:
+    """The config as MLflow params: one per leaf key, values redacted and cut to MLflow's 500 characters."""
     flat = {}
 
     def walk(prefix, node):
@@ -111,19 +127,22 @@ def _flat_params(cfg: SweepConfig) -> dict[str, str]:
             for key, value in node.items():
                 walk(f"{prefix}{key}.", value)
         else:
-            flat[prefix[:-1]] = str(node)[:500]
+            flat[prefix[:-1]] = redact(str(node))[:500]
 
     walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     return flat
 
 
 class Tracker:
-    """The sweep's MLflow runs; its ids live in SWEEP_DIR/tracking.json so `resume` reuses them."""
+    """The sweep's MLflow runs; its ids live in SWEEP_DIR/tracking.json so `resume` reuses them.
+
+    `uri` is the real tracking URI, for the client only; `shown_uri` (its secret masked) is what is printed or stored."""
 
     def __init__(self, cfg: SweepConfig, sweep: SweepDir):
         self.cfg = cfg
         self.sweep = sweep
         self.uri = tracking_uri(cfg, sweep)
+        self.shown_uri = redact(self.uri)
         self.client = None
         self.ids: dict = {}
         self.pending: dict[str, dict[str, float]] = {}
@@ -141,16 +160,18 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", HTTP_BACKOFF_FACTOR)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT)
+        if self.shown_uri != self.uri:  # MLflow prints "View run ... at: URI" links, secret included, when a run ends
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=self.uri)
         mlflow.set_tracking_uri(self.uri)
         try:
             experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         except Exception as err:
-            raise UserError(_start_error(self.uri, err)) from None
+            raise UserError(_start_error(self.shown_uri, err)) from None
         try:
             return self._parent(experiment)
         except MlflowException as err:
-            raise UserError(f"MLflow at {self.uri} failed while creating the sweep's runs ({_why(err)}): check the server's log") from None
+            raise UserError(f"MLflow at {self.shown_uri} failed while creating the sweep's runs ({_why(err)}): check the server's log") from None
 
     def _parent(self, experiment) -> str:
         from mlflow.entities import Param
@@ -158,15 +179,15 @@ class Tracker:
 
         if self.sweep.tracking.is_file():
             ids = json.loads(self.sweep.tracking.read_text())
-            if ids.get("uri") == self.uri:
+            if redact(ids.get("uri", "")) == self.shown_uri:  # redact: tracking.json of older versions holds the real URI
                 try:
                     self.client.update_run(ids["parent"], status="RUNNING")
-                    self.ids = ids
+                    self.ids = {**ids, "uri": self.shown_uri}
                     return self.ids["parent"]
                 except MlflowException as err:
                     if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                         raise
-                    log.warning("the sweep's MLflow runs are gone from %s: creating new ones", self.uri)
+                    log.warning("the sweep's MLflow runs are gone from %s: creating new ones", self.shown_uri)
         if experiment is None:
             location = None
             if self.cfg.tracking.kind == "local":
@@ -181,7 +202,7 @@ class Tracker:
         parent = self.client.create_run(
             experiment_id, run_name=self.cfg.name, tags={"cram_sweep.sweep_dir": str(self.sweep.path.resolve())}
         )
-        self.ids = {"uri": self.uri, "experiment": experiment_id, "parent": parent.info.run_id, "cells": {}}
+        self.ids = {"uri": self.shown_uri, "experiment": experiment_id, "parent": parent.info.run_id, "cells": {}}
         self._save_ids()
         params = [Param(k, v) for k, v in _flat_params(self.cfg).items()]
         for i in range(0, len(params), 100):

@@ -481,7 +481,7 @@ def test_lock_records_pid_and_host_and_refuses_a_second_holder_with_them(tmp_pat
 
 
 def test_filesystem_without_locks_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    """NFS mounted with nolock (or without its lock manager): flock fails with ENOLCK."""
+    """NFS without a reachable lock manager: flock fails with ENOLCK."""
 
     def no_locks(*_args):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
