@@ -171,7 +171,9 @@ class Tracker:
         try:
             return self._parent(experiment)
         except MlflowException as err:
-            raise UserError(f"MLflow at {self.shown_uri} failed while creating the sweep's runs ({_why(err)}): check the server's log") from None
+            raise UserError(
+                f"MLflow at {self.shown_uri} failed while creating the sweep's runs ({_why(err)}): check the server's log"
+            ) from None
 
     def _parent(self, experiment) -> str:
         from mlflow.entities import Param
