@@ -118,12 +118,13 @@ def publish_report(sweep: SweepDir, cfg) -> None:
     """Write the report, re-sync the cells' MLflow metrics from the store and log the report to the sweep's
     parent run (MLflow failing loses no file). `cfg` is the sweep's config as this process holds it (real URIs)."""
     from .cellstate import cell_states
-    from .report import build_report
+    from .report import build_report, summary_lines
     from .store import read_failures, read_results
     from .tracking import Tracker, log_report
 
     report = build_report(sweep.path)
     print(f"report: {sweep.report / 'capacity.md'}")
+    print("\n".join(summary_lines(report.capacity)))
     tracker = Tracker(cfg, sweep)
     try:
         tracker.start()
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--sample", type=int, default=0)
     decode.add_argument("--model")
     decode.add_argument("--dataset")
+    decode.add_argument("--method", help="full or progressive, where the sweep has both")
     decode.add_argument("--length", type=int)
     decode.add_argument("--n-mem", type=int)
     bench = sub.add_parser("bench", help="throughput of the engine against the paper's one-sample loop")
@@ -185,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     interrupt.install()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # MLflow's SQL store logs every failed query with a full traceback before raising; the tracker
     for handler in logging.getLogger().handlers:  # every warning line, whoever logs it
         handler.addFilter(redact_record)
+    # MLflow's SQL store logs every failed query with a full traceback before raising; the tracker
     # reports each MLflow failure in one warning line (a full disk must end in one `error:` line).
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)

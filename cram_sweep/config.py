@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError, one_line
 
@@ -84,6 +85,7 @@ class GridConfig:
     lengths: list[int] = field(default_factory=lambda: [16, 32, 64])
     n_mem: list[int] = field(default_factory=lambda: [1])
     samples: int = 8
+    methods: list[str] = field(default_factory=list)  # files of conf/method/ as a grid axis; [] = the one `method`
 
     def __post_init__(self):
         _require(
@@ -168,6 +170,14 @@ class MethodConfig:
 
 
 @dataclass
+class MethodSettings:
+    """One method of a sweep with the optimizer it runs with: `grid.methods` gives each its own."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
 class WorkerConfig:
     gpus: float = 1.0  # GPUs per worker on GPU clusters (0.5 packs two small-model workers per GPU)
     cpus: int = 0  # CPUs per worker; 0 = all CPUs of the node (CPU clusters) or 1 (GPU workers)
@@ -224,6 +234,7 @@ class SweepConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    methods: dict[str, MethodSettings] = field(default_factory=dict)  # by method.name, composed from grid.methods
 
     def __post_init__(self):
         _require(self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision}: choose auto, fp32 or bf16")
@@ -250,9 +261,15 @@ class Cell:
     dataset: str
     n_mem: int
     length: int
+    method: str = "full"
 
     @property
     def id(self) -> str:
+        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}/L={self.length}"
+
+    @property
+    def text_id(self) -> str:
+        """What the sample's text and vectors' shape depend on: the cell without its method."""
         return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
 
 
@@ -274,7 +291,6 @@ def available(group: str) -> list[str]:
 def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     _register()
     try:
@@ -309,19 +325,46 @@ def _one_line(err: Exception) -> str:
     return text
 
 
+def _names(first: DictConfig, group: str, key: str) -> list[str]:
+    names, known = list(first.grid[key]), available(group)
+    for name in names:
+        if name not in known:
+            raise UserError(f"unknown {group} '{name}' in grid.{key}: choose from {known} or add conf/{group}/{name}.yaml")
+    return names
+
+
 def compose(overrides: list[str]) -> DictConfig:
-    """Compose `conf/config.yaml` with Hydra overrides, then pull in the named models and datasets."""
+    """Compose `conf/config.yaml` with Hydra overrides, then pull in the named models and datasets, and the methods
+    of `grid.methods`: each composed as `method=<name>` would be (its file's optim, then the command line's
+    `optim.*`), filed under `methods.<method.name>`, then the `methods.*` overrides on top."""
+    methods_overrides = [o for o in overrides if o.lstrip("+~").startswith("methods.")]
+    overrides = [o for o in overrides if o not in methods_overrides]
     own = [o for o in overrides if not o.lstrip("+~").startswith(("models.", "datasets."))]
     first = _compose(own)
     extra = []
     for group, key in (("model", "models"), ("dataset", "datasets")):
-        names = list(first.grid[key])
-        known = available(group)
-        for name in names:
-            if name not in known:
-                raise UserError(f"unknown {group} '{name}' in grid.{key}: choose from {known} or add conf/{group}/{name}.yaml")
-        extra += [f"+{group}@{key}.{name}={name}" for name in names]
-    return _compose(extra + overrides)
+        extra += [f"+{group}@{key}.{name}={name}" for name in _names(first, group, key)]
+    node = _compose(extra + overrides)
+    without_method = [o for o in own if not o.startswith("method=")]
+    methods = {}
+    for name in _names(first, "method", "methods"):
+        one = _compose(without_method + [f"method={name}"])
+        if one.method.name in methods:
+            raise UserError(
+                f"grid.methods names two {one.method.name} methods ({name} and another): one sweep compares protocols, "
+                "run each variant as a sweep of its own"
+            )
+        methods[one.method.name] = OmegaConf.merge(OmegaConf.structured(MethodSettings), {"method": one.method, "optim": one.optim})
+    if methods_overrides and not methods:
+        raise UserError(f"{methods_overrides[0]}: methods.* overrides need grid.methods, e.g. 'grid.methods=[full,progressive]'")
+    with open_dict(node.methods):  # Hydra composes in struct mode, where a dict takes no new keys
+        for name, settings in methods.items():
+            node.methods[name] = settings
+    try:
+        return OmegaConf.merge(node, OmegaConf.from_dotlist([o.lstrip("+") for o in methods_overrides]))
+    except OmegaConfBaseException as err:
+        cause = one_line(err, 200).split(" full_key:")[0]
+        raise UserError(f"{' '.join(methods_overrides)}: {cause} (write methods.<full|progressive>.<method|optim>.KEY=VALUE)") from None
 
 
 def compose_config(overrides: list[str]) -> SweepConfig:
@@ -367,10 +410,13 @@ def validate(cfg: SweepConfig) -> None:
         missing = [name for name in names if name not in getattr(cfg, key)]
         if missing:
             raise UserError(f"grid.{key} names {missing[0]}, which has no entry under {key}: add {key}.{missing[0]} or fix grid.{key}")
-    if cfg.method.progressive and cfg.method.min_length > min(cfg.grid.lengths):
-        raise UserError(
-            f"method.min_length={cfg.method.min_length} exceeds the shortest cap in grid.lengths ({min(cfg.grid.lengths)}): lower it or raise the lengths"
-        )
+    for settings in method_settings(cfg).values():
+        method = settings.method
+        if method.progressive and method.min_length > min(cfg.grid.lengths):
+            key = f"methods.{method.name}.method" if cfg.grid.methods else "method"
+            raise UserError(
+                f"{key}.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({min(cfg.grid.lengths)}): lower it or raise the lengths"
+            )
 
 
 def to_yaml(cfg) -> str:
@@ -390,7 +436,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
 
 
 # Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "grid", "optim", "method", "models", "datasets")
+RESULT_KEYS = ("seed", "precision", "grid", "optim", "method", "methods", "models", "datasets")
 
 
 def result_config(cfg: SweepConfig) -> str:
@@ -417,18 +463,25 @@ def with_runtime_overrides(cfg: SweepConfig, overrides: list[str]) -> SweepConfi
     return to_sweep_config(node)
 
 
+def method_settings(cfg: SweepConfig) -> dict[str, MethodSettings]:
+    """The sweep's methods by name: those of `grid.methods`, or the one `method` with the sweep's `optim`."""
+    return cfg.methods if cfg.grid.methods else {cfg.method.name: MethodSettings(cfg.method, cfg.optim)}
+
+
 def cells(cfg: SweepConfig) -> list[Cell]:
     g = cfg.grid
     return [
-        Cell(model, dataset, n_mem, length)
+        Cell(model, dataset, n_mem, length, method)
         for model in g.models
         for dataset in g.datasets
+        for method in method_settings(cfg)
         for n_mem in g.n_mem
         for length in sorted(g.lengths)
     ]
 
 
 def sample_seed(seed: int, cell: Cell, sample: int) -> int:
-    """The seed of one sample's init: a function of (sweep seed, cell, sample index) alone."""
-    digest = hashlib.sha256(f"{seed}|{cell.id}|{sample}".encode()).digest()
+    """The seed of one sample's init: a function of (sweep seed, cell without its method, sample index) alone, so a
+    sample starts from the same random stream under every method, and adding the method axis changed no result."""
+    digest = hashlib.sha256(f"{seed}|{cell.text_id}|{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -31,7 +31,7 @@ def greedy_decode(model, memory: torch.Tensor, given: torch.Tensor, n_new: int, 
 
 
 def select_row(table, args) -> dict:
-    """The stored row chosen by --cell/--sample, or by --model/--dataset/--length/--n-mem/--sample."""
+    """The stored row chosen by --cell/--sample, or by --model/--dataset/--method/--length/--n-mem/--sample."""
     if table.empty:
         raise UserError("the sweep has no finished samples yet: see `cram-sweep status`")
     if args.cell:
@@ -40,13 +40,14 @@ def select_row(table, args) -> dict:
             raise UserError(f"no finished sample in cell {args.cell!r}: cells with samples are {sorted(table['cell'].unique())}")
     else:
         rows = table
-        for column, value in (("model", args.model), ("dataset", args.dataset), ("length", args.length), ("n_mem", args.n_mem)):
+        picks = (("model", args.model), ("dataset", args.dataset), ("method", args.method), ("length", args.length), ("n_mem", args.n_mem))
+        for column, value in picks:
             if value is not None:
                 rows = rows[rows[column] == value]
         if rows.empty or rows["cell"].nunique() > 1:
             found = sorted(rows["cell"].unique() if not rows.empty else table["cell"].unique())
             raise UserError(
-                f"--model/--dataset/--length/--n-mem must pick one cell; they match {len(rows['cell'].unique())}: choose --cell from {found}"
+                f"--model/--dataset/--method/--length/--n-mem must pick one cell; they match {len(rows['cell'].unique())}: choose --cell from {found}"
             )
     match = rows[rows["sample"] == args.sample]
     if match.empty:

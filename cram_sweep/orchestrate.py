@@ -17,7 +17,7 @@ import ray
 from . import interrupt, store
 from .cellstate import STATE_COLUMNS, by_cell, cell_state
 from .cluster import connect_ray, start_workers
-from .config import Cell, SweepConfig, cells, sample_seed
+from .config import Cell, SweepConfig, cells, method_settings, sample_seed
 from .cram import SampleSpec
 from .data import sample_token_ids
 from .errors import UserError, one_line
@@ -54,19 +54,19 @@ def samples_per_item(cfg: SweepConfig) -> int:
 
 
 def work_items(cfg: SweepConfig, tokens, done: set) -> list[WorkItem]:
-    """The pending samples, grouped by (model, n_mem) across cells and datasets, shortest text first, in items
-    of `worker.samples_per_item`: a worker's batch runs full from one cell into the next."""
+    """The pending samples, grouped by (model, method, n_mem) across cells and datasets, shortest text first, in
+    items of `worker.samples_per_item`: a worker's batch runs full from one cell into the next."""
     per_item = samples_per_item(cfg)
-    groups: dict[tuple[str, int], list[SampleSpec]] = defaultdict(list)
+    groups: dict[tuple[str, str, int], list[SampleSpec]] = defaultdict(list)
     for cell in sorted(cells(cfg), key=lambda c: c.length):
-        groups[cell.model, cell.n_mem] += [
+        groups[cell.model, cell.method, cell.n_mem] += [
             SampleSpec(i, tokens[cell.model, cell.dataset][i][: cell.length], sample_seed(cfg.seed, cell, i), cell.id)
             for i in range(cfg.grid.samples)
             if (cell.id, i) not in done
         ]
     return [
-        WorkItem(model, n_mem, specs[start : start + per_item])
-        for (model, n_mem), specs in groups.items()
+        WorkItem(model, method, n_mem, specs[start : start + per_item])
+        for (model, method, n_mem), specs in groups.items()
         for start in range(0, len(specs), per_item)
     ]
 
@@ -225,7 +225,8 @@ def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens) -> int:
             pool = WorkerPool(start_workers(cfg))
             for item in items:
                 pool.submit(item)
-            progress = Progress(pending, cfg.optim.max_steps, cfg.progress_line_seconds)
+            max_steps = max(settings.optim.max_steps for settings in method_settings(cfg).values())
+            progress = Progress(pending, max_steps, cfg.progress_line_seconds)
             try:
                 state.execute(pool, progress)
             finally:

@@ -29,6 +29,7 @@ from .store import SweepDir, read_failures, read_results, read_stages
 
 FIT = 0.99
 GROUP = ["model", "dataset", "n_mem"]
+CELL_GROUP = ["model", "dataset", "method", "n_mem"]  # the cells of one curve: they differ in length alone
 CAPACITY_COLUMNS = [
     "model",
     "dataset",
@@ -49,6 +50,7 @@ CAPACITY_COLUMNS = [
 CELL_COLUMNS = [
     "model",
     "dataset",
+    "method",
     "n_mem",
     "length",
     "cell",
@@ -122,20 +124,45 @@ def capacity_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CAPACITY_COLUMNS)
 
 
+def summary_lines(capacity: pd.DataFrame) -> list[str]:
+    """One line per capacity row that says what its headline number means."""
+    lines = []
+    for r in capacity.itertuples():
+        label = _label(r.model, r.dataset, r.n_mem)
+        if r.method == "full":
+            fits = f"up to {r.max_tokens:.0f} tokens" if r.max_tokens else "no length of the grid (add shorter lengths or more steps)"
+            lines.append(f"{label}: full cramming fits {fits}: the longest length whose mean teacher-forced accuracy is >= {FIT}")
+        else:
+            lines.append(
+                f"{label}: progressive horizon {r.horizon_mean:.1f} tokens on average ({r.horizon_min:.0f}-{r.horizon_max:.0f}): "
+                "the longest prefix the vectors reproduce exactly, greedy decoding included"
+            )
+    return lines
+
+
 def cell_table(sweep) -> pd.DataFrame:
     """One row per cell of the grid in sweep.yaml (cellstate.cell_state); cells without finished samples have NaN means."""
     sweep = _sweep(sweep).require()
     cfg = load_sweep_config(sweep.config)
     states = cell_states(cfg, read_results(sweep), read_failures(sweep))
     rows = [
-        {"model": cell.model, "dataset": cell.dataset, "n_mem": cell.n_mem, "length": cell.length, "cell": cell.id, **state}
+        {
+            "model": cell.model,
+            "dataset": cell.dataset,
+            "method": cell.method,
+            "n_mem": cell.n_mem,
+            "length": cell.length,
+            "cell": cell.id,
+            **state,
+        }
         for cell, state in states
     ]
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
-def _label(model, dataset, n_mem=None) -> str:
-    return f"{model} / {dataset}" + ("" if n_mem is None else f" / n_mem={n_mem}")
+def _label(model, dataset, *rest) -> str:
+    """`model / dataset`, then a method and `n_mem=K` where given (ints are n_mem)."""
+    return " / ".join([model, dataset] + [f"n_mem={part}" if isinstance(part, (int, np.integer)) else str(part) for part in rest])
 
 
 def _fmt(value, spec: str) -> str:
@@ -193,7 +220,7 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
 def _cells_markdown(cell_rows: pd.DataFrame) -> str:
     header = ["length", "done", "mean acc", "mean gain (tokens)", "greedy-exact share", "horizon mean (max)", "failed / pending"]
     parts = []
-    for (model, dataset, n_mem), group in cell_rows.groupby(GROUP, sort=False):
+    for key, group in cell_rows.groupby(CELL_GROUP, sort=False):
         rows = [
             [
                 r.length,
@@ -206,7 +233,7 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
             ]
             for r in group.itertuples()
         ]
-        parts.append(f"### {_label(model, dataset, n_mem)}\n\n" + _md_table(header, rows))
+        parts.append(f"### {_label(*key)}\n\n" + _md_table(header, rows))
     return "\n\n".join(parts)
 
 
@@ -257,8 +284,8 @@ def _axes(width: float, height: float):
 
 def _plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
     fig, ax = _axes(7, 4.5)
-    finished = cell_rows.dropna(subset=["acc_mean"])
-    groups = finished.groupby(GROUP)
+    finished = cell_rows[cell_rows["method"] == "full"].dropna(subset=["acc_mean"])
+    groups = finished.groupby(CELL_GROUP)
     colours = _colours(groups.groups)
     for key, group in groups:
         ax.plot(group["length"], group["acc_mean"], marker="o", color=colours[key], label=_label(*key))
@@ -279,10 +306,10 @@ def _plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
 def _plot_ce(results: pd.DataFrame, path: Path) -> Path:
     fig, ax = _axes(6.5, 5)
     colours = _colours(zip(results["model"], results["n_mem"]))
-    datasets = sorted(results["dataset"].unique())
-    markers = dict(zip(datasets, "osD^vP*X"))
-    for (model, dataset, n_mem), group in results.groupby(GROUP):
-        label = f"{model} / n_mem={n_mem}" + (f" / {dataset}" if len(datasets) > 1 else "")
+    datasets, methods = sorted(results["dataset"].unique()), sorted(results["method"].unique())
+    markers = dict(zip([(d, m) for d in datasets for m in methods], "osD^vP*X"))
+    for (model, dataset, method, n_mem), group in results.groupby(CELL_GROUP):
+        label = f"{model} / n_mem={n_mem}" + (f" / {dataset}" if len(datasets) > 1 else "") + (f" / {method}" if len(methods) > 1 else "")
         ax.scatter(
             group["ce_no_mem_bits"],
             group["ce_bits"],
@@ -290,7 +317,7 @@ def _plot_ce(results: pd.DataFrame, path: Path) -> Path:
             alpha=0.75,
             label=label,
             color=colours[(model, n_mem)],
-            marker=markers.get(dataset, "o"),
+            marker=markers.get((dataset, method), "o"),
         )
     top = float(np.nanmax(results[["ce_no_mem_bits", "ce_bits"]].to_numpy())) * 1.05
     ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="y = x (no gain)")
@@ -393,10 +420,12 @@ def build_report(sweep_dir) -> Report:
     capacity.to_csv(out / "capacity.csv", index=False)
     (out / "capacity.md").write_text(_markdown(cfg.name, capacity, cell_rows, cfg.grid.samples))
     files = [out / "capacity.csv", out / "capacity.md"]
-    if cfg.method.progressive:
-        stages = read_stages(sweep).to_pandas()
-        files += [_plot_horizon_vs_ce(results, out / "horizon_vs_ce.png"), _plot_growth(stages, out / "growth.png")]
-    else:
+    methods = set(results["method"])
+    if "full" in methods:
         files.append(_plot_accuracy(cell_rows, out / "accuracy_vs_length.png"))
+    if "progressive" in methods:
+        stages = read_stages(sweep).to_pandas()
+        progressive = results[results["method"] == "progressive"]
+        files += [_plot_horizon_vs_ce(progressive, out / "horizon_vs_ce.png"), _plot_growth(stages, out / "growth.png")]
     files += [_plot_ce(results, out / "ce_with_vs_without.png"), _plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
     return Report(capacity=capacity, cells=cell_rows, files=files)

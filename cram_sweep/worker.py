@@ -1,7 +1,7 @@
 """The Ray actor that crams: one per GPU (or CPU node), each model loaded once, one result per finished sample.
 
 The sweep-wide settings (`WorkerSettings`) reach a worker once, when it is created (and again when Ray
-restarts it); a `WorkItem` carries samples of one model and n_mem, from any of its cells (each sample names
+restarts it); a `WorkItem` carries samples of one model, method and n_mem, from any of its cells (each sample names
 its cell), so a worker's batch stays full from one cell to the next.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from . import faults
 from .batching import auto_batch_size, cram_fitting
-from .config import MethodConfig, ModelConfig, OptimConfig, SweepConfig
+from .config import MethodSettings, ModelConfig, SweepConfig, method_settings
 from .cram import Heartbeat, SampleResult, SampleSpec
 from .model import load_model, resolve_attention, resolve_precision
 
@@ -30,8 +30,7 @@ class WorkerSettings:
     """What every work item of a sweep shares."""
 
     models: dict[str, ModelConfig]
-    optim: OptimConfig
-    method: MethodConfig
+    methods: dict[str, MethodSettings]
     precision: str
     attention: str
     batch_size: Union[int, str]
@@ -43,8 +42,7 @@ class WorkerSettings:
     def of(cls, cfg: SweepConfig) -> WorkerSettings:
         return cls(
             cfg.models,
-            cfg.optim,
-            cfg.method,
+            method_settings(cfg),
             cfg.precision,
             cfg.attention,
             cfg.batch_size,
@@ -57,6 +55,7 @@ class WorkerSettings:
 @dataclass
 class WorkItem:
     model: str
+    method: str  # a key of WorkerSettings.methods
     n_mem: int
     specs: list[SampleSpec]  # shortest first: the engine pads a batch to its longest text
     batch_size: Optional[int] = None  # None: the sweep's; set lower when Ray's memory monitor killed a worker
@@ -64,7 +63,7 @@ class WorkItem:
     @property
     def label(self) -> str:
         cells = sorted({spec.cell for spec in self.specs})
-        return cells[0] if len(cells) == 1 else f"{self.model}/n_mem={self.n_mem} ({len(cells)} cells)"
+        return cells[0] if len(cells) == 1 else f"{self.model}/{self.method}/n_mem={self.n_mem} ({len(cells)} cells)"
 
 
 @dataclass
@@ -93,6 +92,7 @@ class CramWorker:
 
     def run(self, item: WorkItem) -> Iterator[Union[Finished, Heartbeat]]:
         s = self.settings
+        settings = s.methods[item.method]
         lm = load_model(item.model, s.models[item.model], s.device)
         precision = resolve_precision(s.precision, lm.family, lm.device)
         longest = max(len(spec.token_ids) for spec in item.specs)
@@ -106,13 +106,13 @@ class CramWorker:
                 lm,
                 item.specs,
                 item.n_mem,
-                s.optim,
+                settings.optim,
                 precision,
                 batch_size,
                 label=item.label,
                 check_every=check_every,
                 attention=attention,
                 heartbeat_seconds=s.progress_seconds,
-                method=s.method,
+                method=settings.method,
             ):
                 yield Finished(out, precision, lm.hidden, lm.vocab_size) if isinstance(out, SampleResult) else out

@@ -65,3 +65,31 @@ def test_shape_models_have_the_published_architectures(name, params):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_every_method_file_composes_alone_and_as_a_grid_axis():
+    names = available("method")
+    assert {"full", "progressive", "progressive_reference"} <= set(names)
+    for name in names:
+        cfg = compose_config([f"method={name}"])
+        assert cfg.method.name in ("full", "progressive") and not cfg.methods
+    both = compose_config(["grid.methods=[full,progressive_reference]", "optim.max_steps=300", "methods.full.optim.lr=0.05"])
+    assert sorted(both.methods) == ["full", "progressive"]
+    assert both.methods["progressive"].method.predict_first and both.methods["progressive"].optim.lr == 0.1, "the method file's own optim"
+    assert both.methods["full"].optim.lr == 0.05 and {m.optim.max_steps for m in both.methods.values()} == {300}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["grid.methods=[progressive,progressive_reference]"], "grid.methods names two progressive methods"),
+        (["grid.methods=[fulll]"], "unknown method 'fulll' in grid.methods: choose from"),
+        (["methods.full.optim.lr=0.1"], "methods.full.optim.lr=0.1: methods.* overrides need grid.methods"),
+        (["grid.methods=[full]", "methods.full.optim.lrr=0.1"], "methods.full.optim.lrr=0.1: Key 'lrr' not in 'OptimConfig'"),
+        (["grid.methods=[full,progressive]", "methods.progressive.method.min_length=99"], "methods.progressive.method.min_length=99 exceeds"),
+    ],
+)
+def test_bad_method_axis_is_one_clear_line(overrides, message):
+    with pytest.raises(UserError) as raised:
+        tiny_config(*overrides)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)

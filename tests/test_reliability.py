@@ -141,7 +141,7 @@ def same_rows(before: dict, after: dict) -> None:
 # ---------------------------------------------------------------- NaN + OOM in one faulted sweep; a second process on it
 
 FAULTED = ["worker.cpus=1", "grid.lengths=[4,8]", "grid.samples=3", "batch_size=4"]
-NAN_CELL = "tiny_llama/pydoc/n_mem=2/L=8"
+NAN_CELL = "tiny_llama/pydoc/full/n_mem=2/L=8"
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def faulted(tmp_path_factory):
 def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
     text, sweep = faulted["text"], faulted["sweep"]
     # the worker's own warning, forwarded by Ray: one work item holds both cells (same model and n_mem)
-    assert "out of memory on tiny_llama/n_mem=2 (2 cells): retrying 6 samples with batch_size=2" in text
+    assert "out of memory on tiny_llama/full/n_mem=2 (2 cells): retrying 6 samples with batch_size=2" in text
     rows = stored(sweep)
     assert len(rows) == 5 and raw_count(sweep) == 5
     for key, row in rows.items():  # batch 2 after the OOM, batch 4 in the baseline: the same trajectories
@@ -283,7 +283,7 @@ def test_worker_killed_mid_batch_retries_then_records_failures(tmp_path, capsys)
     assert first_try & set(rows), "samples of the killed worker ran again on the restarted one"
     assert final and final <= first_try and not final & set(rows), "the second loss used the last try: recorded failed"
     assert all("Actor" in f["error"] for f in failures), failures
-    assert set(rows) | final == {("tiny_llama/pydoc/n_mem=2/L=8", i) for i in range(10)}
+    assert set(rows) | final == {("tiny_llama/pydoc/full/n_mem=2/L=8", i) for i in range(10)}
     assert raw_count(sweep) == len(rows), "no duplicates"
     assert f"total: {len(rows)} done, {len(final)} failed, 0 pending" in text
     code, out, _ = cli_main(capsys, "status", str(sweep.path))
@@ -409,7 +409,7 @@ def test_driver_killed_during_store_write_then_resume_completes_exactly_the_rest
     assert f"6 samples in 1 cells: {refilled} done, {6 - refilled} to run" in seen["log3"]
     assert seen["code3"] == 0, seen["log3"]
     assert len(seen["final"]) == 6 and seen["raw_final"] == 6, "every sample exactly once"
-    assert set(seen["final"]) == {("tiny_llama/pydoc/n_mem=2/L=8", i) for i in range(6)}
+    assert set(seen["final"]) == {("tiny_llama/pydoc/full/n_mem=2/L=8", i) for i in range(6)}
     same_rows(seen["after_kill"], seen["final"])
     assert seen["tmp_final"] == [] and len(seen["files_final"]) == 1, "compacted to one file, no leftovers"
 
@@ -577,7 +577,7 @@ def _sweep_dir(root: Path) -> SweepDir:
 
 def _old_schema_part(root: Path) -> Path:
     sweep = _sweep_dir(root)
-    table = store._table(_rows("tiny_llama/pydoc/n_mem=2/L=4", [0]), store.RESULTS_SCHEMA)
+    table = store._table(_rows("tiny_llama/pydoc/full/n_mem=2/L=4", [0]), store.RESULTS_SCHEMA)
     sweep.results.mkdir()
     pq.write_table(table.replace_schema_metadata({b"cram_sweep_schema": b"0"}), sweep.results / "part-0.parquet")
     return sweep.path

@@ -212,7 +212,7 @@ def test_ray_cluster_sweep_runs_on_both_nodes(mlflow_booting, ray_cluster, tmp_p
     assert "total: 8 done, 0 failed, 0 pending" in proc.stdout
     table = read_results(SweepDir(tmp_path / "onray"), ["length", "token_ids"])
     assert sorted(zip(table["cell"].to_pylist(), table["sample"].to_pylist())) == sorted(
-        (f"tiny_llama/{d}/n_mem=2/L={L}", i) for d in ("pydoc", "pg19") for L in (4, 8) for i in range(2)
+        (f"tiny_llama/{d}/full/n_mem=2/L={L}", i) for d in ("pydoc", "pg19") for L in (4, 8) for i in range(2)
     )
     workers = latest_cram_workers(ray_cluster["address"])
     assert len(workers) == 2, f"one worker per node, got {workers}"
@@ -556,14 +556,14 @@ def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_serv
     parent = client.get_run(ids["parent"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["grid.samples"] == "3" and parent.data.params["cluster.kind"] == "ray"
-    assert any(k.startswith("max_tokens/tiny_llama/pydoc/n_mem_2") for k in parent.data.metrics)
+    assert any(k.startswith("max_tokens/tiny_llama/pydoc/full") for k in parent.data.metrics)
     listed = {Path(a.path).name for a in client.list_artifacts(ids["parent"], "report")}
     assert {"capacity.csv", "capacity.md", "accuracy_vs_length.png"} <= listed
     downloaded = client.download_artifacts(ids["parent"], "report/capacity.csv", str(tmp_path / "dl"))
     assert Path(downloaded).read_bytes() == (sweep.report / "capacity.csv").read_bytes()
 
     children = children_of(client, ids["parent"])
-    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == ["tiny_llama/pydoc/n_mem=2/L=4", "tiny_llama/pydoc/n_mem=2/L=8"]
+    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == ["tiny_llama/pydoc/full/n_mem=2/L=4", "tiny_llama/pydoc/full/n_mem=2/L=8"]
     assert all(c.data.metrics["done"] == 3 and c.info.status == "FINISHED" for c in children)
 
     # The artifacts really are in the S3 bucket, and the runs really are in PostgreSQL.
@@ -638,7 +638,7 @@ def test_mlflow_killed_mid_sweep_then_report_resyncs(ray_cluster, mlflow_server,
     ids = json.loads(sweep.tracking.read_text())
     assert client.get_run(ids["parent"]).info.status == "FINISHED"
     children = children_of(client, ids["parent"])
-    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == sorted(f"tiny_llama/pydoc/n_mem=2/L={L}" for L in lengths)
+    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == sorted(f"tiny_llama/pydoc/full/n_mem=2/L={L}" for L in lengths)
     for child in children:
         assert child.data.metrics["done"] == samples, child.data.tags["cram_sweep.cell"]
         assert child.info.status == "FINISHED"

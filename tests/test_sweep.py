@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cram_sweep.config import load_sweep_config, to_yaml
+from cram_sweep.report import cell_table as report_cells
 from cram_sweep.store import SweepDir, read_results, read_stages
 
 from .helpers import CLI, ROOT, TINY, TINY_PROGRESSIVE, cli_env, run_cli, seed_mlflow_db, tiny_config
@@ -56,7 +57,7 @@ def test_local_ray_sweep_end_to_end(tiny_sweep):
     assert "\r" not in proc.stderr and "progress: 12/12 samples" in proc.stderr, "no terminal: plain lines, no bar frames"
     table = ds.dataset(out / "e2e" / "results").to_table()
     keys = set(zip(table["cell"].to_pylist(), table["sample"].to_pylist()))
-    expected = {(f"{m}/pydoc/n_mem=2/L={L}", i) for m in ("tiny_llama", "tiny_neox") for L in (4, 8) for i in range(3)}
+    expected = {(f"{m}/pydoc/full/n_mem=2/L={L}", i) for m in ("tiny_llama", "tiny_neox") for L in (4, 8) for i in range(3)}
     assert keys == expected and table.num_rows == 12
     assert set(table["precision"].to_pylist()) == {"fp32"}
     assert all(len(m) == 2 * 64 for m in table["memory"].to_pylist())
@@ -92,7 +93,14 @@ def test_report_is_logged_to_mlflow(tiny_sweep):
     assert Path(local).read_text() == (report / "capacity.csv").read_text()
     metrics = parents[0].data.metrics
     for key in ("max_tokens", "gain_tokens_mean", "info_gain_bits_mean", "utilization"):
-        assert f"{key}/tiny_llama/pydoc/n_mem_2" in metrics
+        assert f"{key}/tiny_llama/pydoc/full" in metrics
+    curve = client.get_metric_history(parents[0].info.run_id, "acc_mean/tiny_llama/pydoc/full/n_mem_2")
+    cells = report_cells(out / "e2e")
+    assert sorted((m.step, m.value) for m in curve) == sorted(
+        (r.length, pytest.approx(r.acc_mean)) for r in cells.itertuples() if r.model == "tiny_llama"
+    ), "accuracy against length, one point per length"
+    (max_tokens,) = client.get_metric_history(parents[0].info.run_id, "max_tokens/tiny_llama/pydoc/full")
+    assert max_tokens.step == 2, "capacity against the number of vectors: step = n_mem"
 
 
 def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
@@ -105,7 +113,7 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
     assert main(["decode", str(out / "e2e"), "--cell", exact["cell"], "--sample", str(exact["sample"])]) == 0
     text = capsys.readouterr().out
     assert f"matched prefix: {exact['length'] - 1} of {exact['length'] - 1}" in text and "exact match: yes" in text
-    model, _, n_mem, length = inexact["cell"].split("/")
+    model, _, _, n_mem, length = inexact["cell"].split("/")
     assert (
         main(
             ["decode", str(out / "e2e"), "--model", model, "--length", length[2:], "--n-mem", n_mem[6:], "--sample", str(inexact["sample"])]
@@ -192,7 +200,7 @@ def test_progressive_sweep_end_to_end(tmp_path, capsys):
     assert {"horizon_vs_ce.png", "growth.png", "capacity.md"} <= {p.name for p in sweep.report.iterdir()}
     parents, children = mlflow_runs(tmp_path)
     assert all("horizon_mean" in c.data.metrics and c.data.tags["method"] == "progressive" for c in children)
-    assert "horizon_mean/tiny_llama/pydoc/n_mem_2" in parents[0].data.metrics
+    assert "horizon_mean/tiny_llama/pydoc/progressive" in parents[0].data.metrics
     status = run_cli("status", str(sweep.path))
     assert status.stdout.count("horizon") == 2
     best = max(rows, key=lambda r: r["horizon"])
@@ -235,3 +243,37 @@ def test_resume_refuses_overrides_that_change_results(tmp_path, capsys, override
 def test_print_config():
     proc = run_cli("run", "--cfg", "job", "grid.samples=3", "grid.models=[tiny_neox]")
     assert "samples: 3" in proc.stdout and "tiny_neox:" in proc.stdout and "architecture: gpt_neox" in proc.stdout
+
+
+def test_both_methods_in_one_sweep(tmp_path):
+    """grid.methods=[full,progressive]: one sweep, one MLflow parent and one report compare the protocols, each
+    method with its own optimizer (its conf/method file's, then methods.<name>.optim.* on top)."""
+    proc = run_cli(
+        "run",
+        "name=both",
+        f"out_dir={tmp_path}",
+        *TINY,
+        "grid.methods=[full,progressive]",
+        "grid.lengths=[6]",
+        "methods.progressive.method.step=1",
+        "methods.progressive.method.steps_per_stage=40",
+        "methods.progressive.optim.warmup_steps=0",
+        "methods.progressive.optim.init=embed_std",
+        "report=true",
+    )
+    sweep = SweepDir(tmp_path / "both")
+    assert "total: 6 done, 0 failed, 0 pending" in proc.stdout
+    rows = read_results(sweep).to_pylist()
+    assert {(r["cell"], r["method"]) for r in rows} == {
+        ("tiny_llama/pydoc/full/n_mem=2/L=6", "full"),
+        ("tiny_llama/pydoc/progressive/n_mem=2/L=6", "progressive"),
+    }
+    cfg = load_sweep_config(sweep.config)
+    assert (cfg.methods["full"].optim.schedule, cfg.methods["progressive"].optim.schedule) == ("constant", "cosine")
+    assert cfg.methods["progressive"].optim.lr == 0.1 and cfg.methods["full"].optim.lr == 0.1, "TINY's optim.lr=0.1 applies to both"
+    capacity = (sweep.report / "capacity.csv").read_text().splitlines()
+    assert sorted(line.split(",")[3] for line in capacity[1:]) == ["full", "progressive"]
+    assert "full cramming fits" in proc.stdout and "progressive horizon" in proc.stdout, "one line says what each number means"
+    parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and sorted(c.data.tags["method"] for c in children) == ["full", "progressive"]
+    assert {"max_tokens/tiny_llama/pydoc/full", "horizon_mean/tiny_llama/pydoc/progressive"} <= set(parents[0].data.metrics)
