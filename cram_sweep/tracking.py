@@ -234,7 +234,7 @@ class Tracker:
         return self.ids["cells"][cell_id]
 
     def record(self, cell: Cell, metrics: dict[str, float]) -> None:
-        self.pending[cell.id] = (metrics, cell_tags(cell, self.cfg.method.name))
+        self.pending[cell.id] = (metrics, cell_tags(cell))
 
     def record_cells(self, states) -> None:
         """Queue every cell with stored samples or failures (cellstate.cell_states): re-syncs MLflow from the store."""
@@ -284,11 +284,14 @@ class Tracker:
             self.backoff = self.retry_at = 0.0
         return True
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_curves(self, points: list[tuple[str, float, int]]) -> None:
+        """(key, value, step) points on the parent run: MLflow's chart view draws each key as a line over its steps."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
+        metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points if value == value]
+        for i in range(0, len(metrics), 1000):  # MLflow's log_batch takes at most 1000 metrics
+            self.client.log_batch(self.parent_id, metrics=metrics[i : i + 1000])
 
     def log_artifacts(self, paths: list, artifact_path: str) -> None:
         for path in paths:
@@ -308,8 +311,8 @@ class Tracker:
             log.warning("could not close the MLflow runs (%s): `cram-sweep report SWEEP_DIR` closes them later", _why(err))
 
 
-def cell_tags(cell: Cell, method: str) -> dict[str, str]:
-    return {"model": cell.model, "dataset": cell.dataset, "n_mem": str(cell.n_mem), "length": str(cell.length), "method": method}
+def cell_tags(cell: Cell) -> dict[str, str]:
+    return {"model": cell.model, "dataset": cell.dataset, "n_mem": str(cell.n_mem), "length": str(cell.length), "method": cell.method}
 
 
 def metric_key(*parts) -> str:
@@ -317,16 +320,30 @@ def metric_key(*parts) -> str:
     return "/".join("".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in str(p)) for p in parts)
 
 
-def log_report(tracker: Tracker, report) -> None:
-    """The report's files as parent-run artifacts, each (model, dataset, n_mem) group's capacity as metrics,
-    and the runs' status as the store has it (FINISHED: all done; FAILED: some failed; KILLED: some pending)."""
-    tracker.log_artifacts(report.files, "report")
-    metrics = {}
+# Capacity columns logged as curves over n_mem (the paper's capacity-vs-vectors figure); full adds max_tokens.
+CURVE_COLUMNS = ("horizon_mean", "horizon_std", "horizon_min", "horizon_max", "gain_tokens_mean", "info_gain_bits_mean", "utilization")
+
+
+def report_curves(report) -> list[tuple[str, float, int]]:
+    """The report as metric histories, so MLflow draws the papers' curves and overlays sweeps:
+    `acc_mean/<model>/<dataset>/<method>/n_mem_<k>` over the lengths (step = length), and each capacity column,
+    e.g. `max_tokens/<model>/<dataset>/<method>` and `horizon_mean/...`, over the number of vectors (step = n_mem)."""
+    points = []
+    for row in report.cells.to_dict("records"):
+        points.append(
+            (metric_key("acc_mean", row["model"], row["dataset"], row["method"], f"n_mem_{row['n_mem']}"), row["acc_mean"], row["length"])
+        )
     for row in report.capacity.to_dict("records"):
-        group = (row["model"], row["dataset"], f"n_mem_{row['n_mem']}")
-        keys = ("horizon_mean", "horizon_std", "horizon_min", "horizon_max", "gain_tokens_mean", "info_gain_bits_mean", "utilization")
-        for key in keys + (("max_tokens",) if row["method"] == "full" else ()):
-            metrics[metric_key(key, *group)] = row[key]
-    tracker.log_metrics(metrics)
+        group = (row["model"], row["dataset"], row["method"])
+        for key in CURVE_COLUMNS + (("max_tokens",) if row["method"] == "full" else ()):
+            points.append((metric_key(key, *group), row[key], row["n_mem"]))
+    return points
+
+
+def log_report(tracker: Tracker, report) -> None:
+    """The report's files as parent-run artifacts, its curves as parent-run metric histories (report_curves), and
+    the runs' status as the store has it (FINISHED: all done; FAILED: some failed; KILLED: some pending)."""
+    tracker.log_artifacts(report.files, "report")
+    tracker.log_curves(report_curves(report))
     failed, pending = int(report.cells["failed"].sum()), int(report.cells["pending"].sum())
     tracker.finish(not failed and not pending, status=None if failed or not pending else "KILLED")
