@@ -1,20 +1,24 @@
-"""The vectors' optimizer: AdamW over a (B, n_mem, hidden) tensor with each row's own step count and learning rate.
+"""The optimizer: AdamW over each sample's trainable tensors, with each row's own step count and learning rate.
 
 One row is one sample. A row updates only where `active` is true, so samples at different schedule
 positions, or frozen while the host decides their next stage, share one set of kernels. The arithmetic is
 `torch.optim.AdamW`'s (single-tensor path, same operations in the same order, the per-step scalars computed
 in double as Python computes them), so a constant schedule gives torch's AdamW bit for bit.
-`snapshot`/`restore` copy a row's vectors, moments and schedule position: a geometric back-off returns a
-sample to its longest converged stage.
+The moments are kept for every tensor a parametrization trains (param.py); a progressive back-off restores
+a row's moments and schedule position from a snapshot (`restore`), with its trainable tensors (the engine
+copies those).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .config import OptimConfig
+from .rows import RowState
 
 EPS = 1e-8
 
@@ -36,18 +40,20 @@ def learning_rates(optim: OptimConfig) -> list[float]:
     return rates
 
 
-def initial_vectors(n_mem: int, hidden: int, seed: int, optim: OptimConfig, embed_std: float) -> torch.Tensor:
-    """A sample's starting vectors, a function of its seed alone: randn * std(input embeddings), or U[0, init_scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    if optim.init == "uniform":
-        return torch.rand(n_mem, hidden, generator=gen) * optim.init_scale
-    return torch.randn(n_mem, hidden, generator=gen) * embed_std
+@dataclass
+class AdamRows(RowState):
+    """Per row: the first and second moments of every trainable tensor (states of the parametrization's type)
+    and the number of updates so far, which indexes the schedule."""
+
+    exp_avg: RowState
+    exp_avg_sq: RowState
+    count: torch.Tensor  # (B,) long
 
 
 class RowAdamW:
-    """Moments and step counts of each row; rows are added, dropped and snapshotted with the samples."""
-
-    STATE = ("exp_avg", "exp_avg_sq", "count")
+    """AdamW over every tensor of a parametrization's row state (param.py), each row with its own step count and
+    learning rate. It owns the moments (`state`); rows are added and dropped with the samples, and a snapshot of
+    a row is a row copy of `state` (rows.RowState.where)."""
 
     def __init__(self, optim: OptimConfig, device):
         self.optim = optim
@@ -57,44 +63,47 @@ class RowAdamW:
         self.bias2_sqrt = torch.tensor([(1 - optim.beta2 ** (k + 1)) ** 0.5 for k in range(len(rates))], dtype=torch.float64)
         self.decay = torch.tensor([1 - lr * optim.weight_decay for lr in rates], dtype=torch.float64)
         self.step_size, self.bias2_sqrt, self.decay = (t.float().to(device) for t in (self.step_size, self.bias2_sqrt, self.decay))
-        self.exp_avg = self.exp_avg_sq = self.count = None
+        self.state: Optional[AdamRows] = None
 
-    def add(self, memory: torch.Tensor) -> None:
-        zeros = torch.zeros_like(memory)
-        count = torch.zeros(memory.shape[0], dtype=torch.long, device=memory.device)
-        if self.exp_avg is None:
-            self.exp_avg, self.exp_avg_sq, self.count = zeros, zeros.clone(), count
-        else:
-            self.exp_avg = torch.cat([self.exp_avg, zeros])
-            self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros.clone()])
-            self.count = torch.cat([self.count, count])
+    @staticmethod
+    def fresh(params: RowState) -> AdamRows:
+        """The state of rows that have not been updated yet: zero moments, count 0."""
+        count = torch.zeros(params.tensors()[0].shape[0], dtype=torch.long, device=params.tensors()[0].device)
+        return AdamRows(params.map(torch.zeros_like), params.map(torch.zeros_like), count)
+
+    def add(self, params: RowState) -> None:
+        """Rows for the samples whose trainable tensors are `params`, after the current ones."""
+        rows = self.fresh(params)
+        self.state = rows if self.state is None else self.state.cat(rows, positions=0)
 
     def keep(self, index: torch.Tensor) -> None:
-        for name in self.STATE:
-            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.state = self.state.keep(index)
 
-    def snapshot(self) -> dict:
-        return {name: getattr(self, name).clone() for name in self.STATE}
-
-    def restore(self, snapshot: dict, rows: torch.Tensor) -> None:
+    def restore(self, rows: torch.Tensor, snapshot: AdamRows) -> None:
         """Rows `rows` (a boolean mask) take the snapshot's moments and step counts."""
-        for name in self.STATE:
-            current = getattr(self, name)
-            mask = rows.view(-1, *([1] * (current.dim() - 1)))
-            setattr(self, name, torch.where(mask, snapshot[name], current))
+        self.state = self.state.where(rows, snapshot)
 
     @torch.no_grad()
-    def step(self, memory: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
-        """One AdamW update of the active rows of `memory` (in place); the others keep vectors, moments and count."""
-        optim = self.optim
+    def step(self, params: RowState, active: torch.Tensor) -> None:
+        """One AdamW update, from each tensor's `.grad`, of the active rows of `params` (in place); the other rows
+        keep their tensors, moments and count."""
+        optim, state = self.optim, self.state
         k = self.count.clamp(max=len(self.decay) - 1)
-        decayed = memory * self.decay[k].view(-1, 1, 1)
-        exp_avg = self.exp_avg.lerp(grad, 1 - optim.beta1)
-        exp_avg_sq = self.exp_avg_sq.mul(optim.beta2).addcmul_(grad, grad, value=1 - optim.beta2)
-        denom = (exp_avg_sq.sqrt() / self.bias2_sqrt[k].view(-1, 1, 1)).add_(EPS)
-        updated = decayed + (-self.step_size[k]).view(-1, 1, 1) * exp_avg / denom
-        rows = active.view(-1, 1, 1)
-        memory.copy_(torch.where(rows, updated, memory))
-        self.exp_avg = torch.where(rows, exp_avg, self.exp_avg)
-        self.exp_avg_sq = torch.where(rows, exp_avg_sq, self.exp_avg_sq)
-        self.count = self.count + active.long()
+        exp_avgs, exp_avg_sqs = state.exp_avg.tensors(), state.exp_avg_sq.tensors()
+        for i, tensor in enumerate(params.tensors()):
+            grad = tensor.grad
+            shape = (-1, *([1] * (tensor.dim() - 1)))
+            decayed = tensor * self.decay[k].view(shape)
+            exp_avg = exp_avgs[i].lerp(grad, 1 - optim.beta1)
+            exp_avg_sq = exp_avg_sqs[i].mul(optim.beta2).addcmul_(grad, grad, value=1 - optim.beta2)
+            denom = (exp_avg_sq.sqrt() / self.bias2_sqrt[k].view(shape)).add_(EPS)
+            updated = decayed + (-self.step_size[k]).view(shape) * exp_avg / denom
+            rows = active.view(shape)
+            tensor.copy_(torch.where(rows, updated, tensor))
+            exp_avgs[i].copy_(torch.where(rows, exp_avg, exp_avgs[i]))
+            exp_avg_sqs[i].copy_(torch.where(rows, exp_avg_sq, exp_avg_sqs[i]))
+        state.count = state.count + active.long()
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.state.count

@@ -6,19 +6,13 @@ Texts of different lengths share a batch right-padded: a causal model's earlier 
 ones, and padded targets are masked out of loss, accuracy and greedy prefix. A finished sample leaves at
 once and the next waiting one takes its slot, if the batch's padding stays within `max_padding`.
 
-Two methods (config.MethodConfig):
-- full: one target, the whole text. A sample ends at accuracy 1.0, after `patience` steps without a better
-  accuracy, or at `max_steps`; it keeps the vectors of its best-accuracy forward.
-- progressive: the text is a cap and the target grows stage by stage (stages.StagePlan). A stage converges
-  when the forward before an update reaches `threshold` (the vectors are not updated then, so the stored
-  vectors reproduce what was recorded) and fails after `steps_per_stage` updates without converging. The
-  next stage continues from the current vectors, moments and schedule position, or from the snapshot taken
-  at the longest converged stage (geometric back-off).
+What is trained is the parametrization's (param.py: `direct`, the vectors themselves); what a forward means,
+and when a sample ends, is its method's rule (rules.py: full or progressive). `_Batch` holds only the rows:
+admission, one step, and taking the finished rows out.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -27,15 +21,19 @@ from typing import Optional, Union
 
 import torch
 
-from .adamw import RowAdamW, initial_vectors
+from .adamw import AdamRows, RowAdamW
 from .config import MethodConfig, OptimConfig
 from .loss import cross_entropy_and_argmax
 from .model import attention_implementation, autocast
+from .param import Direct, as_leaves
+from .rows import RowState, per_position
+from .rules import DONE, NONFINITE, rule_for
 from .stages import StagePlan, StageRecord
 
-LN2 = math.log(2.0)
-MAX_PADDING = 0.5  # a waiting sample joins only if padded positions stay within this share of the real ones
-RUNNING, DONE, STAGE_CONVERGED, STAGE_FAILED, NONFINITE = range(5)
+# A waiting sample joins only if padded positions stay within this share of the real ones. A constant, not a
+# config key: it trades padded compute against batch fill and leaves results unchanged (benchmarks/batch_fill.py
+# measures it; `cram(max_padding=...)` sets it for them).
+MAX_PADDING = 0.5
 
 
 @dataclass
@@ -109,7 +107,11 @@ def token_scores(model, memory: Optional[torch.Tensor], text_embeds: torch.Tenso
 
 
 def reduce_scores(ce_tok: torch.Tensor, correct: torch.Tensor, mask: Optional[torch.Tensor] = None):
-    """Per-row mean CE, accuracy and greedy prefix over the targets in `mask` (None: all)."""
+    """Per-row mean CE, accuracy and greedy prefix over the targets in `mask` (None: all).
+
+    Greedy decoding from the vectors reproduces the text up to the first wrong teacher-forced prediction
+    (until then it sees exactly the teacher-forced inputs), so the greedy prefix is the number of leading
+    correct predictions: the greedy check costs nothing beyond the forward."""
     if mask is None:
         return ce_tok.mean(dim=1), correct.float().mean(dim=1), leading_matches(correct)
     count = mask.sum(dim=1)
@@ -117,113 +119,95 @@ def reduce_scores(ce_tok: torch.Tensor, correct: torch.Tensor, mask: Optional[to
     return ce, (correct & mask).sum(dim=1) / count, leading_matches(correct & mask)
 
 
-def score(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str, cast_cache=True):
-    """Per-sample mean CE, accuracy and greedy prefix of the `length - 1` next-token predictions of the text.
-
-    Greedy decoding from the vectors reproduces the text up to the first wrong teacher-forced
-    prediction (until then it sees exactly the teacher-forced inputs), so the greedy prefix is the
-    number of leading correct predictions: the greedy check costs nothing beyond this forward.
-
-    memory: (B, n_mem, H) or None; text_embeds: (B, L, H); targets: (B, L-1) = token ids 1..L-1.
-    """
-    return reduce_scores(*token_scores(model, memory, text_embeds, targets, precision, cast_cache))
-
-
-def _pad_to(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """Right-pad dim 1 with zeros to `size`."""
-    if tensor.shape[1] >= size:
-        return tensor
-    pad = torch.zeros(tensor.shape[0], size - tensor.shape[1], *tensor.shape[2:], dtype=tensor.dtype, device=tensor.device)
-    return torch.cat([tensor, pad], dim=1)
-
-
 def padded_and_real(lengths: list[int]) -> tuple[int, int]:
     """Positions of a right-padded batch of texts of these lengths, and how many of them are real."""
     return max(lengths) * len(lengths), sum(lengths)
 
 
-# per-row tensors whose dim 1 runs over text positions: right-padded when a longer text joins
-_PER_POSITION = ("ids", "text_embeds", "ce0_tok", "correct0_tok", "horizon_ce_tok", "horizon_correct")
+@dataclass
+class TextRows(RowState):
+    """Each row's text, and how the model predicts it without vectors."""
+
+    ids: torch.Tensor = per_position()  # (B, W) token ids, right-padded with 0
+    text_embeds: torch.Tensor = per_position()  # (B, W, H)
+    ce0_tok: torch.Tensor = per_position(1)  # (B, W-1) CE of tokens 1.. without vectors (nats)
+    correct0_tok: torch.Tensor = per_position(1)  # (B, W-1) their argmax is right without vectors
+
+
+@dataclass
+class StepRows(RowState):
+    """Where each row is: its target, status (rules.RUNNING ...) and step counts."""
+
+    targets: torch.Tensor  # (B,) predictions in the current target (mirrored on the host in _Batch.targets)
+    status: torch.Tensor  # (B,)
+    steps: torch.Tensor  # (B,) full: forwards; progressive: updates, all stages
+    stage_steps: torch.Tensor  # (B,) updates in the current stage
+
+
+@dataclass
+class Scores:
+    """One forward's verdict per row, handed to the rule."""
+
+    ce: torch.Tensor  # (B,) mean CE over the row's targets (nats)
+    acc: torch.Tensor  # (B,) teacher-forced accuracy
+    prefix: torch.Tensor  # (B,) leading correct predictions
+    finite: torch.Tensor  # (B,) the loss is finite
+    ce_tok: torch.Tensor  # (B, P) per-target CE
+    correct: torch.Tensor  # (B, P)
+    vectors: torch.Tensor  # (B, n_mem, H) the vectors of this forward (before its update)
 
 
 class _Batch:
-    """The samples being optimized and their state, all as (B, ...) tensors; `plans` and `targets` mirror
-    on the host what decides shapes and stages."""
+    """The samples being optimized and their state, all as (B, ...) row states; `specs`, `plans` (progressive's
+    stage plans), `targets` and `seconds` mirror the rows on the host."""
 
-    def __init__(self, model, n_mem: int, optim: OptimConfig, method: MethodConfig, precision: str, cast_cache: bool):
-        self.model, self.n_mem, self.optim, self.method = model, n_mem, optim, method
-        self.precision, self.cast_cache = precision, cast_cache
+    def __init__(
+        self, model, n_mem: int, optim: OptimConfig, method: MethodConfig, precision: str, cast_cache: bool, parametrization=Direct
+    ):
+        self.model, self.method, self.precision, self.cast_cache = model, method, precision, cast_cache
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
-        self.embed_std = self.embed.weight.float().std().item()
-        self.offset = 0 if method.predict_first else 1  # the first target token
+        self.rule = rule_for(method, optim)
+        self.param = parametrization(n_mem, self.embed.weight.shape[1], optim, self.embed.weight.float().std().item(), self.device)
         self.adamw = RowAdamW(optim, self.device)
         self.specs: list[SampleSpec] = []
         self.plans: list[Optional[StagePlan]] = []
-        self.targets: list[int] = []  # per row: predictions in its current target
-        self.memory: Optional[torch.Tensor] = None
-        self.t: dict[str, torch.Tensor] = {}
+        self.targets: list[int] = []
         self.seconds: list[float] = []
+        self.text: Optional[TextRows] = None
+        self.step_rows: Optional[StepRows] = None
+        self.rule_rows: Optional[RowState] = None
+        self.params: Optional[RowState] = None
 
     def __len__(self) -> int:
         return len(self.specs)
 
     def positions(self, extra: Iterable[SampleSpec] = ()) -> tuple[int, int]:
         """(padded, real) text positions of a step, with `extra` samples added."""
-        return padded_and_real([self.offset + n for n in self.targets] + [self._first_target(s) + self.offset for s in extra])
-
-    def _first_target(self, spec: SampleSpec) -> int:
-        if self.method.progressive:
-            return min(self.method.min_length, len(spec.token_ids)) - self.offset
-        return len(spec.token_ids) - 1
+        o = self.rule.offset
+        return padded_and_real([o + n for n in self.targets] + [self.rule.first_target(len(s.token_ids)) + o for s in extra])
 
     def add(self, specs: list[SampleSpec]) -> None:
         longest = max(len(s.token_ids) for s in specs)
         ids = torch.tensor([s.token_ids + [0] * (longest - len(s.token_ids)) for s in specs], device=self.device)
         text_embeds = self.embed(ids)
-        ce0_tok, correct0_tok = self._text_alone(specs, ids, text_embeds)
-        hidden = self.embed.weight.shape[1]
-        memory = torch.stack([initial_vectors(self.n_mem, hidden, s.init_seed, self.optim, self.embed_std) for s in specs]).to(self.device)
-        count = len(specs)
-        plans = [StagePlan(self.method, len(s.token_ids)) if self.method.progressive else None for s in specs]
-        targets = [self._first_target(s) for s in specs]
-        zeros = torch.zeros(count, dtype=torch.long, device=self.device)
-        new = {
-            "ids": ids,
-            "text_embeds": text_embeds,
-            "ce0_tok": ce0_tok,
-            "correct0_tok": correct0_tok,
-            "targets": torch.tensor(targets, device=self.device),
-            "status": zeros.clone(),
-            "steps": zeros.clone(),
-            "stage_steps": zeros.clone(),
-            "best_acc": torch.full((count,), -1.0, device=self.device),
-            "best_step": zeros.clone(),
-            "best_prefix": zeros.clone(),
-            "best_ce": torch.full((count,), math.inf, device=self.device),
-            "best_mem": memory.clone(),
-            "last_acc": torch.zeros(count, device=self.device),
-            "last_ce": torch.zeros(count, device=self.device),
-            "horizon_ce_tok": torch.zeros(count, longest, device=self.device),
-            "horizon_correct": torch.zeros(count, longest, dtype=torch.bool, device=self.device),
-            "snap_exp_avg": torch.zeros_like(memory),
-            "snap_exp_avg_sq": torch.zeros_like(memory),
-            "snap_count": zeros.clone(),
-        }
-        if self.t:
-            width = max(longest, self.t["ids"].shape[1])
-            for key in _PER_POSITION:
-                size = width - (1 if key in ("ce0_tok", "correct0_tok") else 0)
-                self.t[key], new[key] = _pad_to(self.t[key], size), _pad_to(new[key], size)
-            self.t = {k: torch.cat([self.t[k], v]) for k, v in new.items()}
-            self.memory = torch.cat([self.memory.detach(), memory]).requires_grad_()
+        text = TextRows(ids, text_embeds, *self._text_alone(specs, ids, text_embeds))
+        params = self.param.init([s.init_seed for s in specs])
+        targets = [self.rule.first_target(len(s.token_ids)) for s in specs]
+        zeros = torch.zeros(len(specs), dtype=torch.long, device=self.device)
+        steps = StepRows(torch.tensor(targets, device=self.device), zeros.clone(), zeros.clone(), zeros.clone())
+        rule_rows = self.rule.new_rows(len(specs), self.param.vectors(params), params, longest)
+        self.adamw.add(params)
+        if self.text is None:
+            self.text, self.step_rows, self.rule_rows, self.params = text, steps, rule_rows, params
         else:
-            self.t, self.memory = new, memory.requires_grad_()
-        self.adamw.add(memory)
+            width = max(longest, self.text.ids.shape[1])
+            self.text, self.step_rows = self.text.cat(text, width), self.step_rows.cat(steps, width)
+            self.rule_rows, self.params = self.rule_rows.cat(rule_rows, width), as_leaves(self.params.cat(params, width))
         self.specs += specs
-        self.plans += plans
+        self.plans += [self.rule.plan(len(s.token_ids)) for s in specs]
         self.targets += targets
-        self.seconds += [0.0] * count
+        self.seconds += [0.0] * len(specs)
 
     @torch.no_grad()
     def _text_alone(self, specs: list[SampleSpec], ids: torch.Tensor, text_embeds: torch.Tensor):
@@ -241,188 +225,63 @@ class _Batch:
         return ce0_tok, correct0_tok
 
     def step(self) -> None:
-        t, count = self.t, max(self.targets)
-        fed = t["text_embeds"][:, : self.offset + count]
-        targets = t["ids"][:, self.offset : self.offset + count]
-        mask = None if min(self.targets) == count else torch.arange(count, device=self.device)[None] < t["targets"][:, None]
-        ce_tok, correct = token_scores(self.model, self.memory, fed, targets, self.precision, self.cast_cache)
+        """One forward of every row's current target and one update of the rows its rule keeps running."""
+        o, count = self.rule.offset, max(self.targets)
+        fed = self.text.text_embeds[:, : o + count]
+        targets = self.text.ids[:, o : o + count]
+        mask = None if min(self.targets) == count else torch.arange(count, device=self.device)[None] < self.step_rows.targets[:, None]
+        vectors = self.param.vectors(self.params)
+        ce_tok, correct = token_scores(self.model, vectors, fed, targets, self.precision, self.cast_cache)
         ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
         finite = torch.isfinite(ce)
         loss = torch.where(finite, ce, torch.zeros_like(ce)).sum()
-        self.memory.grad = None
+        for tensor in self.params.tensors():
+            tensor.grad = None
         loss.backward()
         with torch.no_grad():
-            if self.method.progressive:
-                active = self._progressive_checks(ce, acc, finite, ce_tok, correct)
-            else:
-                active = self._full_checks(ce, acc, prefix, finite)
-        self.adamw.step(self.memory.data, self.memory.grad, active)
+            active = self.rule.judge(self, Scores(ce, acc, prefix, finite, ce_tok, correct, vectors))
+        self.adamw.step(self.params, active)
 
-    def _full_checks(self, ce, acc, prefix, finite) -> torch.Tensor:
-        t, optim = self.t, self.optim
-        live = t["status"] == RUNNING
-        t["steps"] += live.long()
-        improved = live & (acc > t["best_acc"])
-        t["best_acc"] = torch.where(improved, acc, t["best_acc"])
-        t["best_step"] = torch.where(improved, t["steps"], t["best_step"])
-        t["best_prefix"] = torch.where(improved, prefix, t["best_prefix"])
-        t["best_mem"] = torch.where(improved[:, None, None], self.memory.detach(), t["best_mem"])
-        t["best_ce"] = torch.where(live & (ce < t["best_ce"]), ce, t["best_ce"])
-        stale = t["steps"] - t["best_step"] >= optim.patience
-        ends = live & ((acc >= 1.0) | stale | (t["steps"] >= optim.max_steps) | ~finite)
-        t["status"] = torch.where(ends, torch.where(finite, DONE, NONFINITE), t["status"])
-        return live & ~ends
-
-    def _progressive_checks(self, ce, acc, finite, ce_tok, correct) -> torch.Tensor:
-        """Judge each running row's stage on this forward (before its update); freeze the rows whose stage ended."""
-        t, method = self.t, self.method
-        running = t["status"] == RUNNING
-        converged = running & finite & (acc >= method.threshold)
-        failed = running & finite & ~converged & ((t["stage_steps"] >= method.steps_per_stage) | (t["steps"] >= self.optim.max_steps))
-        ended = converged | failed
-        t["last_acc"] = torch.where(ended, acc, t["last_acc"])
-        t["last_ce"] = torch.where(ended, ce, t["last_ce"])
-        rows = converged[:, None, None]
-        t["best_mem"] = torch.where(rows, self.memory.detach(), t["best_mem"])  # the snapshot at the longest converged stage
-        t["snap_exp_avg"] = torch.where(rows, self.adamw.exp_avg, t["snap_exp_avg"])
-        t["snap_exp_avg_sq"] = torch.where(rows, self.adamw.exp_avg_sq, t["snap_exp_avg_sq"])
-        t["snap_count"] = torch.where(converged, self.adamw.count, t["snap_count"])
-        width = ce_tok.shape[1]
-        t["horizon_ce_tok"][:, :width] = torch.where(converged[:, None], ce_tok.detach(), t["horizon_ce_tok"][:, :width])
-        t["horizon_correct"][:, :width] = torch.where(converged[:, None], correct, t["horizon_correct"][:, :width])
-        status = torch.where(converged, STAGE_CONVERGED, torch.where(failed, STAGE_FAILED, t["status"]))
-        t["status"] = torch.where(running & ~finite, NONFINITE, status)
-        active = running & finite & ~ended
-        t["steps"] += active.long()
-        t["stage_steps"] += active.long()
-        return active
-
-    def next_stages(self) -> None:
-        """Host side of progressive cramming: each row whose stage ended gets its next stage, or is done."""
-        status = self.t["status"].tolist()
-        ended = [i for i, s in enumerate(status) if s in (STAGE_CONVERGED, STAGE_FAILED)]
-        if not ended:
-            return
-        t = self.t
-        cols = {k: t[k].tolist() for k in ("stage_steps", "steps", "last_acc", "last_ce")}
-        restart, restore = [False] * len(self), [False] * len(self)
-        for i in ended:
-            plan = self.plans[i]
-            record = StageRecord(
-                stage=len(plan.records),
-                length=plan.length,
-                phase=plan.phase,
-                converged=status[i] == STAGE_CONVERGED,
-                steps=cols["stage_steps"][i],
-                total_steps=cols["steps"][i],
-                acc=cols["last_acc"][i],
-                ce_bits=cols["last_ce"][i] * self.targets[i] / LN2,
-            )
-            following = plan.next(record, budget_left=cols["steps"][i] < self.optim.max_steps)
-            if following is None:
-                status[i] = DONE
-                continue
-            status[i], restart[i], restore[i] = RUNNING, True, following.restore
-            self.targets[i] = following.length - self.offset
-        restart_t = torch.tensor(restart, device=self.device)
-        restore_t = torch.tensor(restore, device=self.device)
-        t["status"] = torch.tensor(status, device=self.device)
-        t["targets"] = torch.tensor(self.targets, device=self.device)
-        t["stage_steps"] = torch.where(restart_t, 0, t["stage_steps"])
-        if any(restore):
-            with torch.no_grad():
-                self.memory.data.copy_(torch.where(restore_t[:, None, None], t["best_mem"], self.memory.data))
-            snapshot = {"exp_avg": t["snap_exp_avg"], "exp_avg_sq": t["snap_exp_avg_sq"], "count": t["snap_count"]}
-            self.adamw.restore(snapshot, restore_t)
+    def restore(self, rows: torch.Tensor, params: RowState, adam: AdamRows) -> None:
+        """Rows `rows` (a boolean mask) take these trainable tensors, moments and schedule positions."""
+        self.params = as_leaves(self.params.where(rows, params))
+        self.adamw.restore(rows, adam)
 
     def take_finished(self) -> list[SampleResult]:
-        if self.method.progressive:
-            self.next_stages()
-        t = self.t
-        status = t["status"].cpu()
+        self.rule.end_stages(self)
+        status = self.step_rows.status.cpu()
         done = (status == DONE) | (status == NONFINITE)
         if not done.any():
             return []
-        index = done.nonzero().flatten().tolist()
-        rows = [self._progressive_result(i) if self.method.progressive else self._full_result(i) for i in index]
+        results = [self._result(i) for i in done.nonzero().flatten().tolist()]
         keep = (~done).nonzero().flatten().tolist()
-        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.t = {k: v.index_select(0, keep_t) for k, v in t.items()}
-        self.memory = self.memory.detach().index_select(0, keep_t).requires_grad_()
-        self.adamw.keep(keep_t)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.text, self.step_rows, self.rule_rows = self.text.keep(index), self.step_rows.keep(index), self.rule_rows.keep(index)
+        self.params = as_leaves(self.params.keep(index))
+        self.adamw.keep(index)
         for name in ("specs", "plans", "targets", "seconds"):
             setattr(self, name, [getattr(self, name)[i] for i in keep])
-        return rows
+        return results
 
-    def _common(self, i: int) -> dict:
-        t, spec = self.t, self.specs[i]
-        error = f"loss became non-finite at step {int(t['steps'][i])}" if int(t["status"][i]) == NONFINITE else None
-        return {
-            "cell": spec.cell,
-            "sample": spec.sample,
-            "token_ids": spec.token_ids,
-            "method": self.method.name,
-            "predict_first": self.method.predict_first,
-            "seconds": self.seconds[i],
-            "steps": int(t["steps"][i]),
-            "memory": t["best_mem"][i].float().cpu().flatten().tolist(),
-            "error": error,
-        }
-
-    def _full_result(self, i: int) -> SampleResult:
-        t = self.t
-        n_pred = len(self.specs[i].token_ids) - 1
-        ce_no_mem_bits = t["ce0_tok"][i, :n_pred].mean().item() * n_pred / LN2
-        acc_no_mem = t["correct0_tok"][i, :n_pred].float().mean().item()
-        ce_bits = t["best_ce"][i].item() * n_pred / LN2
-        acc, prefix = t["best_acc"][i].item(), int(t["best_prefix"][i])
+    def _result(self, i: int) -> SampleResult:
+        spec, steps = self.specs[i], int(self.step_rows.steps[i])
         return SampleResult(
-            **self._common(i),
-            acc_no_mem=acc_no_mem,
-            acc=acc,
-            ce_no_mem_bits=ce_no_mem_bits,
-            ce_bits=ce_bits,
-            info_gain_bits=ce_no_mem_bits - ce_bits,
-            gain_tokens=(acc - acc_no_mem) * n_pred,
-            converged=acc >= 1.0,
-            greedy_prefix=prefix,
-            greedy_exact=prefix == n_pred,
-            horizon=prefix + 1 if prefix else 0,
-            stages=1,
-            fail_acc=math.nan if acc >= 1.0 else acc,
+            cell=spec.cell,
+            sample=spec.sample,
+            token_ids=spec.token_ids,
+            method=self.method.name,
+            predict_first=self.method.predict_first,
+            seconds=self.seconds[i],
+            steps=steps,
+            memory=self.rule.memory(self, i).float().cpu().flatten().tolist(),
+            error=f"loss became non-finite at step {steps}" if int(self.step_rows.status[i]) == NONFINITE else None,
+            **self.rule.result(self, i),
         )
 
-    def _progressive_result(self, i: int) -> SampleResult:
-        """The horizon stage's numbers; CE, info gain and gain in tokens over tokens 1..horizon-1."""
-        t, plan, o = self.t, self.plans[i], self.offset
-        horizon = plan.horizon
-        scored = max(horizon - 1, 0)  # tokens 1..horizon-1
-        ce_tok = t["horizon_ce_tok"][i].tolist()
-        correct = t["horizon_correct"][i].tolist()
-        ce0 = t["ce0_tok"][i, :scored].tolist()
-        correct0 = t["correct0_tok"][i, :scored].tolist()
-        stage_targets = max(horizon - o, 0)
-        ce_no_mem_bits = sum(ce0) / LN2
-        ce_bits = sum(ce_tok[1 - o : horizon - o]) / LN2 if scored else 0.0
-        prefix = int(leading_matches(torch.tensor([correct[:stage_targets]], dtype=torch.bool)).item()) if stage_targets else 0
-        horizon_record = next((r for r in reversed(plan.records) if r.converged and r.length == horizon), None)
-        failed = plan.first_failed
-        return SampleResult(
-            **self._common(i),
-            acc_no_mem=sum(correct0) / scored if scored else math.nan,
-            acc=horizon_record.acc if horizon_record else math.nan,
-            ce_no_mem_bits=ce_no_mem_bits,
-            ce_bits=ce_bits,
-            info_gain_bits=ce_no_mem_bits - ce_bits,
-            gain_tokens=float(sum(correct[1 - o : horizon - o]) - sum(correct0)) if scored else 0.0,
-            converged=horizon == len(self.specs[i].token_ids),
-            greedy_prefix=prefix,
-            greedy_exact=stage_targets > 0 and prefix == stage_targets,
-            horizon=horizon,
-            stages=len(plan.records),
-            fail_acc=failed.acc if failed else math.nan,
-            stage_records=plan.records,
-        )
+    def add_seconds(self, seconds: float) -> None:
+        """Share one step's time among the rows that ran it."""
+        share = seconds / len(self)
+        self.seconds = [s + share for s in self.seconds]
 
 
 def cram(
@@ -438,9 +297,11 @@ def cram(
     heartbeat_seconds: Optional[float] = None,
     method: Optional[MethodConfig] = None,
     max_padding: float = MAX_PADDING,
+    parametrization=Direct,
 ) -> Iterator[Union[SampleResult, Heartbeat]]:
     """Optimize every sample (texts of any lengths, in the order given; shortest first keeps padding low);
-    yield one `SampleResult` per sample as it finishes. `method`: full cramming when None.
+    yield one `SampleResult` per sample as it finishes. `method`: full cramming when None; `parametrization`:
+    what is trained (param.py).
 
     Speed options that leave results unchanged (up to float rounding): `batch_size`, `check_every` (steps
     between host syncs; rows whose stage or sample ended are frozen on the device meanwhile), `cast_cache`
@@ -448,20 +309,22 @@ def cram(
     `max_padding`. With `heartbeat_seconds`, also yields a `Heartbeat` at most that often, so a caller can
     show progress within long samples.
     """
+    waiting = deque(samples)
+    batch = _Batch(model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization)
+    last_heartbeat = time.perf_counter()
     with attention_implementation(model, attention):
-        yield from _cram(
-            model,
-            samples,
-            n_mem,
-            optim,
-            method or MethodConfig(),
-            precision,
-            batch_size,
-            check_every,
-            cast_cache,
-            heartbeat_seconds,
-            max_padding,
-        )
+        while waiting or len(batch):
+            admitted = _admit(batch, waiting, batch_size, max_padding)
+            if admitted:
+                batch.add(admitted)
+            started = time.perf_counter()
+            for _ in range(check_every):
+                batch.step()
+            batch.add_seconds(time.perf_counter() - started)
+            yield from batch.take_finished()
+            if heartbeat_seconds is not None and len(batch) and time.perf_counter() - last_heartbeat >= heartbeat_seconds:
+                last_heartbeat = time.perf_counter()
+                yield Heartbeat(live=len(batch), steps=int(batch.step_rows.steps.max()), stage_length=batch.rule.stage_length(batch))
 
 
 def _admit(batch: _Batch, waiting: deque, batch_size: int, max_padding: float) -> list[SampleSpec]:
@@ -474,23 +337,3 @@ def _admit(batch: _Batch, waiting: deque, batch_size: int, max_padding: float) -
             break
         admitted.append(waiting.popleft())
     return admitted
-
-
-def _cram(model, samples, n_mem, optim, method, precision, batch_size, check_every, cast_cache, heartbeat_seconds, max_padding):
-    waiting = deque(samples)
-    batch = _Batch(model, n_mem, optim, method, precision, cast_cache)
-    last_heartbeat = time.perf_counter()
-    while waiting or len(batch):
-        admitted = _admit(batch, waiting, batch_size, max_padding)
-        if admitted:
-            batch.add(admitted)
-        started = time.perf_counter()
-        for _ in range(check_every):
-            batch.step()
-        share = (time.perf_counter() - started) / len(batch)
-        batch.seconds = [s + share for s in batch.seconds]
-        yield from batch.take_finished()
-        if heartbeat_seconds is not None and len(batch) and time.perf_counter() - last_heartbeat >= heartbeat_seconds:
-            last_heartbeat = time.perf_counter()
-            stage_length = max(n + batch.offset for n in batch.targets) if method.progressive else 0
-            yield Heartbeat(live=len(batch), steps=int(batch.t["steps"].max()), stage_length=stage_length)

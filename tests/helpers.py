@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from cram_sweep.config import Cell, compose_config
+from cram_sweep.param import initial_vectors
+from cram_sweep.rows import RowState
 from cram_sweep.store import FailureRow, ResultRow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,15 +112,19 @@ def fields(result) -> dict:
     return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
 
 
-def assert_same_result(a, b, atol=1e-3):
-    """Two results of one sample agree: same trajectory length and accuracy, CE and vectors within fp rounding."""
+def assert_same_result(a, b, atol=1e-3, ce_rel=1e-4):
+    """Two results of one sample agree: same trajectory length and accuracy, CE and vectors within fp rounding.
+
+    Another GEMM shape (batch size) or CPU rounds differently, and ~100 steps amplify it: the vectors by ~1e-4.
+    The lowest summed CE near convergence sits on the steep side of the softmax and can move 100x more; pass
+    `ce_rel=1e-2` where the trajectory is more sensitive (another CPU, a larger effective step)."""
     import torch
 
     a, b = fields(a), fields(b)
     assert a["steps"] == b["steps"]
     assert a["acc"] == pytest.approx(b["acc"], abs=1e-6)
     assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6)
-    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=1e-4, abs=atol)
+    assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=ce_rel, abs=atol)
     assert a["ce_no_mem_bits"] == pytest.approx(b["ce_no_mem_bits"], rel=1e-5)
     assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
 
@@ -212,3 +218,30 @@ def port_open(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@dataclasses.dataclass
+class TwoTensors(RowState):
+    a: torch.Tensor  # (B, n_mem, hidden)
+    b: torch.Tensor  # (B, hidden)
+
+
+class SumOfTwo:
+    """A toy parametrization with two per-row tensors: the vectors are a + b (b broadcast over the vectors), a from
+    the sample's seed as `direct` draws it, b zero."""
+
+    name = "sum_of_two"
+
+    def __init__(self, n_mem, hidden, optim, embed_std, device):
+        self.n_mem, self.hidden, self.optim, self.embed_std, self.device = n_mem, hidden, optim, embed_std, device
+
+    @property
+    def trained_numbers(self) -> int:
+        return (self.n_mem + 1) * self.hidden
+
+    def init(self, seeds):
+        a = torch.stack([initial_vectors(self.n_mem, self.hidden, seed, self.optim, self.embed_std) for seed in seeds])
+        return TwoTensors(a.requires_grad_(), torch.zeros(len(seeds), self.hidden, requires_grad=True))
+
+    def vectors(self, params):
+        return params.a + params.b[:, None, :]

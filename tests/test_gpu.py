@@ -14,7 +14,7 @@ import torch
 
 from cram_sweep.batching import auto_batch_size, cram_fitting
 from cram_sweep.config import Cell, sample_seed
-from cram_sweep.cram import SampleSpec, cram, score
+from cram_sweep.cram import SampleSpec, cram, reduce_scores, token_scores
 from cram_sweep.data import sample_token_ids
 from cram_sweep.model import load_model, resolve_attention
 
@@ -91,7 +91,7 @@ def test_bf16_rows_vectors_reproduce_their_accuracy(tiny):
         ids = torch.tensor(row.token_ids, device=DEVICE)[None]
         memory = torch.tensor(row.memory, device=DEVICE).view(1, 2, -1)
         with torch.no_grad():
-            _, acc, _ = score(tiny.model, memory, tiny.model.get_input_embeddings()(ids), ids[:, 1:], "bf16")
+            _, acc, _ = reduce_scores(*token_scores(tiny.model, memory, tiny.model.get_input_embeddings()(ids), ids[:, 1:], "bf16"))
         assert acc.item() == pytest.approx(row.acc, abs=1e-6), (row.sample, row.acc, acc.item())
 
 

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from cram_sweep.adamw import RowAdamW, learning_rates
 from cram_sweep.config import Cell, sample_seed
-from cram_sweep.cram import SampleSpec, cram, token_scores
+from cram_sweep.cram import SampleSpec, _Batch, cram, token_scores
 from cram_sweep.data import sample_token_ids
 from cram_sweep.decode import greedy_decode
+from cram_sweep.param import as_leaves
 
-from .helpers import TINY_PROGRESSIVE, tiny_config
+from .helpers import TINY_PROGRESSIVE, TwoTensors, tiny_config
 
 GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
 
@@ -185,47 +186,61 @@ def test_right_padding_changes_nothing(tiny_llama):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_row_adamw_is_torch_adamw_per_row(schedule):
-    """Each row follows torch.optim.AdamW with its own LambdaLR, whatever the other rows' positions."""
+    """Each row of each trainable tensor follows torch.optim.AdamW with its own LambdaLR, whatever the other rows'
+    positions (two tensors of different ranks, as a low-dimensional parametrization has)."""
     optim = progressive_config(f"optim.schedule={schedule}", "optim.warmup_steps=10").optim
     torch.manual_seed(0)
-    start = torch.randn(3, 2, 8)
+    start = TwoTensors(torch.randn(3, 2, 8), torch.randn(3, 8))
     rows = RowAdamW(optim, "cpu")
     rows.add(start)
-    batched = start.clone()
-    params = [torch.nn.Parameter(start[i].clone()) for i in range(3)]
-    opts = [torch.optim.AdamW([p], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay) for p in params]
+    batched = as_leaves(start)
+    params = [[torch.nn.Parameter(t[i].clone()) for t in start.tensors()] for i in range(3)]
+    opts = [torch.optim.AdamW(p, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay) for p in params]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(optim) if schedule == "cosine" else lambda _: 1.0) for o in opts]
     for step in range(30):
-        grads = torch.randn(3, 2, 8)
+        grads = [torch.randn_like(t) for t in batched.tensors()]
+        for tensor, grad in zip(batched.tensors(), grads):
+            tensor.grad = grad
         active = torch.tensor([True, step % 2 == 0, step % 3 == 0])  # rows at different schedule positions
-        rows.step(batched, grads, active)
+        rows.step(batched, active)
         for i in range(3):
             if active[i]:
-                params[i].grad = grads[i].clone()
+                for param, grad in zip(params[i], grads):
+                    param.grad = grad[i].clone()
                 opts[i].step()
                 scheds[i].step()
     for i in range(3):
-        assert torch.equal(batched[i], params[i].detach()), f"row {i}"
+        for tensor, param in zip(batched.tensors(), params[i]):
+            assert torch.equal(tensor[i], param.detach()), f"row {i}"
     assert rows.count.tolist() == [30, 15, 10]
     assert learning_rates(optim)[0] == (0.0 if schedule == "cosine" else optim.lr)
 
 
-def test_snapshot_and_restore_bring_back_the_moments_and_schedule_position():
-    optim = progressive_config().optim
-    rows = RowAdamW(optim, "cpu")
-    memory = torch.randn(2, 1, 4)
-    rows.add(memory)
+def test_the_engines_restore_brings_back_a_rows_tensors_moments_and_schedule_position(tiny_llama):
+    """_Batch.restore, as a geometric back-off calls it: the restored row gets the snapshot's trainable tensors,
+    moments and step count; the other row keeps its own."""
+    cfg = progressive_config(
+        "method.steps_per_stage=100", "method.min_length=8", "grid.lengths=[8]", "optim.lr=1e-4", "optim.min_lr=0"
+    )  # no stage ends in 13 steps
+    batch = _Batch(tiny_llama.model, 1, cfg.optim, cfg.method, "fp32", cast_cache=False)
+    batch.add(specs_for(tiny_llama, 8, 2))
     for _ in range(5):
-        rows.step(memory, torch.randn(2, 1, 4), torch.tensor([True, True]))
-    snapshot = rows.snapshot()
+        batch.step()
+    snapshot_params = batch.params.map(lambda t: t.detach().clone())
+    snapshot_adam = batch.adamw.state.map(torch.clone)
     for _ in range(7):
-        rows.step(memory, torch.randn(2, 1, 4), torch.tensor([True, True]))
-    after = rows.snapshot()
-    rows.restore(snapshot, torch.tensor([True, False]))
-    for name in RowAdamW.STATE:
-        assert torch.equal(getattr(rows, name)[0], snapshot[name][0]), name
-        assert torch.equal(getattr(rows, name)[1], after[name][1]), name
-    assert rows.count.tolist() == [5, 12]
+        batch.step()
+    after_params, after_adam = batch.params.map(lambda t: t.detach().clone()), batch.adamw.state.map(torch.clone)
+    batch.restore(torch.tensor([True, False]), snapshot_params, snapshot_adam)
+    for now, snapshot, after in zip(
+        batch.params.tensors() + batch.adamw.state.tensors(),
+        snapshot_params.tensors() + snapshot_adam.tensors(),
+        after_params.tensors() + after_adam.tensors(),
+    ):
+        assert torch.equal(now[0], snapshot[0]) and torch.equal(now[1], after[1])
+    assert batch.adamw.count.tolist() == [5, 12] and all(t.is_leaf and t.requires_grad for t in batch.params.tensors())
+    batch.step()  # and it trains on from there
+    assert batch.adamw.count.tolist() == [6, 13]
 
 
 def test_greedy_decode_of_the_stored_vectors_reproduces_the_horizon_prefix(tiny_llama):
