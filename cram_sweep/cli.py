@@ -117,18 +117,18 @@ def cmd_status(path: str) -> int:
 def publish_report(sweep: SweepDir, cfg) -> None:
     """Write the report, re-sync the cells' MLflow metrics from the store and log the report to the sweep's
     parent run (MLflow failing loses no file). `cfg` is the sweep's config as this process holds it (real URIs)."""
-    from .cellstate import cell_states
-    from .report import build_report, summary_lines
-    from .store import read_failures, read_results
+    from .markdown import summary_lines
+    from .report import SweepRecords, build_report
     from .tracking import Tracker, log_report
 
-    report = build_report(sweep.path)
+    records = SweepRecords.read(sweep, cfg)  # cfg: name and grid as in sweep.yaml (resume overrides change neither)
+    report = build_report(sweep, records)
     print(f"report: {sweep.report / 'capacity.md'}")
     print("\n".join(summary_lines(report.capacity)))
     tracker = Tracker(cfg, sweep)
     try:
         tracker.start()
-        tracker.record_cells(cell_states(cfg, read_results(sweep), read_failures(sweep)))
+        tracker.record_cells(records.states)
         tracker.flush(force=True)
         log_report(tracker, report)
     except Exception as err:  # the files are written; MLflow can be re-synced with `report` later

@@ -2,7 +2,7 @@
 
 The Parquet store is the source of truth: when MLflow fails mid-sweep the failure is logged, the
 sweep goes on, and the next flush (or `resume` / `report`) re-syncs every cell from the store.
-While MLflow is failing, flushes back off (flush_seconds, doubling up to MAX_BACKOFF_SECONDS) and
+While MLflow is failing, flushes back off (`Backoff`: flush_seconds, doubling up to MAX_BACKOFF_SECONDS) and
 each attempt fails fast (no HTTP retries, a short timeout), so a dead server costs the driver
 milliseconds (connection refused) to FAST_FAIL_TIMEOUT seconds (a hung server) per attempt.
 """
@@ -15,10 +15,13 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
+from .capacity import curve_columns
 from .config import Cell, SweepConfig
 from .errors import UserError, one_line
 from .redact import is_redacted, redact
@@ -33,6 +36,7 @@ HTTP_BACKOFF_FACTOR = "1"
 HTTP_TIMEOUT = "20"
 # Failing server: one try with a short timeout, then wait before the next.
 FAST_FAIL_TIMEOUT = "5"
+MIN_BACKOFF_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 60.0
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces), not on the runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -133,8 +137,72 @@ def _flat_params(cfg: SweepConfig) -> dict[str, str]:
     return flat
 
 
+@dataclass
+class Backoff:
+    """When a flush may try MLflow: `interval` after the last attempt, and while MLflow is failing not before `retry_at`.
+
+    Healthy: failed_since is None and delay = retry_at = 0. Each failed attempt doubles the delay, from
+    max(interval, MIN_BACKOFF_SECONDS) up to MAX_BACKOFF_SECONDS, and sets retry_at to its end + delay; the first
+    failed attempt of an outage sets failed_since to its start. A successful attempt makes it healthy again.
+    Times are time.monotonic() seconds."""
+
+    interval: float  # flush_seconds: no attempt sooner after the last one (a forced flush excepted)
+    last_attempt: float = 0.0  # the start of the last attempt
+    failed_since: Optional[float] = None  # the start of the outage's first failed attempt; None while healthy
+    delay: float = 0.0  # seconds from a failed attempt's end to the next attempt
+    retry_at: float = 0.0  # no attempt before this while failing (a forced flush excepted)
+
+    @property
+    def failing(self) -> bool:
+        return self.failed_since is not None
+
+    def due(self, now: float) -> bool:
+        return now - self.last_attempt >= self.interval and now >= self.retry_at
+
+    def attempt(self, now: float) -> None:
+        self.last_attempt = now
+
+    def fail(self, now: float) -> bool:
+        """The attempt failed, ending at `now`; True if it is the first failed attempt of an outage."""
+        self.delay = min(MAX_BACKOFF_SECONDS, max(self.interval, MIN_BACKOFF_SECONDS, 2 * self.delay))
+        self.retry_at = now + self.delay
+        first = not self.failing
+        if first:
+            self.failed_since = self.last_attempt
+        return first
+
+    def succeed(self) -> Optional[float]:
+        """The attempt succeeded: the seconds from the outage's first failed attempt to this one, or None if healthy."""
+        outage = None if self.failed_since is None else self.last_attempt - self.failed_since
+        self.failed_since, self.delay, self.retry_at = None, 0.0, 0.0
+        return outage
+
+
+@dataclass
+class RunIds:
+    """SWEEP_DIR/tracking.json: the MLflow ids of a sweep's runs, so `resume` and `report` reuse them.
+
+    `uri` is where they live, redacted (the file never holds a secret); `cells` maps a cell id to its child run."""
+
+    uri: str
+    experiment: str
+    parent: str
+    cells: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Optional[RunIds]:
+        """The ids `path` holds; None where there is no file."""
+        if not path.is_file():
+            return None
+        ids = json.loads(path.read_text())
+        return cls(uri=ids.get("uri", ""), experiment=ids["experiment"], parent=ids["parent"], cells=ids.get("cells", {}))
+
+    def save(self, path: Path) -> None:
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=1)))
+
+
 class Tracker:
-    """The sweep's MLflow runs; its ids live in SWEEP_DIR/tracking.json so `resume` reuses them.
+    """The sweep's MLflow runs; their ids (`RunIds`) live in SWEEP_DIR/tracking.json so `resume` reuses them.
 
     `uri` is the real tracking URI, for the client only; `shown_uri` (its secret masked) is what is printed or stored."""
 
@@ -144,12 +212,9 @@ class Tracker:
         self.uri = tracking_uri(cfg, sweep)
         self.shown_uri = redact(self.uri)
         self.client = None
-        self.ids: dict = {}
-        self.pending: dict[str, dict[str, float]] = {}
-        self.last_flush = 0.0
-        self.failed_since: Optional[float] = None
-        self.backoff = 0.0
-        self.retry_at = 0.0
+        self.ids: Optional[RunIds] = None
+        self.pending: dict[str, tuple[dict[str, float], dict[str, str]]] = {}
+        self.backoff = Backoff(interval=cfg.flush_seconds)
 
     def start(self) -> str:
         """Connect (one clear error if the server is down), then create or reuse the parent run."""
@@ -179,17 +244,16 @@ class Tracker:
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
-        if self.sweep.tracking.is_file():
-            ids = json.loads(self.sweep.tracking.read_text())
-            if redact(ids.get("uri", "")) == self.shown_uri:  # redact: tracking.json of older versions holds the real URI
-                try:
-                    self.client.update_run(ids["parent"], status="RUNNING")
-                    self.ids = {**ids, "uri": self.shown_uri}
-                    return self.ids["parent"]
-                except MlflowException as err:
-                    if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                        raise
-                    log.warning("the sweep's MLflow runs are gone from %s: creating new ones", self.shown_uri)
+        ids = RunIds.load(self.sweep.tracking)
+        if ids is not None and redact(ids.uri) == self.shown_uri:  # redact: tracking.json of older versions holds the real URI
+            try:
+                self.client.update_run(ids.parent, status="RUNNING")
+                self.ids = replace(ids, uri=self.shown_uri)
+                return self.ids.parent
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("the sweep's MLflow runs are gone from %s: creating new ones", self.shown_uri)
         if experiment is None:
             location = None
             if self.cfg.tracking.kind == "local":
@@ -204,34 +268,31 @@ class Tracker:
         parent = self.client.create_run(
             experiment_id, run_name=self.cfg.name, tags={"cram_sweep.sweep_dir": str(self.sweep.path.resolve())}
         )
-        self.ids = {"uri": self.shown_uri, "experiment": experiment_id, "parent": parent.info.run_id, "cells": {}}
-        self._save_ids()
+        self.ids = RunIds(uri=self.shown_uri, experiment=experiment_id, parent=parent.info.run_id)
+        self.ids.save(self.sweep.tracking)
         params = [Param(k, v) for k, v in _flat_params(self.cfg).items()]
         for i in range(0, len(params), 100):
-            self.client.log_batch(self.ids["parent"], params=params[i : i + 100])
+            self.client.log_batch(self.ids.parent, params=params[i : i + 100])
         try:  # an artifact store that fails must not stop the sweep: the config is in SWEEP_DIR too
-            self.client.log_artifact(self.ids["parent"], str(self.sweep.config))
+            self.client.log_artifact(self.ids.parent, str(self.sweep.config))
         except Exception as err:
             log.warning("could not log sweep.yaml to MLflow's artifact store (%s)", _why(err))
-        return self.ids["parent"]
+        return self.ids.parent
 
     @property
     def parent_id(self) -> str:
-        return self.ids["parent"]
-
-    def _save_ids(self) -> None:
-        write_atomically(self.sweep.tracking, lambda tmp: tmp.write_text(json.dumps(self.ids, indent=1)))
+        return self.ids.parent
 
     def _child(self, cell_id: str, tags: dict[str, str]) -> str:
-        if cell_id not in self.ids["cells"]:
+        if cell_id not in self.ids.cells:
             run = self.client.create_run(
-                self.ids["experiment"],
+                self.ids.experiment,
                 run_name=cell_id,
                 tags={"mlflow.parentRunId": self.parent_id, "cram_sweep.cell": cell_id, **tags},
             )
-            self.ids["cells"][cell_id] = run.info.run_id
-            self._save_ids()
-        return self.ids["cells"][cell_id]
+            self.ids.cells[cell_id] = run.info.run_id
+            self.ids.save(self.sweep.tracking)
+        return self.ids.cells[cell_id]
 
     def record(self, cell: Cell, metrics: dict[str, float]) -> None:
         self.pending[cell.id] = (metrics, cell_tags(cell))
@@ -251,37 +312,32 @@ class Tracker:
         if not self.pending:
             return True
         now = time.monotonic()
-        if not force and (now - self.last_flush < self.cfg.flush_seconds or now < self.retry_at):
-            return self.failed_since is None
+        if not force and not self.backoff.due(now):
+            return not self.backoff.failing
         from mlflow.entities import Metric
 
-        self.last_flush = now
+        self.backoff.attempt(now)
         stamp = int(time.time() * 1000)
-        failing = self.failed_since is not None
         try:
-            with _fast_fail(failing):
+            with _fast_fail(self.backoff.failing):
                 for cell_id, (metrics, tags) in list(self.pending.items()):
                     step = int(metrics.get("done", 0))
                     batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v == v]
                     self.client.log_batch(self._child(cell_id, tags), metrics=batch)
                     del self.pending[cell_id]
         except Exception as err:
-            self.backoff = min(MAX_BACKOFF_SECONDS, max(self.cfg.flush_seconds, 5.0, 2 * self.backoff))
-            self.retry_at = time.monotonic() + self.backoff
-            if not failing:
-                self.failed_since = now
+            if self.backoff.fail(time.monotonic()):
                 log.warning(
                     "MLflow logging failed (%s); the sweep goes on, retrying every %d-%d s, and MLflow is re-synced "
                     "when it answers (or by `cram-sweep report SWEEP_DIR`)",
                     _why(err),
-                    self.backoff,
+                    self.backoff.delay,
                     MAX_BACKOFF_SECONDS,
                 )
             return False
-        if failing:
-            log.warning("MLflow reachable again after %.0f s; metrics re-synced", now - self.failed_since)
-            self.failed_since = None
-            self.backoff = self.retry_at = 0.0
+        outage = self.backoff.succeed()
+        if outage is not None:
+            log.warning("MLflow reachable again after %.0f s; metrics re-synced", outage)
         return True
 
     def log_curves(self, points: list[tuple[str, float, int]]) -> None:
@@ -299,13 +355,13 @@ class Tracker:
 
     def finish(self, ok: bool, status: Optional[str] = None) -> None:
         """Close the parent and child runs (FINISHED / FAILED, or `status`); never raises, never hangs long."""
-        if self.client is None or not self.ids:
+        if self.client is None or self.ids is None:
             return
         status = status or ("FINISHED" if ok else "FAILED")
         try:
-            with _fast_fail(self.failed_since is not None):
+            with _fast_fail(self.backoff.failing):
                 self.client.set_terminated(self.parent_id, status=status)
-                for run_id in self.ids["cells"].values():
+                for run_id in self.ids.cells.values():
                     self.client.set_terminated(run_id, status=status)
         except Exception as err:
             log.warning("could not close the MLflow runs (%s): `cram-sweep report SWEEP_DIR` closes them later", _why(err))
@@ -320,10 +376,6 @@ def metric_key(*parts) -> str:
     return "/".join("".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in str(p)) for p in parts)
 
 
-# Capacity columns logged as curves over n_mem (the paper's capacity-vs-vectors figure); full adds max_tokens.
-CURVE_COLUMNS = ("horizon_mean", "horizon_std", "horizon_min", "horizon_max", "gain_tokens_mean", "info_gain_bits_mean", "utilization")
-
-
 def report_curves(report) -> list[tuple[str, float, int]]:
     """The report as metric histories, so MLflow draws the papers' curves and overlays sweeps:
     `acc_mean/<model>/<dataset>/<method>/n_mem_<k>` over the lengths (step = length), and each capacity column,
@@ -335,7 +387,7 @@ def report_curves(report) -> list[tuple[str, float, int]]:
         )
     for row in report.capacity.to_dict("records"):
         group = (row["model"], row["dataset"], row["method"])
-        for key in CURVE_COLUMNS + (("max_tokens",) if row["method"] == "full" else ()):
+        for key in curve_columns(row["method"]):
             points.append((metric_key(key, *group), row[key], row["n_mem"]))
     return points
 

@@ -1,11 +1,35 @@
-"""`cram-sweep bench` end to end on a tiny model: a well-formed table and CSV (no timing assertions)."""
+"""`cram-sweep bench` end to end on a tiny model: a well-formed table and CSV whose columns agree with each other
+and with the measurements it printed (no assertion on the timings themselves)."""
 
 import csv
+import re
+
+import pytest
 
 from cram_sweep.bench import BenchRow, peak_flops
 from cram_sweep.cli import main
+from cram_sweep.config import compose_config
+from cram_sweep.model import load_model
 
 COLUMNS = ["method", "precision", "batch", "sample_steps_per_s", "samples_per_hour", "x_steps_vs_paper", "peak_mem_gb", "gflop_s", "mfu"]
+# One progress line per measurement: `  round 1/2: engine, fp32, batch 2: 123.456 sample-steps/s, 7890.1 samples/hour`.
+MEASUREMENT = re.compile(
+    r"^  (?:with reloads|round \d+/\d+): (.+), (\w+), batch (\d+): ([\d.]+) sample-steps/s, ([\d.]+) samples/hour$", re.M
+)
+LENGTH, N_MEM, STEPS = 12, 2, 3
+
+
+def measurements(stderr: str) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
+    """(sample-steps/s, samples/hour) of each measurement, by row key (method, precision, batch)."""
+    found: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for method, precision, batch, steps_per_s, per_hour in MEASUREMENT.findall(stderr):
+        found.setdefault((method, precision, batch), []).append((float(steps_per_s), float(per_hour)))
+    return found
+
+
+def harmonic_mean(values: list[float]) -> float:
+    """The rate of a row that sums rounds of equal work (same samples, same steps): total work / total time."""
+    return len(values) / sum(1 / v for v in values)
 
 
 def test_bench_prints_and_writes_the_table(tmp_path, capsys):
@@ -16,11 +40,11 @@ def test_bench_prints_and_writes_the_table(tmp_path, capsys):
             "--model",
             "tiny_neox",
             "--length",
-            "12",
+            str(LENGTH),
             "--n-mem",
-            "2",
+            str(N_MEM),
             "--steps",
-            "3",
+            str(STEPS),
             "--batch-sizes",
             "1,2",
             "--precisions",
@@ -50,9 +74,24 @@ def test_bench_prints_and_writes_the_table(tmp_path, capsys):
         for p in ("fp32", "bf16")
         for m, b in (("paper loop", "1"), ("paper loop + 2 loads/sample", "1"), ("engine", "1"), ("engine", "2"))
     ]
+    measured = measurements(captured.err)
+    baseline = float(rows[0]["sample_steps_per_s"])  # the paper's loop in fp32
+    lm = load_model("tiny_neox", compose_config(["grid.models=[tiny_neox]"]).models["tiny_neox"], "cpu")
+    flops_per_step = 4 * lm.n_params * (LENGTH + N_MEM)
     for row in rows:
-        assert float(row["sample_steps_per_s"]) > 0 and float(row["samples_per_hour"]) > 0 and float(row["peak_mem_gb"]) > 0
-    assert float(rows[0]["x_steps_vs_paper"]) == 1.0
+        steps_per_s, per_hour = float(row["sample_steps_per_s"]), float(row["samples_per_hour"])
+        rounds = measured[(row["method"], row["precision"], row["batch"])]
+        assert len(rounds) == (1 if "loads" in row["method"] else 2), row
+        # the row sums its rounds: its rates are the rounds' total work over their total time
+        assert steps_per_s == pytest.approx(harmonic_mean([r[0] for r in rounds]), rel=1e-3), row
+        assert per_hour == pytest.approx(harmonic_mean([r[1] for r in rounds]), rel=1e-3), row
+        assert float(row["x_steps_vs_paper"]) == pytest.approx(steps_per_s / baseline, abs=0.006), row
+        assert float(row["gflop_s"]) == pytest.approx(steps_per_s * flops_per_step / 1e9, abs=0.051), row
+        assert float(row["peak_mem_gb"]) > 0 and row["mfu"] == "", row  # no peak FLOP/s known for a CPU
+        if row["method"] == "paper loop":  # no set-up: a sample is its steps
+            assert per_hour * STEPS / 3600 == pytest.approx(steps_per_s, rel=1e-2), row
+        if "loads" in row["method"]:  # the loads take wall time, not step time: more than a millisecond a sample
+            assert 3600 / per_hour - STEPS / steps_per_s > 1e-3, row
 
 
 def test_mfu_is_against_the_peak_of_the_rows_precision():

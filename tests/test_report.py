@@ -1,15 +1,18 @@
 """The capacity report from a hand-built results store with known values."""
 
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from cram_sweep import cli, report, tracking
+from cram_sweep.capacity import CAPACITY_COLUMNS
 from cram_sweep.config import Cell, load_sweep_config
 from cram_sweep.errors import UserError
-from cram_sweep.report import CAPACITY_COLUMNS, build_report, cell_table, load_capacity
+from cram_sweep.report import build_report, cell_table, load_capacity
 from cram_sweep.store import SweepDir, write_failures, write_results
 
 from .helpers import failure_row, result_row
@@ -154,3 +157,44 @@ def test_load_capacity_computes_without_writing(tmp_path):
     capacity = load_capacity(sweep.path)
     assert capacity[["max_tokens", "gain_tokens_mean", "utilization"]].iloc[0].tolist() == [0, 3.0, 3 / 16]
     assert not sweep.report.exists()
+
+
+def test_a_report_run_reads_sweep_yaml_and_each_store_once(tmp_path, monkeypatch, capsys):
+    rows = [row("m1", 1, 16, 0, 1.0), row("m1", 1, 32, 0, 0.5, gain=3, info=7)]
+    sweep = make_sweep(tmp_path, ["m1"], [16, 32], [1], 2, rows, [failure("m1", 1, 32, 1)])
+    reads = Counter()
+
+    def counted(module, name):
+        read = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            reads[name] += 1
+            return read(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+
+    for module, name in ((cli, "load_sweep_config"), (report, "load_sweep_config"), (report, "read_results"), (report, "read_failures")):
+        counted(module, name)
+    synced, logged = [], []
+
+    class Sink:  # the tracker as publish_report uses it, without MLflow
+        def __init__(self, cfg, sweep):
+            pass
+
+        def start(self):
+            pass
+
+        def record_cells(self, states):
+            synced.extend(states)
+
+        def flush(self, force=False):
+            return True
+
+    monkeypatch.setattr(tracking, "Tracker", Sink)
+    monkeypatch.setattr(tracking, "log_report", lambda tracker, written: logged.append(written))
+    assert cli.main(["report", str(sweep.path)]) == 0
+    assert reads == {"load_sweep_config": 1, "read_results": 1, "read_failures": 1}
+    assert [(cell.id, state["done"], state["failed"]) for cell, state in synced] == list(
+        zip(logged[0].cells["cell"], logged[0].cells["done"], logged[0].cells["failed"])
+    ), "MLflow is re-synced from the states the report shows"
+    assert "# Capacity report: demo" in capsys.readouterr().out
