@@ -52,6 +52,7 @@ def config(out_dir: Path, name: str, n_cells: int, samples: int, tracking_uri: s
 def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> Finished:
     acc = rng.random()
     result = SampleResult(
+        cell=cell.id,
         sample=sample,
         token_ids=[rng.randrange(50000) for _ in range(cell.length)],
         acc_no_mem=acc / 4,
@@ -66,6 +67,11 @@ def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> Finishe
         greedy_prefix=rng.randrange(cell.length),
         greedy_exact=acc > 0.99,
         memory=[rng.gauss(0, 1) for _ in range(cell.n_mem * hidden)],
+        method="full",
+        predict_first=False,
+        horizon=0,
+        stages=1,
+        fail_acc=acc,
     )
     return Finished(result, "fp32", hidden, 49152)
 

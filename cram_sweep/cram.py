@@ -22,13 +22,14 @@ from typing import Optional, Union
 import torch
 
 from .adamw import AdamRows, RowAdamW
+from .columns import SampleColumns, StageRecord
 from .config import MethodConfig, OptimConfig
 from .loss import cross_entropy_and_argmax
 from .model import attention_implementation, autocast
 from .param import Direct, as_leaves
 from .rows import RowState, per_position
 from .rules import DONE, NONFINITE, rule_for
-from .stages import StagePlan, StageRecord
+from .stages import StagePlan
 
 # A waiting sample joins only if padded positions stay within this share of the real ones. A constant, not a
 # config key: it trades padded compute against batch fill and leaves results unchanged (benchmarks/batch_fill.py
@@ -45,33 +46,11 @@ class SampleSpec:
 
 
 @dataclass
-class SampleResult:
-    """One finished sample, as the engine yields it (the sample's columns of the results store).
+class SampleResult(SampleColumns):
+    """One finished sample as the engine yields it: its columns of the results store, and what travels with them."""
 
-    Progressive: the accuracy, CE and vectors are those of the horizon stage, CE and info gain over the
-    horizon prefix's tokens 1..horizon-1 (the reference's information gain)."""
-
-    cell: str
-    sample: int
-    token_ids: list[int]
-    method: str
-    predict_first: bool
-    acc_no_mem: float
-    acc: float  # full: best teacher-forced accuracy over the steps; progressive: at the horizon stage
-    ce_no_mem_bits: float
-    ce_bits: float  # full: lowest summed CE over the steps
-    info_gain_bits: float
-    gain_tokens: float
-    seconds: float  # this sample's share of its batches' step time
-    steps: int  # full: forward passes; progressive: updates, all stages
-    converged: bool  # full: accuracy 1.0; progressive: the cap's stage converged
-    greedy_prefix: int  # leading tokens a greedy decode from the stored vectors gets right
-    greedy_exact: bool
-    horizon: int  # the longest prefix (in text tokens) the stored vectors reproduce: progressive's longest converged stage
-    stages: int
-    fail_acc: float  # accuracy at the first failed stage (full: the accuracy, if not converged; NaN if none failed)
-    memory: list[float]  # the stored vectors, n_mem x hidden flattened
-    stage_records: list[StageRecord] = field(default_factory=list)
+    cell: str = ""  # its SampleSpec's
+    stage_records: list[StageRecord] = field(default_factory=list)  # progressive: every stage, for stages/
     error: Optional[str] = None  # set when the sample failed (its loss became non-finite)
 
 

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .adamw import AdamRows, RowAdamW
+from .columns import StageRecord
 from .config import MethodConfig, OptimConfig
 from .rows import RowState, per_position
-from .stages import StagePlan, StageRecord
+from .stages import StagePlan
 
 if TYPE_CHECKING:
     from .cram import Scores, _Batch

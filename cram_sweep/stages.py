@@ -19,21 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .columns import StageRecord
 from .config import MethodConfig
-
-
-@dataclass
-class StageRecord:
-    """One finished stage, as `stages/` stores it (with the cell and sample)."""
-
-    stage: int
-    length: int
-    phase: str  # grow (linear growth) | ramp (geometric doubling) | bisect | linear (geometric back-offs)
-    converged: bool
-    steps: int  # updates in this stage
-    total_steps: int  # the sample's updates so far, this stage included
-    acc: float  # teacher-forced accuracy at the stage's last forward (the converging one, or after its last update)
-    ce_bits: float  # summed CE of the stage's targets at that forward
 
 
 @dataclass

@@ -7,8 +7,8 @@ leaves only a hidden `.tmp`, removed by the next process that takes the sweep's 
 deduplicated by (cell, sample) on read, so a crash between writing a merged file and deleting its
 parts loses and duplicates nothing.
 
-The Parquet schemas are derived from the row dataclasses `ResultRow` and `FailureRow`: a column is
-added in one place.
+The Parquet schemas are derived from the row dataclasses of columns.py (`ResultRow`, `StageRow`,
+`FailureRow`): a column is added in one place.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import typing
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,71 +31,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import faults
+from .columns import FailureRow, ResultRow, StageRow
 from .errors import StoreError, UserError, one_line
 
 SCHEMA_VERSION = "2"
 _VERSION_KEY = b"cram_sweep_schema"
-
-
-@dataclass
-class ResultRow:
-    """One finished sample, as `results/` stores it (the design's columns, in their order)."""
-
-    cell: str
-    model: str
-    dataset: str
-    precision: str
-    length: int
-    n_mem: int
-    sample: int
-    seed: int
-    token_ids: list[int]
-    acc_no_mem: float
-    acc: float
-    ce_no_mem_bits: float
-    ce_bits: float
-    info_gain_bits: float
-    gain_tokens: float
-    seconds: float
-    steps: int
-    converged: bool
-    greedy_prefix: int
-    greedy_exact: bool
-    memory: list[float]  # the stored vectors, n_mem x hidden flattened (float32 on disk)
-    hidden: int
-    vocab_size: int
-    method: str  # full | progressive
-    predict_first: bool
-    horizon: int  # the longest prefix the stored vectors reproduce (progressive: the longest converged stage)
-    stages: int
-    fail_acc: float  # accuracy at the first failed stage (NaN if none failed)
-
-
-@dataclass
-class StageRow:
-    """One stage of a progressive sample, as `stages/` stores it: the growth trajectory."""
-
-    cell: str
-    sample: int
-    stage: int
-    length: int
-    phase: str
-    converged: bool
-    steps: int
-    total_steps: int
-    acc: float
-    ce_bits: float
-
-
-@dataclass
-class FailureRow:
-    """One failed attempt at a sample, as `failures/` stores it."""
-
-    cell: str
-    sample: int
-    attempt: int
-    error: str
-    time: float
 
 
 _ARROW_TYPES = {

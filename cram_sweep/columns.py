@@ -1,0 +1,107 @@
+"""The stores' rows, each column defined once (store.py derives the Parquet schemas from these dataclasses).
+
+A `results/` row is a sample's own columns (`SampleColumns`: what the engine computes) next to its cell's
+(`CellColumns`: what the driver and the worker know). The engine's `cram.SampleResult` is `SampleColumns` plus
+what travels with it but is not stored in the row; a `stages/` row is a `StageRecord` with its cell and sample.
+No dependencies beyond the standard library: the engine and the workers import this, and nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+def _values(row, row_type) -> dict:
+    return {f.name: getattr(row, f.name) for f in fields(row_type)}
+
+
+@dataclass
+class CellColumns:
+    """The columns a row takes from its cell, the sweep and the worker that ran it."""
+
+    cell: str
+    model: str
+    dataset: str
+    precision: str
+    length: int
+    n_mem: int
+    seed: int
+    hidden: int
+    vocab_size: int
+
+
+@dataclass
+class SampleColumns:
+    """The columns of one finished sample, as the engine computes them.
+
+    Progressive: the accuracy, CE and vectors are those of the horizon stage, CE and info gain over the
+    horizon prefix's tokens 1..horizon-1 (the reference's information gain)."""
+
+    sample: int
+    token_ids: list[int]
+    acc_no_mem: float
+    acc: float  # full: best teacher-forced accuracy over the steps; progressive: at the horizon stage
+    ce_no_mem_bits: float
+    ce_bits: float  # full: lowest summed CE over the steps
+    info_gain_bits: float
+    gain_tokens: float
+    seconds: float  # this sample's share of its batches' step time
+    steps: int  # full: forward passes; progressive: updates, all stages
+    converged: bool  # full: accuracy 1.0; progressive: the cap's stage converged
+    greedy_prefix: int  # leading tokens a greedy decode from the stored vectors gets right
+    greedy_exact: bool
+    memory: list[float]  # the stored vectors, n_mem x hidden flattened (float32 on disk)
+    method: str  # full | progressive
+    predict_first: bool
+    horizon: int  # the longest prefix the stored vectors reproduce (progressive: the longest converged stage)
+    stages: int
+    fail_acc: float  # accuracy at the first failed stage (full: the accuracy, if not converged; NaN if none failed)
+
+
+@dataclass
+class ResultRow(SampleColumns, CellColumns):
+    """One finished sample, as `results/` stores it: its cell's columns, then its own."""
+
+    @classmethod
+    def of(cls, cell: CellColumns, sample: SampleColumns) -> ResultRow:
+        return cls(**_values(cell, CellColumns), **_values(sample, SampleColumns))
+
+
+@dataclass
+class StageRecord:
+    """One finished stage of a progressive sample."""
+
+    stage: int
+    length: int
+    phase: str  # grow (linear growth) | ramp (geometric doubling) | bisect | linear (geometric back-offs)
+    converged: bool
+    steps: int  # updates in this stage
+    total_steps: int  # the sample's updates so far, this stage included
+    acc: float  # teacher-forced accuracy at the stage's last forward (the converging one, or after its last update)
+    ce_bits: float  # summed CE of the stage's targets at that forward
+
+
+@dataclass
+class StageKey:
+    cell: str
+    sample: int
+
+
+@dataclass
+class StageRow(StageRecord, StageKey):
+    """One stage, as `stages/` stores it: the growth trajectory."""
+
+    @classmethod
+    def of(cls, cell: str, sample: int, record: StageRecord) -> StageRow:
+        return cls(cell=cell, sample=sample, **_values(record, StageRecord))
+
+
+@dataclass
+class FailureRow:
+    """One failed attempt at a sample, as `failures/` stores it."""
+
+    cell: str
+    sample: int
+    attempt: int
+    error: str
+    time: float
