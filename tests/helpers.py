@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: the CLI in a fresh process, polling, result comparison, row factories."""
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -54,6 +55,39 @@ TINY_PROGRESSIVE = [
 
 def tiny_config(*overrides):
     return compose_config(TINY + list(overrides))
+
+
+@functools.lru_cache
+def _dataset_config(dataset: str):
+    return tiny_config(f"grid.datasets=[{dataset}]").datasets[dataset]
+
+
+def specs_for(lm, length, count, n_mem=2, dataset="pydoc", cell="", seed_n_mem=None):
+    """The first `count` samples of `dataset` at `length` tokens for model `lm`, seeded as a sweep seeds them
+    (cell `lm.name/dataset/n_mem/length`, or `seed_n_mem`'s), all named `cell`."""
+    from cram_sweep.config import sample_seed
+    from cram_sweep.cram import SampleSpec
+    from cram_sweep.data import sample_token_ids
+
+    ids = sample_token_ids(_dataset_config(dataset), dataset, lm.tokenizer, count, length, seed=0)
+    seeded = Cell(lm.name, dataset, n_mem if seed_n_mem is None else seed_n_mem, length)
+    return [SampleSpec(i, ids[i], sample_seed(0, seeded, i), cell) for i in range(count)]
+
+
+def by_sample(rows) -> dict:
+    return {r.sample: r for r in rows}
+
+
+def cosine_lambda(optim):
+    """Hugging Face's cosine_with_min_lr, as a LambdaLR factor (written here from its definition)."""
+
+    def factor(step):
+        if step < optim.warmup_steps:
+            return step / max(1, optim.warmup_steps)
+        progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) * (1 - optim.min_lr / optim.lr) + optim.min_lr / optim.lr)
+
+    return factor
 
 
 def cli_env(**extra) -> dict:

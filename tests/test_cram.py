@@ -3,32 +3,13 @@
 import pytest
 import torch
 
-from cram_sweep.config import Cell, sample_seed
-from cram_sweep.cram import Heartbeat, SampleResult, SampleSpec, cram, leading_matches, reduce_scores, token_scores
-from cram_sweep.data import sample_token_ids
+from cram_sweep.cram import Heartbeat, SampleResult, cram, leading_matches, reduce_scores, token_scores
 from cram_sweep.decode import greedy_decode
 
-from .helpers import assert_same_result, naive_cram, tiny_config
+from .helpers import assert_same_result, by_sample, naive_cram, specs_for, tiny_config
 
 CFG = tiny_config()
 OPTIM = CFG.optim
-
-
-def specs_for(lm, length, count, n_mem=2, dataset="pydoc"):
-    ids = sample_token_ids(
-        CFG.datasets[dataset] if dataset in CFG.datasets else tiny_config(f"grid.datasets=[{dataset}]").datasets[dataset],
-        dataset,
-        lm.tokenizer,
-        count,
-        length,
-        seed=0,
-    )
-    cell = Cell(lm.name, dataset, n_mem, length)
-    return [SampleSpec(i, ids[i], sample_seed(0, cell, i)) for i in range(count)]
-
-
-def by_sample(rows):
-    return {r.sample: r for r in rows}
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_neox"])
@@ -111,14 +92,6 @@ def test_stored_vectors_give_stored_accuracy_and_greedy_prefix(request, model):
         assert [r.greedy_exact for r in sorted(rows, key=lambda r: r.sample)] == [True, True, False]
 
 
-def test_bos_counts_toward_length(tiny_llama, tiny_neox):
-    llama_ids = specs_for(tiny_llama, 8, 1)[0].token_ids
-    neox_ids = specs_for(tiny_neox, 8, 1)[0].token_ids
-    assert len(llama_ids) == len(neox_ids) == 8
-    assert llama_ids[0] == tiny_llama.tokenizer.bos_token_id
-    assert neox_ids[0] != tiny_neox.tokenizer.bos_token_id
-
-
 def test_bf16_autocast_keeps_fp32_vectors_and_restores_the_weights(tiny_llama):
     """Under bf16 the vectors (and the text embeddings they join) enter the model in fp32, the Linear layers run
     on bf16 copies of their weights during the forward, and the original fp32 weights are back afterwards."""
@@ -191,7 +164,9 @@ def test_heartbeats_report_running_steps_and_change_no_result(tiny_llama):
     plain = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
     stream = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2, heartbeat_seconds=0))
     beats = [r for r in stream if isinstance(r, Heartbeat)]
-    assert beats and all(1 <= b.live <= 2 and 1 <= b.steps <= OPTIM.max_steps for b in beats)
+    assert beats and all(1 <= b.live <= 2 and 1 <= b.steps <= OPTIM.max_steps and b.stage_length == 0 for b in beats)
+    first_batch = [b.steps for b in beats[: min(r.steps for r in plain.values()) - 1]]
+    assert first_batch == list(range(1, len(first_batch) + 1)), "one beat per step, counting the batch's steps"
     rows = by_sample(r for r in stream if isinstance(r, SampleResult))
     assert sorted(rows) == sorted(plain)
     for sample in plain:

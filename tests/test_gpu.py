@@ -15,10 +15,9 @@ import torch
 from cram_sweep.batching import auto_batch_size, cram_fitting
 from cram_sweep.config import Cell, sample_seed
 from cram_sweep.cram import SampleSpec, cram, reduce_scores, token_scores
-from cram_sweep.data import sample_token_ids
 from cram_sweep.model import load_model, resolve_attention
 
-from .helpers import assert_same_result, naive_cram, tiny_config
+from .helpers import assert_same_result, by_sample, naive_cram, specs_for, tiny_config
 
 ON_CPU = os.environ.get("CRAM_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,16 +46,6 @@ def true_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def specs_for(lm, length, count, n_mem=2):
-    ids = sample_token_ids(CFG.datasets["pydoc"], "pydoc", lm.tokenizer, count, length, seed=0)
-    cell = Cell(lm.name, "pydoc", n_mem, length)
-    return [SampleSpec(i, ids[i], sample_seed(0, cell, i)) for i in range(count)]
-
-
-def by_sample(rows):
-    return {r.sample: r for r in rows}
 
 
 def test_engine_matches_the_naive_loop_at_fp32(tiny, true_fp32):

@@ -6,9 +6,6 @@ import os
 import struct
 import termios
 
-import pytest
-
-from cram_sweep import model
 from cram_sweep.progress import Progress
 
 
@@ -40,14 +37,3 @@ def test_on_a_terminal_progress_is_the_live_bar():
     shown = os.read(leader, 65536).decode()
     os.close(leader)
     assert "\r" in shown and "sample" in shown and "progress: " not in shown
-
-
-@pytest.mark.parametrize("fast_bf16", [False, True])
-def test_bf16_on_a_cpu_without_bf16_warns_once_with_the_alternative(monkeypatch, fast_bf16):
-    monkeypatch.setattr(model, "has_fast_bf16", lambda device: fast_bf16)
-    warning = model.slow_bf16_warning("bf16", "cpu")
-    if fast_bf16:
-        assert warning is None
-    else:
-        assert "25x slower" in warning and "precision=auto or fp32" in warning and "\n" not in warning
-    assert model.slow_bf16_warning("fp32", "cpu") is None

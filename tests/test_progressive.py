@@ -2,20 +2,16 @@
 and the batching it adds: mixed lengths in one right-padded batch, snapshots, greedy decoding of the horizon."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_sweep.adamw import RowAdamW, learning_rates
-from cram_sweep.config import Cell, sample_seed
-from cram_sweep.cram import SampleSpec, _Batch, cram, token_scores
-from cram_sweep.data import sample_token_ids
+from cram_sweep.cram import _Batch, cram, token_scores
 from cram_sweep.decode import greedy_decode
-from cram_sweep.param import as_leaves
 
-from .helpers import TINY_PROGRESSIVE, TwoTensors, tiny_config
+from .helpers import TINY_PROGRESSIVE, cosine_lambda, tiny_config
+from .helpers import specs_for as shared_specs_for
 
 GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
 
@@ -25,21 +21,7 @@ def progressive_config(*overrides):
 
 
 def specs_for(lm, cap, count, cell="c"):
-    cfg = progressive_config()
-    ids = sample_token_ids(cfg.datasets["pydoc"], "pydoc", lm.tokenizer, count, cap, seed=0)
-    return [SampleSpec(i, ids[i], sample_seed(0, Cell(lm.name, "pydoc", 1, cap), i), cell) for i in range(count)]
-
-
-def cosine_lambda(optim):
-    """Hugging Face's cosine_with_min_lr, as a LambdaLR factor (written here from its definition)."""
-
-    def factor(step):
-        if step < optim.warmup_steps:
-            return step / max(1, optim.warmup_steps)
-        progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
-        return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) * (1 - optim.min_lr / optim.lr) + optim.min_lr / optim.lr)
-
-    return factor
+    return shared_specs_for(lm, cap, count, n_mem=1, cell=cell)
 
 
 def naive_progressive(model, token_ids, n_mem, init_seed, optim, method):
@@ -182,38 +164,6 @@ def test_right_padding_changes_nothing(tiny_llama):
     ce_alone.mean().backward()
     assert torch.allclose(ce[0, :4], ce_alone[0], atol=1e-5) and torch.equal(correct[0, :4], correct_alone[0])
     assert torch.allclose(memory.grad[0], alone_memory.grad[0], atol=1e-6) and memory.grad[1].abs().sum() == 0
-
-
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_row_adamw_is_torch_adamw_per_row(schedule):
-    """Each row of each trainable tensor follows torch.optim.AdamW with its own LambdaLR, whatever the other rows'
-    positions (two tensors of different ranks, as a low-dimensional parametrization has)."""
-    optim = progressive_config(f"optim.schedule={schedule}", "optim.warmup_steps=10").optim
-    torch.manual_seed(0)
-    start = TwoTensors(torch.randn(3, 2, 8), torch.randn(3, 8))
-    rows = RowAdamW(optim, "cpu")
-    rows.add(start)
-    batched = as_leaves(start)
-    params = [[torch.nn.Parameter(t[i].clone()) for t in start.tensors()] for i in range(3)]
-    opts = [torch.optim.AdamW(p, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay) for p in params]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(optim) if schedule == "cosine" else lambda _: 1.0) for o in opts]
-    for step in range(30):
-        grads = [torch.randn_like(t) for t in batched.tensors()]
-        for tensor, grad in zip(batched.tensors(), grads):
-            tensor.grad = grad
-        active = torch.tensor([True, step % 2 == 0, step % 3 == 0])  # rows at different schedule positions
-        rows.step(batched, active)
-        for i in range(3):
-            if active[i]:
-                for param, grad in zip(params[i], grads):
-                    param.grad = grad[i].clone()
-                opts[i].step()
-                scheds[i].step()
-    for i in range(3):
-        for tensor, param in zip(batched.tensors(), params[i]):
-            assert torch.equal(tensor[i], param.detach()), f"row {i}"
-    assert rows.count.tolist() == [30, 15, 10]
-    assert learning_rates(optim)[0] == (0.0 if schedule == "cosine" else optim.lr)
 
 
 def test_the_engines_restore_brings_back_a_rows_tensors_moments_and_schedule_position(tiny_llama):
