@@ -72,6 +72,8 @@ def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> Finishe
         horizon=0,
         stages=1,
         fail_acc=acc,
+        param="direct",
+        trained_numbers=cell.n_mem * hidden,
     )
     return Finished(result, "fp32", hidden, 49152)
 

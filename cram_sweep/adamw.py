@@ -85,12 +85,14 @@ class RowAdamW:
 
     @torch.no_grad()
     def step(self, params: RowState, active: torch.Tensor) -> None:
-        """One AdamW update, from each tensor's `.grad`, of the active rows of `params` (in place); the other rows
-        keep their tensors, moments and count."""
+        """One AdamW update, from each trained tensor's `.grad`, of the active rows of `params` (in place); the other
+        rows keep their tensors, moments and count. Tensors that do not require grad are held fixed."""
         optim, state = self.optim, self.state
         k = self.count.clamp(max=len(self.decay) - 1)
         exp_avgs, exp_avg_sqs = state.exp_avg.tensors(), state.exp_avg_sq.tensors()
         for i, tensor in enumerate(params.tensors()):
+            if not tensor.requires_grad:
+                continue
             grad = tensor.grad
             shape = (-1, *([1] * (tensor.dim() - 1)))
             decayed = tensor * self.decay[k].view(shape)

@@ -56,6 +56,8 @@ class SampleColumns:
     horizon: int  # the longest prefix the stored vectors reproduce (progressive: the longest converged stage)
     stages: int
     fail_acc: float  # accuracy at the first failed stage (full: the accuracy, if not converged; NaN if none failed)
+    param: str  # what was trained: direct, or lowdim(k=..,train_projection=..)
+    trained_numbers: int  # how many numbers were trained for the sample
 
 
 @dataclass

@@ -100,7 +100,7 @@ class GridConfig:
 
 
 SCHEDULES = ("constant", "cosine")
-INITS = ("embed_std", "uniform")
+INITS = ("embed_std", "uniform", "mvnormal", "from_sweep", "pca")
 
 
 @dataclass
@@ -114,8 +114,11 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (the reference's cosine_with_min_lr over each sample's max_steps)
     warmup_steps: int = 0  # cosine: linear warm-up from lr 0
     min_lr: float = 0.0  # cosine: the floor
-    init: str = "embed_std"  # embed_std: randn * std(input embeddings) | uniform: U[0, init_scale)
+    init: str = "embed_std"  # embed_std | uniform | mvnormal | from_sweep | pca (see param.py)
     init_scale: float = 0.02
+    init_from: str = ""  # from_sweep / pca: the sweep directory whose stored vectors are used
+    leading_weight: float = 1.0  # the first `leading_count` targets weigh this much in the loss (accuracy stays unweighted)
+    leading_count: int = 0
 
     def __post_init__(self):
         for key in ("max_steps", "patience"):
@@ -126,6 +129,12 @@ class OptimConfig:
         _require(0 <= self.warmup_steps < self.max_steps, f"optim.warmup_steps={self.warmup_steps}: must be >= 0 and below optim.max_steps")
         _require(0 <= self.min_lr < self.lr, f"optim.min_lr={self.min_lr}: must be >= 0 and below optim.lr")
         _require(self.init_scale > 0, f"optim.init_scale={self.init_scale}: must be > 0")
+        _require(self.leading_count >= 0, f"optim.leading_count={self.leading_count}: must be >= 0 (0: every target weighs 1)")
+        _require(self.leading_weight > 0, f"optim.leading_weight={self.leading_weight}: must be > 0")
+        _require(
+            self.init not in ("from_sweep", "pca") or bool(self.init_from),
+            f"optim.init={self.init} needs optim.init_from=SWEEP_DIR: the sweep whose stored vectors it starts from",
+        )
 
 
 METHODS = ("full", "progressive")
@@ -147,6 +156,7 @@ class MethodConfig:
     step: int = 8  # progressive: linear growth per stage; geometric: the back-off's resolution
     steps_per_stage: int = 500  # progressive: a stage without convergence after this many steps fails
     threshold: float = 1.0  # progressive: a stage converges at this teacher-forced accuracy
+    prefix_tokens: int = 0  # the text's first P tokens are fed plainly after the vectors and never predicted
 
     def __post_init__(self):
         _require(self.name in METHODS, f"method.name={self.name}: choose method=full or method=progressive")
@@ -155,6 +165,7 @@ class MethodConfig:
         for key in ("min_length", "step", "steps_per_stage"):
             _require(getattr(self, key) >= 1, f"method.{key}={getattr(self, key)}: must be >= 1")
         _require(0 < self.threshold <= 1, f"method.threshold={self.threshold}: must be in (0, 1]")
+        _require(self.prefix_tokens >= 0, f"method.prefix_tokens={self.prefix_tokens}: must be >= 0")
         _require(
             self.name == "full" or self.predict_first or self.min_length >= 2,
             f"method.min_length={self.min_length} with predict_first=false: a stage needs a token to predict, set method.min_length >= 2",
@@ -167,6 +178,39 @@ class MethodConfig:
     @property
     def progressive(self) -> bool:
         return self.name == "progressive"
+
+    @property
+    def given(self) -> int:
+        """Text tokens fed, not predicted, before the first target: the prefix, else the first token (full, and
+        progressive without predict_first), else none."""
+        return self.prefix_tokens or (0 if self.predict_first else 1)
+
+    @property
+    def counted_from(self) -> int:
+        """The first text token that stage lengths and horizons count: after the prefix, else the first."""
+        return self.prefix_tokens
+
+
+PARAMS = ("direct", "lowdim")
+
+
+@dataclass
+class ParamConfig:
+    """What is optimized (param.py). direct: the n_mem vectors. lowdim: per sample, coefficients z (n_mem, k), a
+    projection W (k, hidden) and a bias b (hidden); the vectors are z @ W + b."""
+
+    name: str = "direct"  # direct | lowdim
+    k: int = 32  # lowdim: the coefficients' width
+    train_projection: bool = True  # lowdim: train W and b with z; false: a seeded nn.Linear(k, hidden) held fixed
+
+    def __post_init__(self):
+        _require(self.name in PARAMS, f"param.name={self.name}: choose param=direct or param=lowdim")
+        _require(self.k >= 1, f"param.k={self.k}: the low-dimensional width must be >= 1")
+
+    @property
+    def label(self) -> str:
+        """The `param` column: the name and the settings that change what is trained."""
+        return "direct" if self.name == "direct" else f"lowdim(k={self.k},train_projection={str(self.train_projection).lower()})"
 
 
 @dataclass
@@ -181,16 +225,29 @@ class MethodSettings:
 class WorkerConfig:
     gpus: float = 1.0  # GPUs per worker on GPU clusters (0.5 packs two small-model workers per GPU)
     cpus: int = 0  # CPUs per worker; 0 = all CPUs of the node (CPU clusters) or 1 (GPU workers)
-    count: int = 0  # number of workers; 0 = one per GPU, or one per node without GPUs
-    max_retries: int = 2  # a sample lost with its worker (killed, node gone) is retried this often
+    count: int = 0  # a fixed number of workers; 0 = one per GPU, or one per node without GPUs, as nodes join
+    max_workers: int = 0  # the most workers the pool grows to as GPUs or nodes join; 0 = no limit but the cluster
+    max_retries: int = 2  # a sample lost while it ran (worker killed, node gone, stalled) is retried this often
     samples_per_item: int = 0  # samples per work item; 0 = 4 x batch size
     check_every: int = 0  # steps between convergence checks (host syncs); 0 = 1 on CPU, 16 on GPU
     progress_seconds: float = 10.0  # a worker reports the steps of its running samples at most this often
+    # An item that streams nothing (no heartbeat, no result) this long is stalled: its worker is killed and its
+    # samples retried. A worker reports once per `check_every` steps at the most often, so this must outlast
+    # 16 steps of the slowest GPU step (an 8B model at 1568 tokens, batch 16: ~1 min a step on a slow GPU) and a
+    # first item's model load.
+    stall_seconds: float = 1800.0
 
     def __post_init__(self):
         _require(
-            self.gpus > 0 and min(self.max_retries, self.cpus, self.count, self.samples_per_item, self.check_every) >= 0,
-            "worker.gpus must be > 0 and worker.cpus, worker.count, worker.max_retries, worker.samples_per_item, worker.check_every >= 0",
+            self.gpus > 0
+            and min(self.max_retries, self.cpus, self.count, self.max_workers, self.samples_per_item, self.check_every) >= 0,
+            "worker.gpus must be > 0 and worker.cpus, worker.count, worker.max_workers, worker.max_retries, worker.samples_per_item, "
+            "worker.check_every >= 0",
+        )
+        _require(
+            self.stall_seconds > self.progress_seconds,
+            f"worker.stall_seconds={self.stall_seconds:g}: must exceed worker.progress_seconds={self.progress_seconds:g}, "
+            "how often a running item reports",
         )
 
 
@@ -199,9 +256,13 @@ class ClusterConfig:
     kind: str = "local"  # local: a Ray instance of its own, in-process | ray: join an existing cluster
     address: Optional[str] = None  # ray: cluster address; None = RAY_ADDRESS or "auto"
     num_cpus: Optional[int] = None  # local: CPUs Ray may use (None = all)
+    # How long a sweep waits at its start for what its workers need, GPUs with device=cuda (else any node with a
+    # CPU), while the autoscaler brings nodes; then one error. A local instance gains no nodes: conf/cluster/local.yaml says 0.
+    wait_for_gpus_seconds: float = 900.0
 
     def __post_init__(self):
         _require(self.kind in ("local", "ray"), f"cluster.kind={self.kind}: choose cluster=local or cluster=ray")
+        _require(self.wait_for_gpus_seconds >= 0, f"cluster.wait_for_gpus_seconds={self.wait_for_gpus_seconds:g}: must be >= 0")
 
 
 @dataclass
@@ -229,6 +290,7 @@ class SweepConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -282,6 +344,7 @@ def _register() -> None:
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     store.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+    store.store(group="param", name="param_schema", node=ParamConfig)
 
 
 def available(group: str) -> list[str]:
@@ -410,13 +473,23 @@ def validate(cfg: SweepConfig) -> None:
         missing = [name for name in names if name not in getattr(cfg, key)]
         if missing:
             raise UserError(f"grid.{key} names {missing[0]}, which has no entry under {key}: add {key}.{missing[0]} or fix grid.{key}")
+    shortest = min(cfg.grid.lengths)
     for settings in method_settings(cfg).values():
-        method = settings.method
-        if method.progressive and method.min_length > min(cfg.grid.lengths):
-            key = f"methods.{method.name}.method" if cfg.grid.methods else "method"
+        method, optim = settings.method, settings.optim
+        key = f"methods.{method.name}." if cfg.grid.methods else ""
+        if method.progressive and method.min_length + method.counted_from > shortest:
             raise UserError(
-                f"{key}.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({min(cfg.grid.lengths)}): lower it or raise the lengths"
+                f"{key}method.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({shortest}): lower it or raise the lengths"
             )
+        if method.prefix_tokens >= shortest:
+            raise UserError(
+                f"{key}method.prefix_tokens={method.prefix_tokens} leaves nothing to predict at the shortest length in grid.lengths "
+                f"({shortest}): lower it below {shortest} or raise the lengths"
+            )
+        if optim.init == "pca" and cfg.param.name != "lowdim":
+            raise UserError(f"{key}optim.init=pca draws the low-dimensional coefficients' subspace: it needs param=lowdim")
+        if optim.init in ("from_sweep", "mvnormal") and cfg.param.name != "direct":
+            raise UserError(f"{key}optim.init={optim.init} draws the vectors themselves: it needs param=direct (lowdim draws z at width k)")
 
 
 def to_yaml(cfg) -> str:
@@ -436,7 +509,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
 
 
 # Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "grid", "optim", "method", "methods", "models", "datasets")
+RESULT_KEYS = ("seed", "precision", "grid", "optim", "method", "methods", "param", "models", "datasets")
 
 
 def result_config(cfg: SweepConfig) -> str:

@@ -26,7 +26,7 @@ from .columns import SampleColumns, StageRecord
 from .config import MethodConfig, OptimConfig
 from .loss import cross_entropy_and_argmax
 from .model import attention_implementation, autocast
-from .param import Direct, as_leaves
+from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
 from .rules import DONE, NONFINITE, rule_for
 from .stages import StagePlan
@@ -43,6 +43,7 @@ class SampleSpec:
     token_ids: list[int]
     init_seed: int
     cell: str = ""  # handed back with the result: samples of several cells share a batch
+    init_vectors: Optional[list[float]] = None  # optim.init=from_sweep: the stored vectors it continues (n_mem x hidden)
 
 
 @dataclass
@@ -146,8 +147,8 @@ class _Batch:
         self.model, self.method, self.precision, self.cast_cache = model, method, precision, cast_cache
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
-        self.rule = rule_for(method, optim)
-        self.param = parametrization(n_mem, self.embed.weight.shape[1], optim, self.embed.weight.float().std().item(), self.device)
+        self.rule, self.optim = rule_for(method, optim), optim
+        self.param = parametrization(n_mem, self.embed.weight, optim, self.device)
         self.adamw = RowAdamW(optim, self.device)
         self.specs: list[SampleSpec] = []
         self.plans: list[Optional[StagePlan]] = []
@@ -171,7 +172,7 @@ class _Batch:
         ids = torch.tensor([s.token_ids + [0] * (longest - len(s.token_ids)) for s in specs], device=self.device)
         text_embeds = self.embed(ids)
         text = TextRows(ids, text_embeds, *self._text_alone(specs, ids, text_embeds))
-        params = self.param.init([s.init_seed for s in specs])
+        params = self.param.init(specs)
         targets = [self.rule.first_target(len(s.token_ids)) for s in specs]
         zeros = torch.zeros(len(specs), dtype=torch.long, device=self.device)
         steps = StepRows(torch.tensor(targets, device=self.device), zeros.clone(), zeros.clone(), zeros.clone())
@@ -212,14 +213,24 @@ class _Batch:
         vectors = self.param.vectors(self.params)
         ce_tok, correct = token_scores(self.model, vectors, fed, targets, self.precision, self.cast_cache)
         ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
+        loss_rows = ce if self.optim.leading_count == 0 or self.optim.leading_weight == 1 else self._weighted(ce_tok, mask)
         finite = torch.isfinite(ce)
-        loss = torch.where(finite, ce, torch.zeros_like(ce)).sum()
-        for tensor in self.params.tensors():
+        loss = torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum()
+        for tensor in trained_tensors(self.params):
             tensor.grad = None
         loss.backward()
         with torch.no_grad():
             active = self.rule.judge(self, Scores(ce, acc, prefix, finite, ce_tok, correct, vectors))
         self.adamw.step(self.params, active)
+
+    def _weighted(self, ce_tok: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-row mean CE with the first `optim.leading_count` targets weighing `optim.leading_weight` (the
+        reference's leading_token_loss_*: normalized by the count of targets, not by the weights)."""
+        position = torch.arange(ce_tok.shape[1], device=self.device)[None]
+        weights = torch.where(position < self.optim.leading_count, self.optim.leading_weight, 1.0)
+        if mask is None:
+            return (ce_tok * weights).sum(dim=1) / ce_tok.shape[1]
+        return torch.where(mask, ce_tok * weights, torch.zeros_like(ce_tok)).sum(dim=1) / mask.sum(dim=1)
 
     def restore(self, rows: torch.Tensor, params: RowState, adam: AdamRows) -> None:
         """Rows `rows` (a boolean mask) take these trainable tensors, moments and schedule positions."""
@@ -249,7 +260,9 @@ class _Batch:
             sample=spec.sample,
             token_ids=spec.token_ids,
             method=self.method.name,
-            predict_first=self.method.predict_first,
+            predict_first=self.rule.offset == 0,
+            param=self.param.label,
+            trained_numbers=self.param.trained_numbers,
             seconds=self.seconds[i],
             steps=steps,
             memory=self.rule.memory(self, i).float().cpu().flatten().tolist(),

@@ -45,10 +45,10 @@ class FullRows(RowState):
 class FullRule:
     def __init__(self, method: MethodConfig, optim: OptimConfig):
         self.method, self.optim = method, optim
-        self.offset = 1  # the first text token is given
+        self.offset, self.start = method.given, method.counted_from  # the first token (or the prefix) is given
 
     def first_target(self, length: int) -> int:
-        return length - 1
+        return length - self.offset
 
     def plan(self, length: int) -> None:
         return None
@@ -87,10 +87,11 @@ class FullRule:
         return batch.rule_rows.best_vectors[i]
 
     def result(self, batch: _Batch, i: int) -> dict:
-        rows, text = batch.rule_rows, batch.text
-        n_pred = len(batch.specs[i].token_ids) - 1
-        ce_no_mem_bits = text.ce0_tok[i, :n_pred].mean().item() * n_pred / LN2
-        acc_no_mem = text.correct0_tok[i, :n_pred].float().mean().item()
+        rows, text, o = batch.rule_rows, batch.text, self.offset
+        length = len(batch.specs[i].token_ids)
+        n_pred = length - o  # tokens o..length-1; ce0_tok[j - 1] is token j's
+        ce_no_mem_bits = text.ce0_tok[i, o - 1 : length - 1].mean().item() * n_pred / LN2
+        acc_no_mem = text.correct0_tok[i, o - 1 : length - 1].float().mean().item()
         ce_bits = rows.best_ce[i].item() * n_pred / LN2
         acc, prefix = rows.best_acc[i].item(), int(rows.best_prefix[i])
         return dict(
@@ -103,7 +104,7 @@ class FullRule:
             converged=acc >= 1.0,
             greedy_prefix=prefix,
             greedy_exact=prefix == n_pred,
-            horizon=prefix + 1 if prefix else 0,
+            horizon=prefix + o - self.start if prefix else 0,  # counted from `start`: the given first token is reproduced
             stages=1,
             fail_acc=math.nan if acc >= 1.0 else acc,
         )
@@ -125,13 +126,15 @@ class ProgressiveRows(RowState):
 class ProgressiveRule:
     def __init__(self, method: MethodConfig, optim: OptimConfig):
         self.method, self.optim = method, optim
-        self.offset = 0 if method.predict_first else 1
+        # Stage lengths count text tokens from `start` (after the prefix); the first `offset` tokens are fed, not
+        # predicted, so a stage of length l has l - (offset - start) targets.
+        self.offset, self.start = method.given, method.counted_from
 
     def first_target(self, length: int) -> int:
-        return min(self.method.min_length, length) - self.offset
+        return min(self.method.min_length, length - self.start) - (self.offset - self.start)
 
     def plan(self, length: int) -> StagePlan:
-        return StagePlan(self.method, length)
+        return StagePlan(self.method, length - self.start)
 
     def new_rows(self, count: int, vectors: torch.Tensor, params: RowState, width: int) -> ProgressiveRows:
         device = vectors.device
@@ -193,7 +196,7 @@ class ProgressiveRule:
                 status[i] = DONE
                 continue
             status[i], restart[i], restore[i] = RUNNING, True, following.restore
-            batch.targets[i] = following.length - self.offset
+            batch.targets[i] = following.length - (self.offset - self.start)
         device = t.status.device
         t.status = torch.tensor(status, device=device)
         t.targets = torch.tensor(batch.targets, device=device)
@@ -206,17 +209,19 @@ class ProgressiveRule:
         return batch.param.vectors(batch.rule_rows.snapshot_params.keep(torch.tensor([i], device=batch.device)))[0].detach()
 
     def result(self, batch: _Batch, i: int) -> dict:
-        """The horizon stage's numbers; CE, info gain and gain in tokens over tokens 1..horizon-1."""
-        rows, text, plan, o = batch.rule_rows, batch.text, batch.plans[i], self.offset
+        """The horizon stage's numbers. The horizon stage covers text tokens start..start+horizon-1; CE, info gain and
+        gain in tokens are over those of them predicted with and without vectors (from token max(offset, 1))."""
+        rows, text, plan, o, start = batch.rule_rows, batch.text, batch.plans[i], self.offset, self.start
         horizon = plan.horizon
-        scored = max(horizon - 1, 0)  # tokens 1..horizon-1
-        ce_tok = rows.horizon_ce_tok[i].tolist()
+        first, end = max(o, 1), start + horizon  # scored tokens first..end-1
+        scored = max(end - first, 0)
+        ce_tok = rows.horizon_ce_tok[i].tolist()  # index j - o is token j's
         correct = rows.horizon_correct[i].tolist()
-        ce0 = text.ce0_tok[i, :scored].tolist()
-        correct0 = text.correct0_tok[i, :scored].tolist()
-        stage_targets = max(horizon - o, 0)
+        ce0 = text.ce0_tok[i, first - 1 : end - 1].tolist() if scored else []  # index j - 1 is token j's
+        correct0 = text.correct0_tok[i, first - 1 : end - 1].tolist() if scored else []
+        stage_targets = max(horizon - (o - start), 0)
         ce_no_mem_bits = sum(ce0) / LN2
-        ce_bits = sum(ce_tok[1 - o : horizon - o]) / LN2 if scored else 0.0
+        ce_bits = sum(ce_tok[first - o : end - o]) / LN2 if scored else 0.0
         prefix = _leading(correct[:stage_targets])
         horizon_record: Optional[StageRecord] = next((r for r in reversed(plan.records) if r.converged and r.length == horizon), None)
         failed = plan.first_failed
@@ -226,8 +231,8 @@ class ProgressiveRule:
             ce_no_mem_bits=ce_no_mem_bits,
             ce_bits=ce_bits,
             info_gain_bits=ce_no_mem_bits - ce_bits,
-            gain_tokens=float(sum(correct[1 - o : horizon - o]) - sum(correct0)) if scored else 0.0,
-            converged=horizon == len(batch.specs[i].token_ids),
+            gain_tokens=float(sum(correct[first - o : end - o]) - sum(correct0)) if scored else 0.0,
+            converged=horizon == plan.cap,
             greedy_prefix=prefix,
             greedy_exact=stage_targets > 0 and prefix == stage_targets,
             horizon=horizon,
@@ -237,7 +242,7 @@ class ProgressiveRule:
         )
 
     def stage_length(self, batch: _Batch) -> int:
-        return max(n + self.offset for n in batch.targets)
+        return max(n + self.offset - self.start for n in batch.targets)
 
 
 def _leading(correct: list[bool]) -> int:

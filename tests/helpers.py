@@ -232,6 +232,8 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "horizon": length if acc == 1.0 else 0,
         "stages": 1,
         "fail_acc": math.nan if acc == 1.0 else acc,
+        "param": "direct",
+        "trained_numbers": n_mem * hidden,
     }
     return ResultRow(**{**row, **values})
 
@@ -264,18 +266,19 @@ class SumOfTwo:
     """A toy parametrization with two per-row tensors: the vectors are a + b (b broadcast over the vectors), a from
     the sample's seed as `direct` draws it, b zero."""
 
-    name = "sum_of_two"
+    label = "sum_of_two"
 
-    def __init__(self, n_mem, hidden, optim, embed_std, device):
-        self.n_mem, self.hidden, self.optim, self.embed_std, self.device = n_mem, hidden, optim, embed_std, device
+    def __init__(self, n_mem, embed_weight, optim, device):
+        self.n_mem, self.hidden, self.optim, self.device = n_mem, embed_weight.shape[1], optim, device
+        self.embed_std = embed_weight.float().std().item()
 
     @property
     def trained_numbers(self) -> int:
         return (self.n_mem + 1) * self.hidden
 
-    def init(self, seeds):
-        a = torch.stack([initial_vectors(self.n_mem, self.hidden, seed, self.optim, self.embed_std) for seed in seeds])
-        return TwoTensors(a.requires_grad_(), torch.zeros(len(seeds), self.hidden, requires_grad=True))
+    def init(self, specs):
+        a = torch.stack([initial_vectors(self.n_mem, self.hidden, spec.init_seed, self.optim, self.embed_std) for spec in specs])
+        return TwoTensors(a.requires_grad_(), torch.zeros(len(specs), self.hidden, requires_grad=True))
 
     def vectors(self, params):
         return params.a + params.b[:, None, :]

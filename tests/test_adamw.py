@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from cram_sweep.adamw import RowAdamW, learning_rates
-from cram_sweep.param import as_leaves
 
 from .helpers import TINY_PROGRESSIVE, TwoTensors, cosine_lambda, tiny_config
 
@@ -18,7 +17,7 @@ def test_row_adamw_is_torch_adamw_per_row(schedule):
     start = TwoTensors(torch.randn(3, 2, 8), torch.randn(3, 8))
     rows = RowAdamW(optim, "cpu")
     rows.add(start)
-    batched = as_leaves(start)
+    batched = start.map(lambda t: t.clone().requires_grad_())
     params = [[torch.nn.Parameter(t[i].clone()) for t in start.tensors()] for i in range(3)]
     opts = [torch.optim.AdamW(p, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay) for p in params]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(optim) if schedule == "cosine" else lambda _: 1.0) for o in opts]
