@@ -5,6 +5,8 @@ CRAM_SWEEP_FAULT holds comma-separated `kind:arg[:arg]` entries:
     store_write_sleep:SECONDS        sleep between writing a store file's hidden .tmp and renaming it
     nan_sample:CELL_SUBSTRING:SAMPLE (worker) that sample's text embedding turns NaN
     oom_above_batch:N                (worker) a forward with more than N samples raises torch.OutOfMemoryError
+    sleep_in_item:SECONDS            (worker) the first forward of each work item sleeps SECONDS, in a worker
+                                     Ray has not restarted: a hang that only the driver's stall check ends
 
 Normal code consults this module at exactly two places: `pause_before_rename()` in the store's atomic
 write and `injected(...)` around a worker's work item.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 
 
 def active() -> dict[str, list[str]]:
@@ -30,6 +33,15 @@ def pause_before_rename() -> None:
     pause = active().get("store_write_sleep")
     if pause:
         time.sleep(float(pause[0]))
+
+
+def restarted() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (after it died or was killed)."""
+    import ray
+
+    with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id`
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 @contextlib.contextmanager
@@ -64,6 +76,15 @@ def injected(model, specs):
                 raise torch.OutOfMemoryError(f"injected out of memory: a batch of {x.shape[0]} > {limit} samples")
 
         handles.append(model.register_forward_pre_hook(oom, with_kwargs=True))
+    if "sleep_in_item" in found and not restarted():
+        seconds = float(found["sleep_in_item"][0])
+
+        def hang(module, args):  # once per item: the hook removes itself (removing a handle twice is a no-op)
+            sleeper.remove()
+            time.sleep(seconds)
+
+        sleeper = model.register_forward_pre_hook(hang)
+        handles.append(sleeper)
     try:
         yield
     finally:

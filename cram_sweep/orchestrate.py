@@ -9,20 +9,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 
 import ray
 
 from . import interrupt, store
 from .cellstate import STATE_COLUMNS, by_cell, cell_state
-from .cluster import connect_ray, start_workers
+from .cluster import Scaler, connect_ray
 from .config import Cell, SweepConfig, cells, method_settings, sample_seed
 from .cram import SampleSpec
 from .data import sample_token_ids
 from .errors import UserError, one_line
 from .model import load_tokenizer, model_context, slow_bf16_warning
-from .pool import Beat, Lost, Row, Stranded, WorkerPool
+from .pool import Beat, Grew, Lost, Retired, Row, Stalled, Stranded, WorkerPool
 from .progress import Progress
 from .store import FailureRow, ResultRow, StageRow
 from .tracking import Tracker
@@ -153,55 +153,126 @@ class Sweep:
         self.tracker.flush(force)
 
     def execute(self, pool: WorkerPool, progress: Progress) -> None:
-        """Take the pool's events until no work is left: store rows, show progress, retry what was lost."""
+        """Take the pool's events until no work is left: store rows, show progress and the workers, retry what was lost."""
+        workers = WorkerLines(self.cfg.cluster.kind == "ray" and not self.cfg.worker.count)
         while pool.has_work():
             interrupt.check()
             for event in pool.get_next(timeout=1.0):
                 if isinstance(event, Row):
                     result = event.finished.result
                     self.accept(event.finished)
+                    workers.row(event.node)
                     progress.sample_done(result.cell, len(self.failed), result.horizon if result.method == "progressive" else None)
                 elif isinstance(event, Beat):
                     beat = event.heartbeat
                     progress.heartbeat(event.item.label, beat.live, beat.steps, len(self.failed), beat.stage_length)
                 elif isinstance(event, Lost):
-                    for item in self.retry(event.item, event.error):
+                    for item in self.retry(event):
                         pool.submit(item)
+                elif isinstance(event, Grew):
+                    workers.grew(event)
+                elif isinstance(event, Retired):
+                    workers.retired(event)
                 elif isinstance(event, Stranded):
                     for item in event.items:
                         self.give_up(item, "no Ray worker is left to run it (every worker died and could not be restarted)")
             self.flush()
 
-    def retry(self, item: WorkItem, err: ray.exceptions.RayError) -> list[WorkItem]:
-        """Record one failed attempt for each sample the item had not returned; requeue those with tries left."""
+    def retry(self, lost: Lost) -> list[WorkItem]:
+        """Record one failed attempt for each sample of a lost call that counts as run (`lost.ran`: those that may
+        have been in the engine's batch); the samples that never started are charged nothing. Requeue, in the
+        item's order, every sample with tries left."""
+        item, err = lost.item, lost.error
         cause = getattr(err, "cause", None)
         if isinstance(cause, UserError):
             raise UserError(str(cause))
         if not isinstance(cause, BaseException):
             cause = None
         message = f"{type(cause or err).__name__}: {one_line(cause or err)[-500:]}"
-        retry = []
-        for spec in item.specs:
+        failed = set()
+        for spec in lost.ran:
             final = self.attempts[spec.cell, spec.sample] + 1 > self.cfg.worker.max_retries
             self.fail(self.cells[spec.cell], spec.sample, message, final)
-            if not final:
-                retry.append(spec)
+            if final:
+                failed.add((spec.cell, spec.sample))
+        retry = [spec for spec in item.specs if (spec.cell, spec.sample) not in failed]
         batch_size = item.batch_size
         current = item.batch_size or self.cfg.batch_size
         if isinstance(err, ray.exceptions.OutOfMemoryError) and isinstance(current, int) and current > 1:
             batch_size = current // 2  # Ray's memory monitor killed the worker: retry with a smaller batch (same results)
+        what = f"stalled ({err})" if isinstance(err, Stalled) else f"failed ({type(err).__name__})"
         log.warning(
-            "work item of %s failed (%s): retrying %d samples, %d recorded failed",
+            "work item of %s %s: retrying %d samples (%d had started: an attempt each; %d had not), %d recorded failed",
             item.label,
-            type(err).__name__,
+            what,
             len(retry),
-            len(item.specs) - len(retry),
+            lost.started,
+            len(item.specs) - lost.started,
+            len(failed),
         )
         return [replace(item, specs=retry, batch_size=batch_size)] if retry else []
 
     def give_up(self, item: WorkItem, reason: str) -> None:
         for spec in item.specs:
             self.fail(self.cells[spec.cell], spec.sample, reason, final=True)
+
+
+class WorkerLines:
+    """The driver's lines about its workers, on stderr: the pool it starts with, the workers added as nodes join,
+    and each joined node's first sample, with the seconds since its worker was added."""
+
+    def __init__(self, grows: bool):
+        self.grows = grows  # the pool follows the cluster (cluster=ray, no fixed worker.count)
+        self.started = False
+        self.joined: dict[str, float] = {}  # node -> when workers were added for it, until its first sample
+
+    def grew(self, event: Grew) -> None:
+        kinds = ", ".join(f"{count} {kind.upper()}" for kind, count in sorted(Counter(w.kind for w in event.workers).items()))
+        nodes = sorted({worker.target for worker in event.workers if worker.target})
+        where = f" on node{'s' * (len(nodes) != 1)} {', '.join(node[:8] for node in nodes)}" if nodes else ""
+        if self.started:
+            self.joined.update({node: time.monotonic() for node in nodes})
+            print(f"workers: {kinds} added{where}, which joined; {event.total} in all", file=sys.stderr, flush=True)
+        else:
+            more = "; more as nodes join while work is queued" if self.grows else ""
+            print(f"workers: {kinds}{where}{more}", file=sys.stderr, flush=True)
+        self.started = True
+
+    def row(self, node: str) -> None:
+        joined = self.joined.pop(node, None)
+        if joined is not None:
+            print(
+                f"workers: node {node[:8]} returned its first sample {time.monotonic() - joined:.1f} s after its worker was added",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @staticmethod
+    def retired(event: Retired) -> None:
+        print(
+            f"workers: GPU workers are up: {event.workers} CPU workers stopped; their {event.samples} unfinished samples run on GPUs "
+            "(no attempt charged)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def execute_on_cluster(cfg: SweepConfig, state: Sweep, items: list[WorkItem], pending: int) -> None:
+    """Run the items on workers that follow the cluster; the autoscaler request is released however this ends."""
+    scaler = Scaler(cfg)
+    try:
+        scaler.wait_for_capacity(len(items))
+        pool = WorkerPool(scaler, cfg.worker.stall_seconds)
+        for item in items:
+            pool.submit(item)
+        max_steps = max(settings.optim.max_steps for settings in method_settings(cfg).values())
+        progress = Progress(pending, max_steps, cfg.progress_line_seconds)
+        try:
+            state.execute(pool, progress)
+        finally:
+            progress.close()
+    finally:
+        scaler.request(0)
 
 
 def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens) -> int:
@@ -222,15 +293,7 @@ def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens) -> int:
     try:
         if items:
             connect_ray(cfg)
-            pool = WorkerPool(start_workers(cfg))
-            for item in items:
-                pool.submit(item)
-            max_steps = max(settings.optim.max_steps for settings in method_settings(cfg).values())
-            progress = Progress(pending, max_steps, cfg.progress_line_seconds)
-            try:
-                state.execute(pool, progress)
-            finally:
-                progress.close()
+            execute_on_cluster(cfg, state, items, pending)
         ok = not state.failed
     finally:
         try:  # a store error here (disk still full) replaces one in flight: same message, same exit code

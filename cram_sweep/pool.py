@@ -1,32 +1,85 @@
-"""A pool of CramWorker actors, shaped like `ray.util.ActorPool`: `submit` work items, `get_next` events.
+"""A pool of CramWorker actors that follows the cluster: `submit` work items, `get_next` events.
 
-Each worker runs one item at a time as a streaming call. `get_next` turns what comes back into events:
-`Row` (a finished sample), `Beat` (progress of running samples), `Lost` (the item's call failed: the
-samples it had not returned, and why) and `Stranded` (no worker is left to run queued items). A worker
-that dies (killed, OOM-killed, node lost) is restarted by Ray and gets new work only once it answers
-a ping again, so a retry is never burnt on a restarting actor.
+Each worker runs one item at a time as a streaming call: `Started` (its batch size, once the model is loaded),
+then heartbeats and one result per finished sample. `get_next` turns what comes back into events:
+
+- `Row`: a finished sample, with the node its worker runs on;
+- `Beat`: progress of the running samples;
+- `Lost`: the call failed or stalled: the samples it had not returned, how many of them count as run, and why;
+- `Grew`: workers started for free slots of the cluster (at the start, and as GPUs or CPU nodes join);
+- `Retired`: CPU workers stopped because GPU workers are up (device=auto); their samples are queued again;
+- `Stranded`: no worker is left to run the queued items.
+
+What holds:
+- A worker gets work only once it answers a ping (created, or restarted by Ray after it died or was killed),
+  so a retry is never burnt on a worker that is still starting. One that does not answer within
+  RESTART_SECONDS is given up: killed for good, so it stops asking Ray for resources.
+- While items are queued, the pool asks its scaler (cluster.Scaler) every GROW_SECONDS for workers on the free
+  slots of the cluster, and the autoscaler request follows the items left (queued or running); the driver
+  releases it at the end.
+- The engine admits an item's samples in order, at most the batch size `Started` reported at a time, so of the
+  samples a call had not returned, only the first `batch_size` can have run: `Lost.started`. A call lost
+  before `Started` (its worker died loading the model) ran none, and nothing is charged; but every
+  MAX_UNSTARTED_LOSSES-th such loss in a row of one item counts all its samples as run, so a model that
+  kills every worker that loads it still ends in failed samples. A task that raised before `Started` counts
+  all its samples too.
+- A running call that streams nothing for `stall_seconds` is stalled: its worker is killed (Ray restarts it)
+  and the call is `Lost` with a `Stalled` error.
+- GPU workers replace CPU workers: when the first GPU worker answers, every CPU worker is killed and the
+  unfinished samples of its item go back to the front of the queue, uncharged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Optional, Protocol, Union
 
 import ray
 
-from .cram import Heartbeat
-from .worker import Finished, WorkItem
+from .cram import Heartbeat, SampleSpec
+from .worker import Finished, Started, WorkItem
 
 log = logging.getLogger("cram_sweep")
+
+
+@dataclass(eq=False)
+class Worker:
+    """One CramWorker actor as the pool knows it."""
+
+    actor: object
+    kind: str  # "gpu" | "cpu"
+    target: Optional[str] = None  # the node it was started for (soft affinity)
+    node: str = ""  # the node its latest ping answered from
+
+    @property
+    def claim(self) -> Optional[str]:
+        """The node whose slot it holds or is headed for (None: anywhere)."""
+        return self.node or self.target
+
+
+@dataclass
+class Call:
+    """One item running on one worker."""
+
+    worker: Worker
+    item: WorkItem  # the samples it has not returned yet, in the order the engine admits them
+    last: float  # when it last streamed anything (or was started): the stall clock
+    batch_size: int = 0  # from Started; 0 while the model loads
+
+
+class Stalled(Exception):
+    """A running item streamed nothing (no heartbeat, no result) for worker.stall_seconds."""
 
 
 @dataclass
 class Row:
     item: WorkItem
     finished: Finished
+    node: str  # the node of the worker that ran it
 
 
 @dataclass
@@ -37,8 +90,26 @@ class Beat:
 
 @dataclass
 class Lost:
-    item: WorkItem  # only the samples the call had not returned
-    error: ray.exceptions.RayError
+    item: WorkItem  # only the samples the call had not returned, in order
+    error: BaseException  # the call's RayError, or Stalled
+    started: int  # how many of item.specs, from the first, count as run (an attempt each); the others never started
+    node: str = ""  # where its worker ran ("" if it never answered)
+
+    @property
+    def ran(self) -> list[SampleSpec]:
+        return self.item.specs[: self.started]
+
+
+@dataclass
+class Grew:
+    workers: list[Worker]  # the workers started, each for a slot of its `target` node
+    total: int  # workers in the pool now
+
+
+@dataclass
+class Retired:
+    workers: int  # CPU workers stopped
+    samples: int  # unfinished samples of their items, queued again, uncharged
 
 
 @dataclass
@@ -46,19 +117,34 @@ class Stranded:
     items: list[WorkItem]
 
 
-Event = Union[Row, Beat, Lost, Stranded]
+Event = Union[Row, Beat, Lost, Grew, Retired, Stranded]
+
+
+class Scaler(Protocol):
+    """What the pool needs of the cluster (cluster.Scaler)."""
+
+    def grow(self, workers: list[Worker]) -> list[Worker]:
+        """New workers for the free slots, given the pool's workers."""
+
+    def request(self, items: int) -> None:
+        """Ask the autoscaler for what `items` work items could use at once (0: release)."""
 
 
 class WorkerPool:
-    RESTART_SECONDS = 300  # how long a dead worker may take to come back before the pool goes on without it
+    RESTART_SECONDS = 300  # how long a worker may take to start or come back before the pool goes on without it
     PING_INTERVAL = 0.5
+    GROW_SECONDS = 1.0  # how often the cluster is looked at for free slots while items are queued
+    MAX_UNSTARTED_LOSSES = 3
 
-    def __init__(self, workers: list):
-        self.queue: deque = deque()
-        self.idle = list(workers)
-        self.running: dict[object, tuple[object, WorkItem]] = {}  # streaming call -> (worker, item)
-        self.waking: dict[object, tuple[object, float]] = {}  # ping ref -> (worker, first ping time)
-        self.ping_later: list[tuple[float, object, float]] = []  # (when, worker, first ping time)
+    def __init__(self, scaler: Scaler, stall_seconds: float):
+        self.scaler = scaler
+        self.stall_seconds = stall_seconds
+        self.queue: deque[WorkItem] = deque()
+        self.idle: list[Worker] = []
+        self.running: dict[object, Call] = {}  # streaming call -> what it runs
+        self.waking: dict[object, tuple[Worker, float]] = {}  # ping ref -> (worker, first ping time)
+        self.ping_later: list[tuple[float, Worker, float]] = []  # (when, worker, first ping time)
+        self.last_grow = -math.inf
 
     def submit(self, item: WorkItem) -> None:
         self.queue.append(item)
@@ -66,65 +152,140 @@ class WorkerPool:
     def has_work(self) -> bool:
         return bool(self.queue or self.running)
 
+    def workers(self) -> list[Worker]:
+        """Every worker the pool holds: idle, running, or not answering yet."""
+        waking = [worker for worker, _ in self.waking.values()] + [worker for _, worker, _ in self.ping_later]
+        return self.idle + [call.worker for call in self.running.values()] + waking
+
     def get_next(self, timeout: float = 1.0) -> list[Event]:
-        """Start queued items on idle workers, then wait up to `timeout` for what comes back."""
+        """Start workers on free slots, queued items on idle workers, then wait up to `timeout` for what comes back."""
+        events = self._grow()
         self._ping_due()
         while self.idle and self.queue:
-            item, worker = self.queue.popleft(), self.idle.pop()
-            self.running[worker.run.options(num_returns="streaming").remote(item)] = (worker, item)
-        if self.queue and not (self.idle or self.running or self.waking or self.ping_later):
+            worker, item = self.idle.pop(), self.queue.popleft()
+            self.running[worker.actor.run.options(num_returns="streaming").remote(item)] = Call(worker, item, time.monotonic())
+        self.scaler.request(len(self.queue) + len(self.running))
+        if self.queue and not self.workers():
             stranded = list(self.queue)
             self.queue.clear()
-            return [Stranded(stranded)]
+            return events + [Stranded(stranded)]
         if not (self.running or self.waking):  # only workers waiting to be pinged again
             time.sleep(min(timeout, 0.2))
-            return []
+            return events
         ready, _ = ray.wait(list(self.running) + list(self.waking), num_returns=1, timeout=timeout)
-        events = []
         for ref in ready:
-            if ref in self.waking:
-                self._woken(ref)
-            else:
-                events += self._streamed(ref)
-        return events
+            events += self._woken(ref) if ref in self.waking else self._streamed(ref)
+        return events + self._overdue()
+
+    def _grow(self) -> list[Event]:
+        """Workers for the cluster's free slots, while items are queued: every GROW_SECONDS, or at once when the
+        pool has no worker left."""
+        due = time.monotonic() - self.last_grow >= self.GROW_SECONDS or not self.workers()
+        if not (self.queue and due):
+            return []
+        self.last_grow = time.monotonic()
+        new = self.scaler.grow(self.workers())
+        for worker in new:
+            self._ping(worker, time.monotonic())
+        return [Grew(new, len(self.workers()))] if new else []
+
+    def _ping(self, worker: Worker, since: float) -> None:
+        self.waking[worker.actor.ping.remote()] = (worker, since)
 
     def _ping_due(self) -> None:
         now = time.monotonic()
         for entry in [e for e in self.ping_later if e[0] <= now]:
             self.ping_later.remove(entry)
-            self.waking[entry[1].ping.remote()] = (entry[1], entry[2])
+            self._ping(entry[1], entry[2])
 
-    def _woken(self, ref) -> None:
+    def _woken(self, ref) -> list[Event]:
         worker, since = self.waking.pop(ref)
         try:
-            ray.get(ref)
-            self.idle.append(worker)
+            worker.node = ray.get(ref).node
         except ray.exceptions.RayError as err:
             if time.monotonic() - since < self.RESTART_SECONDS:
                 self.ping_later.append((time.monotonic() + self.PING_INTERVAL, worker, since))
             else:
-                log.warning(
-                    "a Ray worker did not come back within %d s (%s): going on without it", self.RESTART_SECONDS, type(err).__name__
-                )
+                self._give_up(worker, type(err).__name__)
+            return []
+        self.idle.append(worker)
+        return self._retire_cpu_workers() if worker.kind == "gpu" else []
+
+    def _give_up(self, worker: Worker, why: str) -> None:
+        log.warning("a Ray worker did not start or come back within %d s (%s): going on without it", self.RESTART_SECONDS, why)
+        ray.kill(worker.actor, no_restart=True)
+
+    def _retire_cpu_workers(self) -> list[Event]:
+        """GPU workers are up: stop every CPU worker; the unfinished samples of their items go back to the front
+        of the queue, charged nothing (rows they streamed and the driver has not read are computed again)."""
+        retired = [worker for worker in self.workers() if worker.kind == "cpu"]
+        if not retired:
+            return []
+        samples = 0
+        for ref, call in list(self.running.items()):
+            if call.worker.kind == "cpu":
+                del self.running[ref]
+                self.queue.appendleft(call.item)
+                samples += len(call.item.specs)
+        self.idle = [worker for worker in self.idle if worker.kind != "cpu"]
+        self.waking = {ref: entry for ref, entry in self.waking.items() if entry[0].kind != "cpu"}
+        self.ping_later = [entry for entry in self.ping_later if entry[1].kind != "cpu"]
+        for worker in retired:
+            ray.kill(worker.actor, no_restart=True)
+        return [Retired(len(retired), samples)]
 
     def _streamed(self, ref) -> list[Event]:
-        worker, item = self.running[ref]
+        call = self.running[ref]
         try:
             out = ray.get(next(ref))
         except StopIteration:
             del self.running[ref]
-            self.idle.append(worker)
+            self.idle.append(call.worker)
             return []
         except ray.exceptions.RayError as err:
             del self.running[ref]
-            if isinstance(err, ray.exceptions.RayTaskError):
-                self.idle.append(worker)  # the task raised; the worker itself is fine
-            else:
-                self.waking[worker.ping.remote()] = (worker, time.monotonic())
-            return [Lost(item, err)]
+            return [self._lost(call, err)]
+        call.last = time.monotonic()
+        if isinstance(out, Started):
+            call.batch_size = out.batch_size
+            return []
         if isinstance(out, Heartbeat):
-            return [Beat(item, out)]
+            return [Beat(call.item, out)]
+        row = Row(call.item, out, call.worker.node)
         finished = (out.result.cell, out.result.sample)
-        remaining = replace(item, specs=[s for s in item.specs if (s.cell, s.sample) != finished])
-        self.running[ref] = (worker, remaining)
-        return [Row(item, out)]
+        call.item = replace(call.item, specs=[s for s in call.item.specs if (s.cell, s.sample) != finished])
+        return [row]
+
+    def _lost(self, call: Call, err: BaseException) -> Lost:
+        """The unreturned samples of a failed or stalled call, with how many count as run (see the module's
+        docstring). A task that raised leaves its worker fine, idle again; a dead or killed worker is pinged
+        until Ray has restarted it."""
+        worker, item, started = call.worker, call.item, min(call.batch_size, len(call.item.specs))
+        if isinstance(err, ray.exceptions.RayTaskError):
+            self.idle.append(worker)
+            return Lost(item, err, started if call.batch_size else len(item.specs), worker.node)
+        self._ping(worker, time.monotonic())
+        if call.batch_size:
+            return Lost(replace(item, unstarted_losses=0), err, started, worker.node)
+        losses = item.unstarted_losses + 1
+        if losses == self.MAX_UNSTARTED_LOSSES:
+            return Lost(replace(item, unstarted_losses=0), err, len(item.specs), worker.node)
+        return Lost(replace(item, unstarted_losses=losses), err, 0, worker.node)
+
+    def _overdue(self) -> list[Event]:
+        """Stalled calls (their workers killed, restarted by Ray) and workers that never answered (given up)."""
+        now, events = time.monotonic(), []
+        for ref, call in list(self.running.items()):
+            if now - call.last > self.stall_seconds:
+                del self.running[ref]
+                ray.kill(call.worker.actor, no_restart=False)
+                stalled = Stalled(
+                    f"no heartbeat or result for {now - call.last:.0f} s (worker.stall_seconds={self.stall_seconds:g}) from its worker "
+                    f"on node {call.worker.node[:8]}, which was killed"
+                )
+                events.append(self._lost(call, stalled))
+        for ref, (worker, since) in list(self.waking.items()):
+            if now - since > self.RESTART_SECONDS:
+                del self.waking[ref]
+                self._give_up(worker, "no answer")
+        return events

@@ -59,11 +59,31 @@ class WorkItem:
     n_mem: int
     specs: list[SampleSpec]  # shortest first: the engine pads a batch to its longest text
     batch_size: Optional[int] = None  # None: the sweep's; set lower when Ray's memory monitor killed a worker
+    unstarted_losses: int = 0  # its calls lost in a row before it started (pool.WorkerPool.MAX_UNSTARTED_LOSSES)
 
     @property
     def label(self) -> str:
         cells = sorted({spec.cell for spec in self.specs})
         return cells[0] if len(cells) == 1 else f"{self.model}/{self.method}/n_mem={self.n_mem} ({len(cells)} cells)"
+
+
+@dataclass
+class Started:
+    """The first thing a work item streams, once its model is loaded: the batch size it runs with.
+
+    The engine admits an item's samples in the order given, at most `batch_size` at a time (and fewer after an
+    out-of-memory halving), so of the samples the item has not returned yet, only the first `batch_size` can
+    have run; the others are still queued (pool.Lost.started)."""
+
+    batch_size: int
+
+
+@dataclass
+class Placement:
+    """Where a worker runs, as its ping answers: its process and its Ray node (hex id)."""
+
+    pid: int
+    node: str
 
 
 @dataclass
@@ -80,17 +100,18 @@ class Finished:
 class CramWorker:
     """Out of memory in a batch: the samples not yet returned start again with half the batch size
     (batching.cram_fitting). A killed worker is restarted by Ray (max_restarts) and the driver resubmits
-    what it had not returned (see pool.WorkerPool)."""
+    what it had not returned (see pool.WorkerPool). `run` streams `Started`, then heartbeats and one
+    `Finished` per sample."""
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
 
-    def ping(self) -> int:
-        return os.getpid()
+    def ping(self) -> Placement:
+        return Placement(os.getpid(), ray.get_runtime_context().get_node_id())
 
-    def run(self, item: WorkItem) -> Iterator[Union[Finished, Heartbeat]]:
+    def run(self, item: WorkItem) -> Iterator[Union[Started, Finished, Heartbeat]]:
         s = self.settings
         settings = s.methods[item.method]
         lm = load_model(item.model, s.models[item.model], s.device)
@@ -101,6 +122,7 @@ class CramWorker:
         if batch_size == "auto":
             batch_size = auto_batch_size(lm, longest, item.n_mem)
         check_every = s.check_every or (16 if lm.device.type == "cuda" else 1)
+        yield Started(batch_size)
         with faults.injected(lm.model, item.specs):
             for out in cram_fitting(
                 lm,

@@ -1,6 +1,8 @@
 """Starting Ray: `cluster=local` is always an instance of its own, at normal priority; a cluster nothing answers
-at is one clear error; SIGTERM ends the start-up promptly. (A local sweep beside a stale recorded cluster is
-test_sweep.py's end-to-end sweep; beside a live one, test_scale_out.py, where the `ray start` fixture is.)"""
+at is one clear error; SIGTERM ends the start-up promptly; device=cuda without GPUs waits, then is one error.
+Planning workers on the nodes (cluster.plan, cluster.Scaler), without Ray. (A local sweep beside a stale
+recorded cluster is test_sweep.py's end-to-end sweep; beside a live one, and nodes joining and leaving a
+sweep, test_scale_out.py, where the `ray start` fixture is.)"""
 
 import os
 import signal
@@ -11,6 +13,7 @@ import psutil
 import pytest
 
 from cram_sweep import cluster
+from cram_sweep.cluster import Node
 from cram_sweep.errors import UserError
 
 from .helpers import CLI, ROOT, TINY, cli_env, seed_mlflow_db, tiny_config, wait_for
@@ -36,18 +39,100 @@ def test_joining_the_stale_recorded_cluster_is_one_error_naming_the_file(stale_r
     assert time.monotonic() - started < 30
 
 
-def test_local_workers_run_at_normal_priority():
+@pytest.fixture(scope="module")
+def local_ray():
+    """This process's own local Ray instance, as `cluster=local` starts it (1 CPU)."""
+    import ray
+
+    cluster.connect_ray(tiny_config())
+    yield
+    ray.shutdown()
+
+
+def test_local_workers_run_at_normal_priority(local_ray):
     """Ray's default worker niceness (15) lets any busy process on the node starve the compute."""
     import ray
 
-    cfg = tiny_config("cluster.num_cpus=1")
-    try:
-        cluster.connect_ray(cfg)
-        worker = cluster.start_workers(cfg)[0]
-        pid = ray.get(worker.ping.remote(), timeout=120)
-        assert psutil.Process(pid).nice() == 0
-    finally:
-        ray.shutdown()
+    (worker,) = cluster.Scaler(tiny_config()).grow([])
+    placement = ray.get(worker.actor.ping.remote(), timeout=120)
+    assert psutil.Process(placement.pid).nice() == 0
+    assert placement.node == ray.get_runtime_context().get_node_id()
+    ray.kill(worker.actor)
+
+
+def test_device_cuda_without_gpus_waits_then_is_one_error_and_starts_no_cpu_worker(local_ray, tmp_path, capsys):
+    import ray
+
+    from cram_sweep import cli
+
+    started = time.monotonic()
+    args = [
+        "run",
+        "name=nogpu",
+        f"out_dir={tmp_path}",
+        *TINY,
+        "device=cuda",
+        "cluster.wait_for_gpus_seconds=2",
+        "progress_line_seconds=0.5",
+    ]
+    code = cli.main(seed_mlflow_db(args))
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: device=cuda and no GPU joined the Ray cluster within cluster.wait_for_gpus_seconds=2 s (1 node, 1 CPU, 0 GPUs): "
+        "add GPU nodes (ray start --num-gpus=N), raise cluster.wait_for_gpus_seconds, or run with device=auto"
+    ]
+    waiting = [line for line in err.splitlines() if line.startswith("waiting for GPUs")]
+    assert len(waiting) >= 2 and waiting[0].startswith(
+        "waiting for GPUs (device=cuda): the Ray cluster has 1 node, 1 CPU, 0 GPUs; giving up in 2 s (cluster.wait_for_gpus_seconds)"
+    ), err
+    assert 2 <= time.monotonic() - started < 30
+    assert not [a for a in ray._private.state.actors().values() if a["ActorClassName"].endswith("CramWorker") and a["State"] == "ALIVE"]
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- planning workers on the nodes (no Ray)
+
+A, B, G = Node("a" * 56, 4.0, 0.0), Node("b" * 56, 2.0, 0.0), Node("g" * 56, 8.0, 2.0)
+
+
+def test_slots_are_one_per_gpu_share_or_one_per_cpu_node_with_all_its_cpus():
+    worker = tiny_config().worker
+    assert cluster.node_slots(A, "cpu", worker) == [cluster.Slot("cpu", 4, 0.0, A.id)]
+    assert cluster.node_slots(G, "gpu", worker) == [cluster.Slot("gpu", 1, 1.0, G.id)] * 2
+    assert len(cluster.node_slots(G, "gpu", tiny_config("worker.gpus=0.5").worker)) == 4
+    assert cluster.node_slots(B, "cpu", tiny_config("worker.cpus=4").worker) == [], "a node smaller than worker.cpus holds none"
+    assert cluster.node_slots(Node("h" * 56, 0.0, 0.0), "cpu", worker) == [], "a head started with --num-cpus=0 holds none"
+
+
+def test_plan_gives_each_free_slot_one_worker_counting_workers_not_placed_yet():
+    worker = tiny_config().worker
+    assert [s.node for s in cluster.plan([A, B], "cpu", worker, [])] == [A.id, B.id]
+    assert [s.node for s in cluster.plan([A, B], "cpu", worker, [A.id])] == [B.id], "A holds its worker already"
+    assert len(cluster.plan([A, B], "cpu", worker, [None])) == 1, "a worker restarting anywhere takes one of the two"
+    assert len(cluster.plan([A, B], "cpu", worker, ["gone" * 14])) == 1, "so does one whose node left"
+    assert cluster.plan([A, B], "cpu", worker, [A.id, B.id]) == []
+    assert len(cluster.plan([A, B], "cpu", tiny_config("worker.max_workers=1").worker, [])) == 1
+    assert len(cluster.plan([G], "gpu", worker, [G.id])) == 1, "the second GPU of G"
+
+
+def test_device_auto_switches_to_gpu_workers_for_good_and_cuda_never_plans_cpu_workers():
+    nodes = [A]
+    auto = cluster.Scaler(tiny_config("device=auto"), nodes=lambda: nodes)
+    assert auto.kind(nodes) == "cpu"
+    nodes = [A, G]
+    assert auto.kind(nodes) == "gpu" and [s.kind for s in auto.slots(nodes, [])] == ["gpu", "gpu"]
+    nodes = [A]
+    assert auto.kind(nodes) == "gpu" and auto.slots(nodes, []) == [], "GPU nodes that left are waited for"
+    cuda = cluster.Scaler(tiny_config("device=cuda"), nodes=lambda: [A, B])
+    assert cuda.slots([A, B], []) == [] and not cuda.slots_exist([A, B])
+    assert cluster.Scaler(tiny_config("device=cpu"), nodes=lambda: [G]).kind([G]) == "cpu"
+
+
+def test_a_fixed_worker_count_starts_once_and_never_grows():
+    scaler = cluster.Scaler(tiny_config("worker.count=3", "device=cpu"), nodes=lambda: [A, B])
+    assert scaler.slots([A, B], []) == [cluster.Slot("cpu", 2)] * 3, "spread, each with the smallest node's CPUs"
+    assert scaler.slots([A, B, Node("c" * 56, 4.0, 0.0)], []) == []
 
 
 @pytest.mark.slow
