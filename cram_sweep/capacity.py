@@ -9,6 +9,9 @@ Per (model, dataset, n_mem, method):
 - both: a sample's horizon is the longest prefix its stored vectors reproduce exactly, the most over the
   group's lengths (full: the greedy prefix of the length's best vectors), so the two methods compare.
 A column a method does not define is NaN in its rows (progressive's `max_tokens`).
+`theoretical_tokens` and `utilization` count the vectors' numbers (n_mem * hidden at 16 bits each), whatever
+was trained; `trained_numbers` (per sample, from `param`) and `utilization_trained` count the numbers that
+were optimized (param=lowdim: n_mem * k, plus the projection where it is trained).
 
 The capacity table has one row per group, in sorted (GROUP, method) order, with CAPACITY_COLUMNS; the cell
 table has one row per cell of the grid, in grid order, with CELL_COLUMNS (cellstate.cell_state's counts and means).
@@ -40,6 +43,9 @@ CAPACITY_COLUMNS = [
     "info_gain_bits_std",
     "theoretical_tokens",
     "utilization",
+    "param",
+    "trained_numbers",
+    "utilization_trained",
 ]
 CELL_COLUMNS = [
     "model",
@@ -90,6 +96,8 @@ def capacity_row(method: str, group: pd.DataFrame) -> dict:
     horizon = longest["horizon"]
     scored = longest if method == "progressive" else group[group["acc"] <= FIT]
     gain_mean = scored["gain_tokens"].mean()
+    reached = gain_mean if method == "full" else horizon.mean()
+    trained = int(group["trained_numbers"].iloc[0])
     return {
         "max_tokens": max_tokens(group) if method == "full" else math.nan,
         "horizon_mean": horizon.mean(),
@@ -101,7 +109,10 @@ def capacity_row(method: str, group: pd.DataFrame) -> dict:
         "info_gain_bits_mean": scored["info_gain_bits"].mean(),
         "info_gain_bits_std": scored["info_gain_bits"].std(),
         "theoretical_tokens": theoretical,
-        "utilization": (gain_mean if method == "full" else horizon.mean()) / theoretical,
+        "utilization": reached / theoretical,
+        "param": group["param"].iloc[0],
+        "trained_numbers": trained,
+        "utilization_trained": reached / (trained * 16 / math.log2(vocab)),
     }
 
 

@@ -48,6 +48,10 @@ def _progress_note(cell_rows: pd.DataFrame, samples: int) -> str:
     return f"**Partial sweep:** {done} of {total} samples done, {failed} failed, {pending} pending: means are over finished samples."
 
 
+def _percent(share) -> str:
+    return _fmt(share * 100, ".1f") + ("" if pd.isna(share) else "%")
+
+
 def _capacity_markdown(capacity: pd.DataFrame) -> str:
     header = [
         "model",
@@ -60,6 +64,8 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
         "info gain (bits)",
         "theoretical tokens",
         "utilization",
+        "param (trained numbers)",
+        "utilization of trained",
     ]
     rows = [
         [
@@ -72,7 +78,9 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
             _pm(r.gain_tokens_mean, r.gain_tokens_std),
             _pm(r.info_gain_bits_mean, r.info_gain_bits_std),
             _fmt(r.theoretical_tokens, ".1f"),
-            _fmt(r.utilization * 100, ".1f") + ("" if pd.isna(r.utilization) else "%"),
+            _percent(r.utilization),
+            f"{r.param} ({r.trained_numbers})",
+            _percent(r.utilization_trained),
         ]
         for r in capacity.itertuples()
     ]
@@ -116,7 +124,9 @@ mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths 
 utilization: mean gain / theoretical tokens.
 Progressive: gain tokens and info gain are those of each sample's horizon prefix (tokens 1..horizon-1);
 utilization: mean horizon / theoretical tokens.
-Theoretical tokens: n_mem · hidden · 16 / log2(vocab size).
+Theoretical tokens: n_mem · hidden · 16 / log2(vocab size): the vectors' numbers at 16 bits each, whatever was trained.
+Utilization of trained: the same over the trained numbers per sample (param=lowdim: n_mem · k, plus (k + 1) · hidden
+where the projection is trained) · 16 / log2(vocab size).
 
 ## Cells
 

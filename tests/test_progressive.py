@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cram_sweep.cram import _Batch, cram, token_scores
 from cram_sweep.decode import greedy_decode
 
-from .helpers import TINY_PROGRESSIVE, cosine_lambda, tiny_config
+from .helpers import TINY_PROGRESSIVE, cosine_lambda, naive_parameters, tiny_config
 from .helpers import specs_for as shared_specs_for
 
 GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
@@ -24,17 +24,14 @@ def specs_for(lm, cap, count, cell="c"):
     return shared_specs_for(lm, cap, count, n_mem=1, cell=cell)
 
 
-def naive_progressive(model, token_ids, n_mem, init_seed, optim, method):
+def naive_progressive(model, token_ids, n_mem, init_seed, optim, method, k=None):
     """The reference's stage loop at batch size 1: torch AdamW with a LambdaLR, a stage is judged on the forward
-    before each update, warm starts keep the optimizer, geometric back-offs reload a deep-copied snapshot."""
+    before each update, warm starts keep the optimizer, geometric back-offs reload a deep-copied snapshot.
+    `k`: param=lowdim, the vectors are an nn.Linear of z, and one AdamW covers z, W and b (the reference's)."""
     embed = model.get_input_embeddings()
-    gen = torch.Generator().manual_seed(init_seed)
-    if optim.init == "uniform":
-        init = torch.rand(n_mem, embed.weight.shape[1], generator=gen) * optim.init_scale
-    else:
-        init = torch.randn(n_mem, embed.weight.shape[1], generator=gen) * embed.weight.std().item()
-    memory = torch.nn.Parameter(init.clone())
-    opt = torch.optim.AdamW([memory], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    params, vectors = naive_parameters(model, n_mem, init_seed, optim, k)
+    init = vectors().detach().clone()
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(optim))
     ids = torch.tensor(token_ids)[None]
     given = 0 if method.predict_first else 1
@@ -45,12 +42,13 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method):
         text = embed(ids[:, :length])
         targets = ids[0, given:length]
         for stage_steps in range(method.steps_per_stage + 1):
+            memory = vectors()
             logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem - 1 + given : n_mem + length - 1]
             loss = F.cross_entropy(logits, targets)
             acc = (logits.argmax(-1) == targets).float().mean().item()
             if acc >= method.threshold:
                 snapshot = (
-                    memory.detach().clone(),
+                    [p.detach().clone() for p in params],
                     copy.deepcopy(opt.state_dict()),
                     copy.deepcopy(sched.state_dict()),
                     memory.detach().clone(),
@@ -69,7 +67,8 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method):
 
     def restore():
         with torch.no_grad():
-            memory.copy_(snapshot[0])
+            for param, saved in zip(params, snapshot[0]):
+                param.copy_(saved)
         opt.load_state_dict(
             copy.deepcopy(snapshot[1])
         )  # torch aliases the loaded state: a second restore would see the first probe's moments
@@ -99,8 +98,8 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method):
             else:
                 hi = mid
         best = lo or 0
-    vectors = snapshot[3] if snapshot else init
-    return {"stages": stages, "horizon": best, "steps": steps, "memory": vectors.flatten()}
+    stored = snapshot[3] if snapshot else init
+    return {"stages": stages, "horizon": best, "steps": steps, "memory": stored.flatten()}
 
 
 def compare(result, naive):
