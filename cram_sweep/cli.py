@@ -40,10 +40,10 @@ def _check_models(cfg) -> None:
             ) from None
 
 
-def _finish(cfg, sweep: SweepDir, tokens) -> int:
+def _finish(cfg, sweep: SweepDir, tokens, starts) -> int:
     from .orchestrate import run_sweep
 
-    code = run_sweep(cfg, sweep, tokens)
+    code = run_sweep(cfg, sweep, tokens, starts)
     print_status(sweep, seconds=True)
     if cfg.report:
         publish_report(sweep, cfg)
@@ -58,10 +58,11 @@ def cmd_run(overrides, show_config: bool) -> int:
         print(redact(to_yaml(node)), end="")
         return 0
     cfg = to_sweep_config(node)
+    from .init_from import load_starts
     from .orchestrate import prepare_tokens
 
     _check_models(cfg)
-    tokens = prepare_tokens(cfg)
+    tokens, starts = prepare_tokens(cfg), load_starts(cfg)
     sweep = SweepDir(Path(cfg.out_dir) / cfg.name)
     with sweep.lock():
         if sweep.config.is_file():
@@ -71,20 +72,21 @@ def cmd_run(overrides, show_config: bool) -> int:
                 )
             print(f"{sweep.path} holds this sweep already: running its missing samples")
         _write_config(sweep, cfg)
-        return _finish(cfg, sweep, tokens)
+        return _finish(cfg, sweep, tokens, starts)
 
 
 def cmd_resume(path: str, overrides) -> int:
     sweep = SweepDir(path).require()
     cfg = with_runtime_overrides(load_sweep_config(sweep.config), overrides)
+    from .init_from import load_starts
     from .orchestrate import prepare_tokens
 
     _check_models(cfg)
-    tokens = prepare_tokens(cfg)
+    tokens, starts = prepare_tokens(cfg), load_starts(cfg)
     with sweep.lock():
         if overrides:
             _write_config(sweep, cfg)
-        return _finish(cfg, sweep, tokens)
+        return _finish(cfg, sweep, tokens, starts)
 
 
 def print_status(sweep: SweepDir, seconds: bool = False) -> int:

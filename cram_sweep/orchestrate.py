@@ -11,20 +11,22 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import replace
+from typing import Optional
 
 import ray
 
 from . import interrupt, store
 from .cellstate import STATE_COLUMNS, by_cell, cell_state
 from .cluster import Scaler, connect_ray
+from .columns import CellColumns, FailureRow, ResultRow, StageRow
 from .config import Cell, SweepConfig, cells, method_settings, sample_seed
 from .cram import SampleSpec
 from .data import sample_token_ids
 from .errors import UserError, one_line
+from .init_from import Starts
 from .model import load_tokenizer, model_context, slow_bf16_warning
 from .pool import Beat, Grew, Lost, Retired, Row, Stalled, Stranded, WorkerPool
 from .progress import Progress
-from .store import FailureRow, ResultRow, StageRow
 from .tracking import Tracker
 from .worker import Finished, WorkItem
 
@@ -53,19 +55,25 @@ def samples_per_item(cfg: SweepConfig) -> int:
     return cfg.worker.samples_per_item or (4 * cfg.batch_size if cfg.batch_size != "auto" else 64)
 
 
-def work_items(cfg: SweepConfig, tokens, done: set) -> list[WorkItem]:
+def work_items(cfg: SweepConfig, tokens, done: set, starts: Optional[Starts] = None) -> list[WorkItem]:
     """The pending samples, grouped by (model, method, n_mem) across cells and datasets, shortest text first, in
     items of `worker.samples_per_item`: a worker's batch runs full from one cell into the next."""
-    per_item = samples_per_item(cfg)
+    per_item, starts = samples_per_item(cfg), starts or Starts()
     groups: dict[tuple[str, str, int], list[SampleSpec]] = defaultdict(list)
     for cell in sorted(cells(cfg), key=lambda c: c.length):
         groups[cell.model, cell.method, cell.n_mem] += [
-            SampleSpec(i, tokens[cell.model, cell.dataset][i][: cell.length], sample_seed(cfg.seed, cell, i), cell.id)
+            SampleSpec(
+                i,
+                tokens[cell.model, cell.dataset][i][: cell.length],
+                sample_seed(cfg.seed, cell, i),
+                cell.id,
+                starts.vectors.get((cell.id, i)),
+            )
             for i in range(cfg.grid.samples)
             if (cell.id, i) not in done
         ]
     return [
-        WorkItem(model, method, n_mem, specs[start : start + per_item])
+        WorkItem(model, method, n_mem, specs[start : start + per_item], basis=starts.bases.get((method, model)))
         for (model, method, n_mem), specs in groups.items()
         for start in range(0, len(specs), per_item)
     ]
@@ -110,21 +118,20 @@ class Sweep:
         if result.error:
             self.fail(cell, result.sample, result.error, final=True)
             return
-        fields = {k: v for k, v in vars(result).items() if k not in ("error", "cell", "stage_records")}
-        row = ResultRow(
+        columns = CellColumns(
             cell=cell.id,
             model=cell.model,
             dataset=cell.dataset,
+            precision=finished.precision,
             length=cell.length,
             n_mem=cell.n_mem,
             seed=self.cfg.seed,
-            precision=finished.precision,
             hidden=finished.hidden,
             vocab_size=finished.vocab_size,
-            **fields,
         )
+        row = ResultRow.of(columns, result)
         self.rows.append(row)
-        self.stage_rows += [StageRow(cell.id, result.sample, **vars(record)) for record in result.stage_records]
+        self.stage_rows += [StageRow.of(cell.id, result.sample, record) for record in result.stage_records]
         self.done_rows[cell.id].append({"sample": row.sample, **{key: getattr(row, key) for key in STATE_COLUMNS}})
         self._track(cell)
 
@@ -275,14 +282,14 @@ def execute_on_cluster(cfg: SweepConfig, state: Sweep, items: list[WorkItem], pe
         scaler.request(0)
 
 
-def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens) -> int:
+def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens, starts: Optional[Starts] = None) -> int:
     """Run every missing sample of the sweep; returns the exit code (0: all done, 1: some failed)."""
     tracker = Tracker(cfg, sweep)
     run_id = tracker.start()
     print(f"sweep directory: {sweep.path}\nMLflow parent run: {run_id} ({tracker.shown_uri})", flush=True)
     state = Sweep(cfg, sweep, tracker)
     done = state.load_existing()
-    items = work_items(cfg, tokens, done)
+    items = work_items(cfg, tokens, done, starts)
     pending = sum(len(item.specs) for item in items)
     total = len(cells(cfg)) * cfg.grid.samples
     print(f"{total} samples in {len(cells(cfg))} cells: {total - pending} done, {pending} to run", flush=True)

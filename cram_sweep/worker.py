@@ -18,9 +18,10 @@ import torch
 
 from . import faults
 from .batching import auto_batch_size, cram_fitting
-from .config import MethodSettings, ModelConfig, SweepConfig, method_settings
+from .config import MethodSettings, ModelConfig, ParamConfig, SweepConfig, method_settings
 from .cram import Heartbeat, SampleResult, SampleSpec
 from .model import load_model, resolve_attention, resolve_precision
+from .param import Basis, parametrization
 
 log = logging.getLogger("cram_sweep")
 
@@ -31,6 +32,7 @@ class WorkerSettings:
 
     models: dict[str, ModelConfig]
     methods: dict[str, MethodSettings]
+    param: ParamConfig
     precision: str
     attention: str
     batch_size: Union[int, str]
@@ -43,6 +45,7 @@ class WorkerSettings:
         return cls(
             cfg.models,
             method_settings(cfg),
+            cfg.param,
             cfg.precision,
             cfg.attention,
             cfg.batch_size,
@@ -59,6 +62,7 @@ class WorkItem:
     n_mem: int
     specs: list[SampleSpec]  # shortest first: the engine pads a batch to its longest text
     batch_size: Optional[int] = None  # None: the sweep's; set lower when Ray's memory monitor killed a worker
+    basis: Optional[Basis] = None  # optim.init=pca: the stored sweep's principal directions for this model
     unstarted_losses: int = 0  # its calls lost in a row before it started (pool.WorkerPool.MAX_UNSTARTED_LOSSES)
 
     @property
@@ -136,5 +140,6 @@ class CramWorker:
                 attention=attention,
                 heartbeat_seconds=s.progress_seconds,
                 method=settings.method,
+                parametrization=parametrization(s.param, item.basis),
             ):
                 yield Finished(out, precision, lm.hidden, lm.vocab_size) if isinstance(out, SampleResult) else out
