@@ -17,7 +17,9 @@ from .cram import Heartbeat, SampleResult, cram
 
 log = logging.getLogger("cram_sweep")
 
-GPU_MEMORY_SHARE = 0.8  # of the free memory `auto_batch_size` plans to fill
+# Of the free memory `auto_batch_size` plans to fill. A constant, not a config key: an estimate's safety margin, and a
+# batch that still does not fit is halved (cram_fitting); users who know better set batch_size themselves.
+GPU_MEMORY_SHARE = 0.8
 MAX_AUTO_BATCH = 512
 
 

@@ -35,7 +35,7 @@ def _pm(mean, std) -> str:
     return _fmt(mean, ".1f") if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
@@ -84,7 +84,7 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
         ]
         for r in capacity.itertuples()
     ]
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 
 def _cells_markdown(cell_rows: pd.DataFrame) -> str:
@@ -103,7 +103,7 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
             ]
             for r in group.itertuples()
         ]
-        parts.append(f"### {label(*key)}\n\n" + _md_table(header, rows))
+        parts.append(f"### {label(*key)}\n\n" + md_table(header, rows))
     return "\n\n".join(parts)
 
 

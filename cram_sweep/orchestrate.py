@@ -31,6 +31,8 @@ from .tracking import Tracker
 from .worker import Finished, WorkItem
 
 log = logging.getLogger("cram_sweep")
+# Rows held before a flush is due whatever flush_seconds says: bounds the driver's memory (a row carries its vectors)
+# and the rows a crash can lose. A constant, not a config key: flush_seconds is the user's knob, this only a cap.
 STORE_FLUSH_ROWS = 512
 
 

@@ -7,7 +7,6 @@ its cell), so a worker's batch stays full from one cell to the next.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from .config import MethodSettings, ModelConfig, ParamConfig, SweepConfig, metho
 from .cram import Heartbeat, SampleResult, SampleSpec
 from .model import load_model, resolve_attention, resolve_precision
 from .param import Basis, parametrization
-
-log = logging.getLogger("cram_sweep")
 
 
 @dataclass
