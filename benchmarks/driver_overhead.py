@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from cram_sweep import store
-from cram_sweep.config import cells, compose_config, to_yaml
+from cram_sweep.config import compose_config, to_yaml
 from cram_sweep.cram import SampleResult
+from cram_sweep.grid import cells
 from cram_sweep.orchestrate import Sweep
 from cram_sweep.tracking import Tracker
 from cram_sweep.worker import Finished

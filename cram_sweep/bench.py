@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .batching import auto_batch_size
-from .config import Cell, compose_config, sample_seed
+from .config import compose_config
 from .cram import SampleSpec, cram
 from .data import sample_token_ids
+from .grid import Cell, sample_seed
 from .model import autocast, clear_cache, load_model, resolve_attention, resolve_device
 
 # Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.

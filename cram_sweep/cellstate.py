@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from .config import Cell, SweepConfig, cells
+from .config import SweepConfig
+from .grid import Cell, cells
 
 # The result columns the state reads.
 STATE_COLUMNS = ["acc", "gain_tokens", "info_gain_bits", "seconds", "greedy_exact", "greedy_prefix", "horizon"]

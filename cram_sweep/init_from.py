@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import Cell, SweepConfig, cells, method_settings
+from .config import SweepConfig
 from .errors import UserError
+from .grid import Cell, cells, method_settings
 from .param import Basis
 
 STORED_COLUMNS = ["model", "dataset", "n_mem", "length", "sample", "method", "memory"]
@@ -45,7 +46,8 @@ def _match(rows: list[dict], cell: Cell, sample: int):
     same = [
         r
         for r in rows
-        if (r["model"], r["dataset"], r["n_mem"], r["sample"]) == (cell.model, cell.dataset, cell.n_mem, sample) and r["length"] <= cell.length
+        if (r["model"], r["dataset"], r["n_mem"], r["sample"]) == (cell.model, cell.dataset, cell.n_mem, sample)
+        and r["length"] <= cell.length
     ]
     if not same:
         return None

@@ -19,10 +19,11 @@ from . import interrupt, store
 from .cellstate import STATE_COLUMNS, by_cell, cell_state
 from .cluster import Scaler, connect_ray
 from .columns import CellColumns, FailureRow, ResultRow, StageRow
-from .config import Cell, SweepConfig, cells, method_settings, sample_seed
+from .config import SweepConfig
 from .cram import SampleSpec
 from .data import sample_token_ids
 from .errors import UserError, one_line
+from .grid import Cell, cells, method_settings, sample_seed
 from .init_from import Starts
 from .model import load_tokenizer, model_context, slow_bf16_warning
 from .pool import Beat, Grew, Lost, Retired, Row, Stalled, Stranded, WorkerPool

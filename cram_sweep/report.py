@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from .capacity import capacity_table, cell_frame
 from .cellstate import cell_states
-from .config import Cell, SweepConfig, load_sweep_config
+from .config import SweepConfig, load_sweep_config
 from .errors import UserError
+from .grid import Cell
 from .markdown import report_markdown
 from .plots import plot_accuracy, plot_ce, plot_growth, plot_horizon_vs_ce, plot_info_gain
 from .store import SweepDir, read_failures, read_results, read_stages

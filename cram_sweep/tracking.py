@@ -22,8 +22,9 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from .capacity import curve_columns
-from .config import Cell, SweepConfig
+from .config import SweepConfig
 from .errors import UserError, one_line
+from .grid import Cell
 from .redact import is_redacted, redact
 from .store import SweepDir, write_atomically
 

@@ -17,8 +17,9 @@ import torch
 
 from . import faults
 from .batching import auto_batch_size, cram_fitting
-from .config import MethodSettings, ModelConfig, ParamConfig, SweepConfig, method_settings
+from .config import MethodSettings, ModelConfig, ParamConfig, SweepConfig
 from .cram import Heartbeat, SampleResult, SampleSpec
+from .grid import method_settings
 from .model import load_model, resolve_attention, resolve_precision
 from .param import Basis, parametrization
 

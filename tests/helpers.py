@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_sweep.config import Cell, compose_config
+from cram_sweep.config import compose_config
+from cram_sweep.grid import Cell
 from cram_sweep.param import initial_vectors
 from cram_sweep.rows import RowState
 from cram_sweep.store import FailureRow, ResultRow
@@ -65,9 +66,9 @@ def _dataset_config(dataset: str):
 def specs_for(lm, length, count, n_mem=2, dataset="pydoc", cell="", seed_n_mem=None):
     """The first `count` samples of `dataset` at `length` tokens for model `lm`, seeded as a sweep seeds them
     (cell `lm.name/dataset/n_mem/length`, or `seed_n_mem`'s), all named `cell`."""
-    from cram_sweep.config import sample_seed
     from cram_sweep.cram import SampleSpec
     from cram_sweep.data import sample_token_ids
+    from cram_sweep.grid import sample_seed
 
     ids = sample_token_ids(_dataset_config(dataset), dataset, lm.tokenizer, count, length, seed=0)
     seeded = Cell(lm.name, dataset, n_mem if seed_n_mem is None else seed_n_mem, length)

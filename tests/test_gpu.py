@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cram_sweep.batching import auto_batch_size, cram_fitting
-from cram_sweep.config import Cell, sample_seed
 from cram_sweep.cram import SampleSpec, cram, reduce_scores, token_scores
+from cram_sweep.grid import Cell, sample_seed
 from cram_sweep.model import load_model, resolve_attention
 
 from .helpers import assert_same_result, by_sample, naive_cram, specs_for, tiny_config

@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 
 from cram_sweep import cli, report, tracking
 from cram_sweep.capacity import CAPACITY_COLUMNS
-from cram_sweep.config import Cell, load_sweep_config
+from cram_sweep.config import load_sweep_config
 from cram_sweep.errors import UserError
+from cram_sweep.grid import Cell
 from cram_sweep.report import build_report, cell_table, load_capacity
 from cram_sweep.store import SweepDir, write_failures, write_results
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from cram_sweep.config import Cell, compose_config, sample_seed
+from cram_sweep.config import compose_config
 from cram_sweep.cram import SampleSpec, cram
 from cram_sweep.data import sample_token_ids
+from cram_sweep.grid import Cell, sample_seed
 from cram_sweep.model import load_model, resolve_attention, resolve_precision
 
 pytestmark = pytest.mark.slow

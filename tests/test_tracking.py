@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cram_sweep.config import Cell, compose_config
+from cram_sweep.config import compose_config
+from cram_sweep.grid import Cell
 from cram_sweep.store import SweepDir
 from cram_sweep.tracking import MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS, Backoff, RunIds, Tracker
 

@@ -1,28 +1,18 @@
-"""Structured configs, Hydra composition, validation and grid expansion.
+"""The sweep's structured config: one dataclass per section, each checking its own fields in `__post_init__`
+(a check names the key to change, relative to its section; compose.py prefixes model and dataset keys).
 
-A sweep is one `SweepConfig`. `compose_config(overrides)` builds it from `conf/` with Hydra's compose
-API; every model named in `grid.models` is composed from `conf/model/<name>.yaml` into
-`models.<name>` (likewise datasets), so the resolved `sweep.yaml` carries everything a resume needs.
-The composed DictConfig becomes the dataclasses once (`to_sweep_config`); each section checks its own
-fields in `__post_init__` and `validate` does the checks across sections. Past that point every
-module reads plain dataclasses.
+These are also Hydra's structured schemas (compose.register). Past composition every module reads these
+plain dataclasses, never a DictConfig.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from .errors import UserError, one_line
-
-CONF_DIR = Path(os.environ.get("CRAM_SWEEP_CONF", Path(__file__).resolve().parent.parent / "conf"))
-
+from ..errors import UserError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -239,8 +229,7 @@ class WorkerConfig:
 
     def __post_init__(self):
         _require(
-            self.gpus > 0
-            and min(self.max_retries, self.cpus, self.count, self.max_workers, self.samples_per_item, self.check_every) >= 0,
+            self.gpus > 0 and min(self.max_retries, self.cpus, self.count, self.max_workers, self.samples_per_item, self.check_every) >= 0,
             "worker.gpus must be > 0 and worker.cpus, worker.count, worker.max_workers, worker.max_retries, worker.samples_per_item, "
             "worker.check_every >= 0",
         )
@@ -315,246 +304,3 @@ class SweepConfig:
         )
         _require(self.flush_seconds >= 0, f"flush_seconds={self.flush_seconds}: must be >= 0")
         _require(self.progress_line_seconds >= 0, f"progress_line_seconds={self.progress_line_seconds}: must be >= 0")
-
-
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    dataset: str
-    n_mem: int
-    length: int
-    method: str = "full"
-
-    @property
-    def id(self) -> str:
-        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}/L={self.length}"
-
-    @property
-    def text_id(self) -> str:
-        """What the sample's text and vectors' shape depend on: the cell without its method."""
-        return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
-
-
-def _register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(name="sweep_schema", node=SweepConfig)
-    store.store(group="model", name="model_schema", node=ModelConfig)
-    store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    store.store(group="cluster", name="cluster_schema", node=ClusterConfig)
-    store.store(group="tracking", name="tracking_schema", node=TrackingConfig)
-    store.store(group="param", name="param_schema", node=ParamConfig)
-
-
-def available(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    _register()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(_one_line(err)) from None
-
-
-def _one_line(err: Exception) -> str:
-    """Hydra's multi-line composition errors as one line that names the key or option to change."""
-    import re
-
-    text = one_line(err)
-    cause = one_line(err.__cause__ or "")
-    cause = re.sub(r" (full_key|reference_type|object_type)=.*$", "", re.sub(r" full_key: (\S+)", r" (\1)", cause))
-    unknown_key = re.match(r"Could not override '([^']+)'", text)
-    if unknown_key and "not in" in cause:
-        return f"unknown config key {unknown_key.group(1)}: check its spelling (`cram-sweep run --cfg job` prints every key)"
-    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = re.search(r"Available options in '[^']+':(.*?)(Config search path|$)", str(err), re.S)
-        names = [o for o in options.group(1).split() if not o.endswith("_schema")] if options else []
-        return f"unknown option {group}={option}: choose from {', '.join(names)} or add conf/{group}/{option}.yaml"
-    bad_value = re.match(r"Error merging override (\S+?)=(.*)$", text)
-    if bad_value and cause:
-        return f"{bad_value.group(1)}={bad_value.group(2)}: {cause}"
-    text = text.split(" Config search path:")[0]
-    if cause and cause not in text:
-        text += f" ({cause})"
-    return text
-
-
-def _names(first: DictConfig, group: str, key: str) -> list[str]:
-    names, known = list(first.grid[key]), available(group)
-    for name in names:
-        if name not in known:
-            raise UserError(f"unknown {group} '{name}' in grid.{key}: choose from {known} or add conf/{group}/{name}.yaml")
-    return names
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose `conf/config.yaml` with Hydra overrides, then pull in the named models and datasets, and the methods
-    of `grid.methods`: each composed as `method=<name>` would be (its file's optim, then the command line's
-    `optim.*`), filed under `methods.<method.name>`, then the `methods.*` overrides on top."""
-    methods_overrides = [o for o in overrides if o.lstrip("+~").startswith("methods.")]
-    overrides = [o for o in overrides if o not in methods_overrides]
-    own = [o for o in overrides if not o.lstrip("+~").startswith(("models.", "datasets."))]
-    first = _compose(own)
-    extra = []
-    for group, key in (("model", "models"), ("dataset", "datasets")):
-        extra += [f"+{group}@{key}.{name}={name}" for name in _names(first, group, key)]
-    node = _compose(extra + overrides)
-    without_method = [o for o in own if not o.startswith("method=")]
-    methods = {}
-    for name in _names(first, "method", "methods"):
-        one = _compose(without_method + [f"method={name}"])
-        if one.method.name in methods:
-            raise UserError(
-                f"grid.methods names two {one.method.name} methods ({name} and another): one sweep compares protocols, "
-                "run each variant as a sweep of its own"
-            )
-        methods[one.method.name] = OmegaConf.merge(OmegaConf.structured(MethodSettings), {"method": one.method, "optim": one.optim})
-    if methods_overrides and not methods:
-        raise UserError(f"{methods_overrides[0]}: methods.* overrides need grid.methods, e.g. 'grid.methods=[full,progressive]'")
-    with open_dict(node.methods):  # Hydra composes in struct mode, where a dict takes no new keys
-        for name, settings in methods.items():
-            node.methods[name] = settings
-    try:
-        return OmegaConf.merge(node, OmegaConf.from_dotlist([o.lstrip("+") for o in methods_overrides]))
-    except OmegaConfBaseException as err:
-        cause = one_line(err, 200).split(" full_key:")[0]
-        raise UserError(f"{' '.join(methods_overrides)}: {cause} (write methods.<full|progressive>.<method|optim>.KEY=VALUE)") from None
-
-
-def compose_config(overrides: list[str]) -> SweepConfig:
-    """The checked `SweepConfig` of `conf/` with these Hydra overrides."""
-    return to_sweep_config(compose(overrides))
-
-
-def _unknown_keys(node, schema, prefix: str) -> list[str]:
-    """Keys appended with `+key=value` that the schema does not know (Hydra accepts them)."""
-    unknown = []
-    known = set(schema.keys())
-    for key in node:
-        if key not in known:
-            unknown.append(f"{prefix}{key}")
-        elif not OmegaConf.is_missing(schema, key) and OmegaConf.is_dict(schema[key]) and len(schema[key]) and OmegaConf.is_dict(node[key]):
-            unknown += _unknown_keys(node[key], schema[key], f"{prefix}{key}.")
-    return unknown
-
-
-def to_sweep_config(node: DictConfig) -> SweepConfig:
-    """The one conversion of a composed or loaded config to the dataclasses: every section checks itself,
-    then `validate` checks across sections. Raises UserError naming the key to change."""
-    unknown = _unknown_keys(node, OmegaConf.structured(SweepConfig), "")
-    for key, schema in (("models", ModelConfig), ("datasets", DatasetConfig)):
-        for name in node[key]:
-            unknown += _unknown_keys(node[key][name], OmegaConf.structured(schema), f"{key}.{name}.")
-    if unknown:
-        raise UserError(f"unknown config key {unknown[0]}: check its spelling (`cram-sweep run --cfg job` prints every key)")
-    for key in ("models", "datasets"):  # their checks do not know their name: converted alone, to prefix it
-        for name in node[key]:
-            try:
-                OmegaConf.to_object(node[key][name])
-            except UserError as err:
-                raise UserError(f"{key}.{name}.{err}") from None
-    cfg = OmegaConf.to_object(node)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: SweepConfig) -> None:
-    """Checks across sections (each section checks its own keys)."""
-    for key, names in (("models", cfg.grid.models), ("datasets", cfg.grid.datasets)):
-        missing = [name for name in names if name not in getattr(cfg, key)]
-        if missing:
-            raise UserError(f"grid.{key} names {missing[0]}, which has no entry under {key}: add {key}.{missing[0]} or fix grid.{key}")
-    shortest = min(cfg.grid.lengths)
-    for settings in method_settings(cfg).values():
-        method, optim = settings.method, settings.optim
-        key = f"methods.{method.name}." if cfg.grid.methods else ""
-        if method.progressive and method.min_length + method.counted_from > shortest:
-            raise UserError(
-                f"{key}method.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({shortest}): lower it or raise the lengths"
-            )
-        if method.prefix_tokens >= shortest:
-            raise UserError(
-                f"{key}method.prefix_tokens={method.prefix_tokens} leaves nothing to predict at the shortest length in grid.lengths "
-                f"({shortest}): lower it below {shortest} or raise the lengths"
-            )
-        if optim.init == "pca" and cfg.param.name != "lowdim":
-            raise UserError(f"{key}optim.init=pca draws the low-dimensional coefficients' subspace: it needs param=lowdim")
-        if optim.init in ("from_sweep", "mvnormal") and cfg.param.name != "direct":
-            raise UserError(f"{key}optim.init={optim.init} draws the vectors themselves: it needs param=direct (lowdim draws z at width k)")
-
-
-def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def load_sweep_config(path: Path) -> SweepConfig:
-    _register()
-    schema = OmegaConf.structured(SweepConfig)
-    try:
-        node = OmegaConf.merge(schema, OmegaConf.load(path))
-    except Exception as err:  # YAML syntax, unknown keys, wrong types: a file from elsewhere or edited by hand
-        raise UserError(
-            f"{path} is not a valid cram-sweep config ({one_line(err, 200)}): fix the file or run the sweep again with `cram-sweep run`"
-        ) from None
-    return to_sweep_config(node)
-
-
-# Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "grid", "optim", "method", "methods", "param", "models", "datasets")
-
-
-def result_config(cfg: SweepConfig) -> str:
-    return OmegaConf.to_yaml({key: getattr(cfg, key) for key in RESULT_KEYS}, resolve=True)
-
-
-def with_runtime_overrides(cfg: SweepConfig, overrides: list[str]) -> SweepConfig:
-    """A stored sweep config with `key=value` overrides of the keys that do not change results
-    (cluster, tracking, worker, batch_size, attention, device, report, flush_seconds, progress_line_seconds)."""
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if "=" not in override or key.startswith(("+", "~")):
-            raise UserError(f"resume override {override!r}: write key=value, e.g. cluster.address=HOST:6379")
-        if "." not in key and key in ("cluster", "tracking"):
-            raise UserError(f"resume override {override!r}: set the keys themselves, e.g. {key}.kind=... ({key} groups apply to `run`)")
-        if key.split(".")[0] in RESULT_KEYS + ("name", "out_dir"):
-            raise UserError(
-                f"resume cannot change {key}: it changes the results; start a new sweep with `cram-sweep run name=NEW {override}`"
-            )
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
-    except Exception as err:  # unknown key or wrong type
-        raise UserError(f"resume overrides {' '.join(overrides)}: {one_line(err, 200)}") from None
-    return to_sweep_config(node)
-
-
-def method_settings(cfg: SweepConfig) -> dict[str, MethodSettings]:
-    """The sweep's methods by name: those of `grid.methods`, or the one `method` with the sweep's `optim`."""
-    return cfg.methods if cfg.grid.methods else {cfg.method.name: MethodSettings(cfg.method, cfg.optim)}
-
-
-def cells(cfg: SweepConfig) -> list[Cell]:
-    g = cfg.grid
-    return [
-        Cell(model, dataset, n_mem, length, method)
-        for model in g.models
-        for dataset in g.datasets
-        for method in method_settings(cfg)
-        for n_mem in g.n_mem
-        for length in sorted(g.lengths)
-    ]
-
-
-def sample_seed(seed: int, cell: Cell, sample: int) -> int:
-    """The seed of one sample's init: a function of (sweep seed, cell without its method, sample index) alone, so a
-    sample starts from the same random stream under every method, and adding the method axis changed no result."""
-    digest = hashlib.sha256(f"{seed}|{cell.text_id}|{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,55 @@
+"""The grid: a sweep's cells and each sample's seed.
+
+A cell is (model, dataset, method, n_mem, length); `cells` lists them in grid order (lengths ascending within
+each group). A sample's init seed is a function of (sweep seed, the cell without its method, sample index)
+alone: the same whatever its batch, worker or resume, and the same under every method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .config.schema import MethodSettings, SweepConfig
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    dataset: str
+    n_mem: int
+    length: int
+    method: str = "full"
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}/L={self.length}"
+
+    @property
+    def text_id(self) -> str:
+        """What the sample's text and vectors' shape depend on: the cell without its method."""
+        return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
+
+
+def method_settings(cfg: SweepConfig) -> dict[str, MethodSettings]:
+    """The sweep's methods by name: those of `grid.methods`, or the one `method` with the sweep's `optim`."""
+    return cfg.methods if cfg.grid.methods else {cfg.method.name: MethodSettings(cfg.method, cfg.optim)}
+
+
+def cells(cfg: SweepConfig) -> list[Cell]:
+    g = cfg.grid
+    return [
+        Cell(model, dataset, n_mem, length, method)
+        for model in g.models
+        for dataset in g.datasets
+        for method in method_settings(cfg)
+        for n_mem in g.n_mem
+        for length in sorted(g.lengths)
+    ]
+
+
+def sample_seed(seed: int, cell: Cell, sample: int) -> int:
+    """The seed of one sample's init: a function of (sweep seed, cell without its method, sample index) alone, so a
+    sample starts from the same random stream under every method, and adding the method axis changed no result."""
+    digest = hashlib.sha256(f"{seed}|{cell.text_id}|{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
