@@ -218,3 +218,19 @@ def test_a_sample_missing_from_the_init_sweep_is_one_line(tmp_path, capsys, stor
 def test_the_param_label_names_its_settings():
     assert ParamConfig().label == "direct"
     assert ParamConfig(name="lowdim", k=32, train_projection=False).label == "lowdim(k=32,train_projection=false)"
+
+
+@pytest.mark.slow
+def test_a_lowdim_progressive_sweep_as_a_user_runs_it(tmp_path, capsys):
+    """`cram-sweep run param=lowdim param.k=8 method=progressive ...`: rows say what was trained, the report counts
+    it, and decode reproduces the horizon from the stored vectors (z @ W + b)."""
+    run_cli("run", "name=low", f"out_dir={tmp_path}", *TINY, *TINY_PROGRESSIVE, *LOWDIM, "grid.lengths=[8]", "report=true")
+    sweep = SweepDir(tmp_path / "low")
+    rows = read_results(sweep).to_pylist()
+    assert {(r["param"], r["trained_numbers"]) for r in rows} == {("lowdim(k=8,train_projection=true)", 2 * 8 + 9 * 64)}
+    assert all(len(r["memory"]) == 2 * 64 for r in rows)
+    capacity = (sweep.report / "capacity.csv").read_text()
+    assert '"lowdim(k=8,train_projection=true)",592,' in capacity
+    best = max(rows, key=lambda r: r["horizon"])
+    assert cli.main(["decode", str(sweep.path), "--cell", best["cell"], "--sample", str(best["sample"])]) == 0
+    assert "the horizon prefix decodes exactly: yes" in capsys.readouterr().out

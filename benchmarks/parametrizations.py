@@ -1,0 +1,122 @@
+"""What is optimized, measured: one real sweep per parametrization arm on SmolLM2-135M-Instruct and pydoc, then one
+table (horizon, accuracy, steps, seconds and trained numbers per sample) and the horizon against the trained numbers.
+
+    .venv/bin/python benchmarks/parametrizations.py --out outputs/parametrizations [--samples 8 --cap 64]
+
+Each arm is `cram-sweep run` as a user runs it (sweep directories under --out, resumable); a finished arm is
+read back, not rerun. Arms: progressive (geometric growth, bisect back-off) with direct, lowdim k=32 and k=256
+(projection trained) and lowdim k=32 with the projection frozen; full cramming at --cap with direct and lowdim
+k=32 (the reference quickstart's comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cram_sweep.markdown import md_table
+from cram_sweep.report import load_results
+
+PROGRESSIVE = ["method=progressive", "method.growth=geometric", "method.backoff=bisect"]
+LOWDIM = ["param=lowdim"]
+ARMS = {
+    "progressive / direct": PROGRESSIVE,
+    "progressive / lowdim k=32": PROGRESSIVE + LOWDIM + ["param.k=32"],
+    "progressive / lowdim k=256": PROGRESSIVE + LOWDIM + ["param.k=256"],
+    "progressive / lowdim k=32 frozen": PROGRESSIVE + LOWDIM + ["param.k=32", "param.train_projection=false"],
+    "full / direct": ["method=full", "optim.lr=0.1"],
+    "full / lowdim k=32": ["method=full", "optim.lr=0.1"] + LOWDIM + ["param.k=32"],
+}
+
+
+def sweep_name(arm: str) -> str:
+    return arm.replace(" / ", "-").replace(" ", "-").replace("=", "")
+
+
+def run_arm(arm: str, args) -> Path:
+    out = Path(args.out)
+    sweep = out / sweep_name(arm)
+    steps = [
+        f"optim.max_steps={args.max_steps}",
+        f"method.steps_per_stage={args.steps_per_stage}",
+        f"optim.patience={args.max_steps // 2}",
+    ]
+    command = [sys.executable, "-m", "cram_sweep.cli"]
+    if (sweep / "sweep.yaml").is_file():
+        command += ["resume", str(sweep)]
+    else:
+        command += ["run", f"name={sweep.name}", f"out_dir={out}", f"grid.lengths=[{args.cap}]", f"grid.samples={args.samples}"]
+        command += [f"batch_size={args.samples}", "report=false", *steps, *ARMS[arm], *args.extra]
+    print(f"== {arm}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+    return sweep
+
+
+def summary(arm: str, rows: pd.DataFrame) -> dict:
+    method = arm.split(" / ")[0]
+    return {
+        "arm": arm,
+        "samples": len(rows),
+        "horizon mean": rows["horizon"].mean(),
+        "horizon min": rows["horizon"].min(),
+        "horizon max": rows["horizon"].max(),
+        "acc mean": rows["acc"].mean() if method == "full" else float("nan"),
+        "exact (full)": rows["greedy_exact"].mean() if method == "full" else float("nan"),
+        "steps / sample": rows["steps"].mean(),
+        "s / sample": rows["seconds"].mean(),
+        "ms / step": 1000 * rows["seconds"].sum() / rows["steps"].sum(),
+        "trained numbers": int(rows["trained_numbers"].iloc[0]),
+        "precision": rows["precision"].iloc[0],
+    }
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for method, marker in (("progressive", "o"), ("full", "s")):
+        part = table[table["arm"].str.startswith(method)]
+        ax.errorbar(
+            part["trained numbers"],
+            part["horizon mean"],
+            yerr=[part["horizon mean"] - part["horizon min"], part["horizon max"] - part["horizon mean"]],
+            fmt=marker,
+            capsize=4,
+            label=method,
+        )
+        for row in part.to_dict("records"):
+            where = (row["trained numbers"], row["horizon mean"])
+            ax.annotate(row["arm"].split(" / ")[1], where, fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="trained numbers per sample", ylabel="horizon (tokens), mean and min-max", title="Horizon against what is trained")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/parametrizations")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--cap", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=800)
+    parser.add_argument("--steps-per-stage", type=int, default=100)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
+    parser.add_argument("--plot", default="", help="PNG of the horizon against the trained numbers")
+    parser.add_argument("extra", nargs="*", help="more overrides for every arm, e.g. precision=fp32")
+    args = parser.parse_args()
+    rows = [summary(arm, load_results(run_arm(arm, args))) for arm in args.arms.split(",")]
+    table = pd.DataFrame(rows)
+    cells = [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    print(md_table(list(table.columns), cells))
+    if args.plot:
+        plot(table, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
