@@ -86,10 +86,26 @@ def test_every_method_file_composes_alone_and_as_a_grid_axis():
         (["grid.methods=[fulll]"], "unknown method 'fulll' in grid.methods: choose from"),
         (["methods.full.optim.lr=0.1"], "methods.full.optim.lr=0.1: methods.* overrides need grid.methods"),
         (["grid.methods=[full]", "methods.full.optim.lrr=0.1"], "methods.full.optim.lrr=0.1: Key 'lrr' not in 'OptimConfig'"),
-        (["grid.methods=[full,progressive]", "methods.progressive.method.min_length=99"], "methods.progressive.method.min_length=99 exceeds"),
+        (
+            ["grid.methods=[full,progressive]", "methods.progressive.method.min_length=99"],
+            "methods.progressive.method.min_length=99 exceeds",
+        ),
     ],
 )
 def test_bad_method_axis_is_one_clear_line(overrides, message):
     with pytest.raises(UserError) as raised:
         tiny_config(*overrides)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_make_runs_demo_composes_into_both_methods():
+    """`make run`'s overrides (the Makefile's DEMO) are a valid sweep of both protocols."""
+    import shlex
+
+    from .helpers import ROOT
+
+    makefile = (ROOT / "Makefile").read_text()
+    demo = makefile.split("\nDEMO = ", 1)[1].split("\nrun:", 1)[0].replace("\\\n", " ")
+    cfg = compose_config(shlex.split(demo))
+    assert sorted(cfg.methods) == ["full", "progressive"] and cfg.grid.models == ["smollm2"]
+    assert cfg.methods["full"].optim.lr == 0.1 and cfg.methods["progressive"].method.step == 4
