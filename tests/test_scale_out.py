@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -31,6 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,7 +40,7 @@ from cram_sweep.config import compose_config
 from cram_sweep.data import sample_texts
 from cram_sweep.store import SweepDir, read_results
 
-from .helpers import CLI, ROOT, TINY, cli_env, free_port, port_open, run_cli, wait_for
+from .helpers import CLI, ROOT, TINY, cli_env, free_port, port_open, run_cli, seed_mlflow_db, wait_for
 
 FIXTURE_PG19 = ROOT / "tests" / "fixtures" / "pg19"
 BIN = Path(sys.executable).parent
@@ -100,68 +102,85 @@ def ray_auth_refreshed():
         refresh_ray_auth()
 
 
+class RayNodes:
+    """`ray start` node processes of one cluster on loopback, 1 CPU each, in a private temp dir: a head, then nodes
+    that join (and are killed) while tests run."""
+
+    def __init__(self, temp: Path):
+        self.temp, self.port = temp, free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.temp / f"{name}.log"
+        common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", f"--temp-dir={self.temp}", "--disable-usage-stats"]
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", *args, f"--dashboard-agent-listen-port={free_port()}", *common, "--include-log-monitor=false"],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "RAY_worker_niceness": "0"},  # as the image and jobs/README.md start nodes
+        )
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def start_head(self) -> None:
+        head = self.start("head", "--head", f"--port={self.port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}")
+        wait_for(lambda: port_open(self.port), "ray head", timeout=90, proc=head, log=head.log)
+
+    def join(self, name: str) -> subprocess.Popen:
+        return self.start(name, f"--address={self.address}")
+
+    @staticmethod
+    def kill(node: subprocess.Popen) -> None:
+        """As a preempted machine dies: SIGKILL every process of the node at once (its Ray workers included)."""
+        import psutil
+
+        family = psutil.Process(node.pid).children(recursive=True) + [psutil.Process(node.pid)]
+        for proc in family:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        node.wait(10)
+
+    def stop(self) -> None:
+        stop_session(*self.procs)
+
+
+def alive_cpu_nodes() -> list:
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A head node and one worker node, 1 CPU each, token authentication, in a private temp dir."""
+    """A head node and one worker node, 1 CPU each, token authentication, in a private temp dir; tests add nodes."""
     if not (BIN / "ray").exists():
         pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
     temp = Path(tempfile.mkdtemp(prefix="cram-ray-"))  # short: Ray's unix socket paths must stay < 108 chars
-    port = free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-    common = [
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=1",
-        "--block",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-        "--include-log-monitor=false",
-    ]
-    nodes = []
+    nodes = RayNodes(temp)
     with ray_auth_refreshed(), pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
-            mp.setenv(key, value)  # the drivers run_cli starts inherit the token
+            mp.setenv(key, value)  # the drivers run_cli starts, and the nodes, inherit the token
         refresh_ray_auth()  # this process's ray.init below: Ray cached the auth settings when first imported
         try:
-            head_log = temp / "head.log"
-            nodes.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "ray"),
-                        "start",
-                        "--head",
-                        f"--port={port}",
-                        "--include-dashboard=false",
-                        f"--ray-client-server-port={free_port()}",
-                        f"--dashboard-agent-listen-port={free_port()}",
-                        *common,
-                    ],
-                    stdout=head_log.open("w"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            wait_for(lambda: port_open(port), "ray head", timeout=90, proc=nodes[0], log=head_log)
-            worker_log = temp / "worker.log"
-            nodes.append(
-                subprocess.Popen(
-                    [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={free_port()}", *common],
-                    stdout=worker_log.open("w"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            nodes.start_head()
+            worker = nodes.join("worker")
             import ray
 
-            ray.init(address=f"127.0.0.1:{port}", logging_level="ERROR", log_to_driver=False)
+            ray.init(address=nodes.address, logging_level="ERROR", log_to_driver=False)
             try:
-                alive = lambda: [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]  # noqa: E731
-                wait_for(lambda: len(alive()) == 2, "ray worker node", timeout=120, proc=nodes[1], log=worker_log)
-                node_ids = set(alive())
+                wait_for(lambda: len(alive_cpu_nodes()) == 2, "ray worker node", timeout=120, proc=worker, log=worker.log)
+                node_ids = set(alive_cpu_nodes())
             finally:
                 ray.shutdown()
-            yield {"address": f"127.0.0.1:{port}", "nodes": node_ids}
+            yield {"address": nodes.address, "nodes": node_ids, "cluster": nodes}
         finally:
-            stop_session(*nodes)
+            nodes.stop()
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -291,6 +310,175 @@ def test_cluster_local_runs_its_own_instance_beside_a_live_cluster_and_RAY_ADDRE
     proc = run_cli("run", "name=own", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", env=cli_env(RAY_ADDRESS=ray_cluster["address"]))
     assert "total: 3 done, 0 failed, 0 pending" in proc.stdout
     assert cram_worker_count(ray_cluster["address"]) == before, "no worker of the local sweep ran on the live cluster"
+
+
+# ------------------------------------------------------------------ the pool follows the cluster; stalls
+
+
+class TimedRun:
+    """`cram-sweep` in a process of its own, as a user runs it; each output line is kept with the time it arrived."""
+
+    def __init__(self, args: list, env: dict = None):
+        seed_mlflow_db(args)
+        self.proc = subprocess.Popen(
+            CLI + list(args),
+            cwd=ROOT,
+            env=env or cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def line(self, pattern: str, timeout: float = 120) -> tuple[float, re.Match]:
+        """The time and match of the first line matching `pattern` (re.search), waiting for it."""
+        found = lambda: next(((t, m) for t, m in ((t, re.search(pattern, line)) for t, line in self.lines) if m), None)  # noqa: E731
+        try:
+            return wait_for(found, f"a line matching {pattern!r}", timeout=timeout, proc=self.proc)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{self.text[-3000:]}") from None
+
+    def finish(self, timeout: float = 240) -> int:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                stop_session(self.proc, grace=5)
+        self.reader.join(10)
+        return self.proc.returncode
+
+
+def autoscaler_requests(address: str) -> str:
+    """What `ray status -v` lists under "From request_resources:" (Ray's monitor refreshes it every ~5 s)."""
+    status = subprocess.run([str(BIN / "ray"), "status", "-v", f"--address={address}"], capture_output=True, text=True, timeout=60).stdout
+    return (
+        status.split("From request_resources:", 1)[1].split("Pending Demands:", 1)[0].strip() if "From request_resources:" in status else ""
+    )
+
+
+SCALED_LENGTHS, SCALED_SAMPLES = (12, 16), 18
+
+
+@pytest.fixture(scope="module")
+def scaled_sweep(ray_cluster, tmp_path_factory):
+    """One sweep of 36 samples on the two-node cluster (items of 3, one sample at a time: batch 1, each ~1 s of
+    compute; at most 3 workers): once its workers are up a third node joins, then Ray's monitor is read for the
+    autoscaler request; as soon as the new node has returned a sample it is killed (SIGKILL, every process of it);
+    the sweep runs to its end; then the request is read again."""
+    out = tmp_path_factory.mktemp("scaled")
+    nodes, address = ray_cluster["cluster"], ray_cluster["address"]
+    run = TimedRun(
+        [
+            "run",
+            "name=scaled",
+            f"out_dir={out}",
+            *TINY,
+            f"grid.lengths=[{','.join(map(str, SCALED_LENGTHS))}]",
+            f"grid.samples={SCALED_SAMPLES}",
+            "batch_size=1",
+            "worker.samples_per_item=3",
+            "worker.max_workers=3",
+            "optim.lr=0.05",
+            "optim.max_steps=200",
+            "optim.patience=200",
+            "cluster=ray",
+            f"cluster.address={address}",
+        ]
+    )
+    seen: dict = {"sweep": SweepDir(out / "scaled")}
+    try:
+        run.line(r"^workers: 2 CPU on nodes ")
+        third = nodes.join("third")
+        seen["joined"] = wait_for(lambda: "Ray runtime started" in third.log.read_text() and time.monotonic(), "the third node", proc=third)
+        seen["during"] = wait_for(
+            lambda: "from request_resources()" in autoscaler_requests(address) and autoscaler_requests(address), "a request"
+        )
+        _, added = run.line(r"^workers: 1 CPU added on node (\w{8}), which joined; 3 in all")
+        seen["node"] = added.group(1)
+        seen["first"], first = run.line(rf"^workers: node {seen['node']} returned its first sample ([\d.]+) s after its worker was added")
+        seen["driver_seconds"] = float(first.group(1))
+        nodes.kill(third)
+        seen["killed"] = time.monotonic()
+        seen["lost"] = run.line(
+            r"^WARNING cram_sweep: work item of .* failed \(\w+\): retrying (\d+) samples \((\d+) had started", timeout=90
+        )
+        seen["code"] = run.finish()
+    finally:
+        if run.proc.poll() is None:
+            stop_session(run.proc, grace=5)
+    seen["text"] = run.text
+    seen["after"] = wait_for(lambda: autoscaler_requests(address) == "(none)" and "(none)", "the request released", timeout=30)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_mid_sweep_runs_samples_within_30_s(scaled_sweep, ray_cluster):
+    seen = scaled_sweep
+    assert not any(node.startswith(seen["node"]) for node in ray_cluster["nodes"]), "the worker was added for the new node"
+    seconds = seen["first"] - seen["joined"]
+    print(f"a node joined: its first sample {seconds:.1f} s later (driver: {seen['driver_seconds']:.1f} s after its worker was added)")
+    assert seconds < 30
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_sweep_loses_nothing_and_charges_only_the_samples_that_ran_on_it(scaled_sweep):
+    from cram_sweep.store import read_failures
+
+    seen, sweep = scaled_sweep, scaled_sweep["sweep"]
+    assert seen["code"] == 0, seen["text"][-4000:]
+    total = len(SCALED_LENGTHS) * SCALED_SAMPLES
+    assert f"total: {total} done, 0 failed, 0 pending" in seen["text"]
+    rows = read_results(sweep, ["acc"])
+    assert rows.num_rows == total == ds.dataset(sweep.results).count_rows(), "every sample stored once"
+    _, lost = seen["lost"]
+    retried, started = int(lost.group(1)), int(lost.group(2))
+    assert (retried, started) == (2, 1), "the killed node was into an item of 3: one returned, one running (batch 1), one queued"
+    failures = read_failures(sweep).to_pylist()
+    assert len(failures) == started and failures[0]["attempt"] == 1, "only the running sample was charged, once"
+    assert "Actor" in failures[0]["error"], failures
+    assert seen["lost"][0] - seen["killed"] < 15, "the loss is seen at once (the connection to the worker broke)"
+    print(
+        f"node killed: {total - rows.num_rows} samples lost, {len(failures) - started} wrongly charged ({retried - started} queued, uncharged)"
+    )
+
+
+@pytest.mark.slow
+def test_the_autoscaler_is_asked_for_the_work_left_and_released_at_the_end(scaled_sweep):
+    assert scaled_sweep["during"] == "{'CPU': 1}: 3 from request_resources()", "one 1-CPU worker per item left, up to worker.max_workers=3"
+    assert scaled_sweep["after"] == "(none)"
+
+
+@pytest.mark.slow
+def test_a_stalled_item_is_killed_and_retried_with_its_reason_in_failures(tmp_path):
+    """A worker that hangs in a forward but stays alive (sleep_in_item): killed after worker.stall_seconds, its
+    samples retried on the restarted worker; the two that had started record the reason."""
+    from cram_sweep.store import read_failures
+
+    args = ["run", "name=stall", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "worker.stall_seconds=8", "worker.progress_seconds=1"]
+    run = TimedRun(args, env=cli_env(CRAM_SWEEP_FAULT="sleep_in_item:600"))
+    sweep = SweepDir(tmp_path / "stall")
+    warned, _ = run.line(
+        r"^WARNING cram_sweep: work item of .* stalled \(no heartbeat or result for \d+ s .*: retrying 3 samples \(2 had started"
+    )
+    retried = wait_for(lambda: read_results(sweep, ["acc"]).num_rows and time.monotonic(), "a retried sample stored", proc=run.proc)
+    print(f"stalled: killed after worker.stall_seconds=8 s of silence; the first retried sample stored {retried - warned:.1f} s later")
+    assert run.finish(120) == 0, run.text[-3000:]
+    assert read_results(sweep).num_rows == 3 and "total: 3 done, 0 failed, 0 pending" in run.text
+    failures = read_failures(sweep).to_pylist()
+    assert sorted(f["sample"] for f in failures) == [0, 1] and all(f["attempt"] == 1 for f in failures)
+    assert all(f["error"].startswith("Stalled: no heartbeat or result for 8 s (worker.stall_seconds=8)") for f in failures), failures
+    assert len([line for _, line in run.lines if line.startswith("WARNING cram_sweep:")]) == 1, "one warning line"
 
 
 # ------------------------------------------------------------------------------ MLflow on PostgreSQL + S3
@@ -563,7 +751,10 @@ def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_serv
     assert Path(downloaded).read_bytes() == (sweep.report / "capacity.csv").read_bytes()
 
     children = children_of(client, ids["parent"])
-    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == ["tiny_llama/pydoc/full/n_mem=2/L=4", "tiny_llama/pydoc/full/n_mem=2/L=8"]
+    assert sorted(c.data.tags["cram_sweep.cell"] for c in children) == [
+        "tiny_llama/pydoc/full/n_mem=2/L=4",
+        "tiny_llama/pydoc/full/n_mem=2/L=8",
+    ]
     assert all(c.data.metrics["done"] == 3 and c.info.status == "FINISHED" for c in children)
 
     # The artifacts really are in the S3 bucket, and the runs really are in PostgreSQL.
