@@ -212,9 +212,10 @@ class Sweep:
             batch_size = current // 2  # Ray's memory monitor killed the worker: retry with a smaller batch (same results)
         what = f"stalled ({err})" if isinstance(err, Stalled) else f"failed ({type(err).__name__})"
         log.warning(
-            "work item of %s %s: retrying %d samples (%d had started: an attempt each; %d had not), %d recorded failed",
+            "work item of %s %s on node %s: retrying %d samples (%d had started: an attempt each; %d had not), %d recorded failed",
             item.label,
             what,
+            lost.node[:8] or "?",
             len(retry),
             lost.started,
             len(item.specs) - lost.started,
@@ -228,8 +229,9 @@ class Sweep:
 
 
 class WorkerLines:
-    """The driver's lines about its workers, on stderr: the pool it starts with, the workers added as nodes join,
-    and each joined node's first sample, with the seconds since its worker was added."""
+    """The driver's lines about its workers, on stderr: the pool it starts with, the workers added later (for nodes
+    that joined, or slots whose worker was given up), and each such node's first sample, with the seconds since
+    its worker was added."""
 
     def __init__(self, grows: bool):
         self.grows = grows  # the pool follows the cluster (cluster=ray, no fixed worker.count)
@@ -242,7 +244,7 @@ class WorkerLines:
         where = f" on node{'s' * (len(nodes) != 1)} {', '.join(node[:8] for node in nodes)}" if nodes else ""
         if self.started:
             self.joined.update({node: time.monotonic() for node in nodes})
-            print(f"workers: {kinds} added{where}, which joined; {event.total} in all", file=sys.stderr, flush=True)
+            print(f"workers: {kinds} added{where}; {event.total} in all", file=sys.stderr, flush=True)
         else:
             more = "; more as nodes join while work is queued" if self.grows else ""
             print(f"workers: {kinds}{where}{more}", file=sys.stderr, flush=True)

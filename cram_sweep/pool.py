@@ -280,8 +280,7 @@ class WorkerPool:
                 del self.running[ref]
                 ray.kill(call.worker.actor, no_restart=False)
                 stalled = Stalled(
-                    f"no heartbeat or result for {now - call.last:.0f} s (worker.stall_seconds={self.stall_seconds:g}) from its worker "
-                    f"on node {call.worker.node[:8]}, which was killed"
+                    f"no heartbeat or result for {now - call.last:.0f} s (worker.stall_seconds={self.stall_seconds:g}); its worker was killed"
                 )
                 events.append(self._lost(call, stalled))
         for ref, (worker, since) in list(self.waking.items()):

@@ -111,7 +111,7 @@ class RayNodes:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict = None) -> subprocess.Popen:
         log = self.temp / f"{name}.log"
         common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", f"--temp-dir={self.temp}", "--disable-usage-stats"]
         proc = subprocess.Popen(
@@ -119,7 +119,7 @@ class RayNodes:
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "RAY_worker_niceness": "0"},  # as the image and jobs/README.md start nodes
+            env={**os.environ, **(env or {})},
         )
         proc.log = log
         self.procs.append(proc)
@@ -129,8 +129,8 @@ class RayNodes:
         head = self.start("head", "--head", f"--port={self.port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}")
         wait_for(lambda: port_open(self.port), "ray head", timeout=90, proc=head, log=head.log)
 
-    def join(self, name: str) -> subprocess.Popen:
-        return self.start(name, f"--address={self.address}")
+    def join(self, name: str, env: dict = None) -> subprocess.Popen:
+        return self.start(name, f"--address={self.address}", env=env)
 
     @staticmethod
     def kill(node: subprocess.Popen) -> None:
@@ -399,19 +399,21 @@ def scaled_sweep(ray_cluster, tmp_path_factory):
     seen: dict = {"sweep": SweepDir(out / "scaled")}
     try:
         run.line(r"^workers: 2 CPU on nodes ")
-        third = nodes.join("third")
+        # A machine that joins has CPUs of its own; here every node shares the same two cores, so the third node's
+        # workers run at niceness 0 (as the image and jobs/README.md start nodes), the others at Ray's default 15.
+        third = nodes.join("third", env={"RAY_worker_niceness": "0"})
         seen["joined"] = wait_for(lambda: "Ray runtime started" in third.log.read_text() and time.monotonic(), "the third node", proc=third)
         seen["during"] = wait_for(
             lambda: "from request_resources()" in autoscaler_requests(address) and autoscaler_requests(address), "a request"
         )
-        _, added = run.line(r"^workers: 1 CPU added on node (\w{8}), which joined; 3 in all")
+        _, added = run.line(r"^workers: 1 CPU added on node (\w{8}); 3 in all")
         seen["node"] = added.group(1)
         seen["first"], first = run.line(rf"^workers: node {seen['node']} returned its first sample ([\d.]+) s after its worker was added")
         seen["driver_seconds"] = float(first.group(1))
         nodes.kill(third)
         seen["killed"] = time.monotonic()
         seen["lost"] = run.line(
-            r"^WARNING cram_sweep: work item of .* failed \(\w+\): retrying (\d+) samples \((\d+) had started", timeout=90
+            r"^WARNING cram_sweep: work item of .* failed \(\w+\) on node \w{8}: retrying (\d+) samples \((\d+) had started", timeout=90
         )
         seen["code"] = run.finish()
     finally:
