@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from cram_sweep import store
+from cram_sweep.bits import BitsColumns
 from cram_sweep.config import compose_config, to_yaml
 from cram_sweep.cram import SampleResult
 from cram_sweep.grid import cells
@@ -55,6 +56,7 @@ def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> Finishe
     result = SampleResult(
         cell=cell.id,
         sample=sample,
+        restart=0,
         token_ids=[rng.randrange(50000) for _ in range(cell.length)],
         acc_no_mem=acc / 4,
         acc=acc,
@@ -75,6 +77,7 @@ def synthetic_row(cell, sample: int, hidden: int, rng: random.Random) -> Finishe
         fail_acc=acc,
         param="direct",
         trained_numbers=cell.n_mem * hidden,
+        **vars(BitsColumns.off(cell.n_mem * hidden)),
     )
     return Finished(result, "fp32", hidden, 49152)
 

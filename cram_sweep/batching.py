@@ -48,12 +48,12 @@ def cram_fitting(
 ) -> Iterator[Union[SampleResult, Heartbeat]]:
     """`cram` (options: check_every, attention, heartbeat_seconds, ...), halving the batch on out of memory,
     down to 1, for the samples not yet returned. `label` names the work in the warning."""
-    pending = {(spec.cell, spec.sample): spec for spec in specs}
+    pending = {spec.key: spec for spec in specs}
     while pending:
         try:
             for out in cram(lm.model, list(pending.values()), n_mem, optim, precision, batch_size, **options):
                 if isinstance(out, SampleResult):
-                    del pending[out.cell, out.sample]
+                    del pending[out.key]
                 yield out
             return
         except (torch.OutOfMemoryError, RuntimeError) as err:

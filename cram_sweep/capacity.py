@@ -12,6 +12,13 @@ A column a method does not define is NaN in its rows (progressive's `max_tokens`
 `theoretical_tokens` and `utilization` count the vectors' numbers (n_mem * hidden at 16 bits each), whatever
 was trained; `trained_numbers` (per sample, from `param`) and `utilization_trained` count the numbers that
 were optimized (param=lowdim: n_mem * k, plus the projection where it is trained).
+Bits (`analysis.bits`, bits.py): over the same rows as the gain (`scored_rows`) that were analysed, the mean, std,
+min and max of `bits_needed`, the mean information gain per stored bit (info_gain_bits / stored_bits), and the
+theoretical capacity and utilization recomputed at the measured bits: n_mem * hidden * bits_needed_mean / log2(vocab).
+NaN where no such row was analysed.
+With restarts (`grid.restarts`), each (sample, restart) counts as a run of its own in the capacity table (a mean of
+single runs, as without restarts); `restart_table` compares the restarts of each sample (best of R, their spread, how
+alike their solutions are) per cell.
 
 The capacity table has one row per group, in sorted (GROUP, method) order, with CAPACITY_COLUMNS; the cell
 table has one row per cell of the grid, in grid order, with CELL_COLUMNS (cellstate.cell_state's counts and means).
@@ -27,6 +34,15 @@ import pandas as pd
 FIT = 0.99
 GROUP = ["model", "dataset", "n_mem"]
 CELL_GROUP = ["model", "dataset", "method", "n_mem"]  # the cells of one curve: they differ in length alone
+BITS_COLUMNS = [
+    "bits_needed_mean",
+    "bits_needed_std",
+    "bits_needed_min",
+    "bits_needed_max",
+    "info_gain_per_stored_bit",
+    "theoretical_tokens_at_bits",
+    "utilization_at_bits",
+]
 CAPACITY_COLUMNS = [
     "model",
     "dataset",
@@ -46,6 +62,7 @@ CAPACITY_COLUMNS = [
     "param",
     "trained_numbers",
     "utilization_trained",
+    *BITS_COLUMNS,
 ]
 CELL_COLUMNS = [
     "model",
@@ -67,8 +84,20 @@ CELL_COLUMNS = [
 ]
 # The capacity columns tracking logs as curves over n_mem (the paper's capacity-vs-vectors figure), for every method;
 # METHOD_CURVE_COLUMNS adds those a single method defines.
-CURVE_COLUMNS = ("horizon_mean", "horizon_std", "horizon_min", "horizon_max", "gain_tokens_mean", "info_gain_bits_mean", "utilization")
+CURVE_COLUMNS = (
+    "horizon_mean",
+    "horizon_std",
+    "horizon_min",
+    "horizon_max",
+    "gain_tokens_mean",
+    "info_gain_bits_mean",
+    "utilization",
+    "bits_needed_mean",
+    "info_gain_per_stored_bit",
+    "utilization_at_bits",
+)
 METHOD_CURVE_COLUMNS = {"full": ("max_tokens",)}
+RUN = ["sample", "restart"]  # one optimization of a cell: its rows differ in nothing else
 
 
 def curve_columns(method: str) -> tuple[str, ...]:
@@ -88,16 +117,49 @@ def max_tokens(group: pd.DataFrame) -> int:
     return int(fits.max()) if len(fits) else 0
 
 
+def longest_rows(group: pd.DataFrame) -> pd.DataFrame:
+    """Each run's (sample, restart's) row of its longest horizon over the group's lengths."""
+    return group.loc[group.groupby(RUN)["horizon"].idxmax()]
+
+
+def scored_rows(method: str, group: pd.DataFrame) -> pd.DataFrame:
+    """The rows a group's gain, information gain and bits are averaged over: progressive, each run's horizon row;
+    full, the samples that did not fit (acc <= FIT: the vectors are saturated) at every length."""
+    return longest_rows(group) if method == "progressive" else group[group["acc"] <= FIT]
+
+
+def analysed_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The scored rows of every (GROUP, method) group that the bits analysis ran on, in group order."""
+    parts = [scored_rows(method, group) for (*_, method), group in results.groupby([*GROUP, "method"], sort=True)]
+    rows = pd.concat(parts) if parts else results
+    return rows[rows["roundings"].map(len) > 0]
+
+
+def bits_columns(analysed: pd.DataFrame, numbers: int, log2_vocab: float, reached: float) -> dict:
+    """BITS_COLUMNS of a group's analysed scored rows; `reached`: the group's gain (full) or mean horizon (progressive)."""
+    needed = analysed["bits_needed"]
+    theoretical = numbers * needed.mean() / log2_vocab if len(analysed) else math.nan
+    return {
+        "bits_needed_mean": needed.mean(),
+        "bits_needed_std": needed.std(),
+        "bits_needed_min": needed.min(),
+        "bits_needed_max": needed.max(),
+        "info_gain_per_stored_bit": (analysed["info_gain_bits"] / analysed["stored_bits"]).mean(),
+        "theoretical_tokens_at_bits": theoretical,
+        "utilization_at_bits": reached / theoretical,
+    }
+
+
 def capacity_row(method: str, group: pd.DataFrame) -> dict:
     """The capacity columns (CAPACITY_COLUMNS after the group keys) of one group's result rows."""
     n_mem, hidden, vocab = (int(group[key].iloc[0]) for key in ("n_mem", "hidden", "vocab_size"))
     theoretical = n_mem * hidden * 16 / math.log2(vocab)
-    longest = group.loc[group.groupby("sample")["horizon"].idxmax()]  # each sample's row of its longest horizon
-    horizon = longest["horizon"]
-    scored = longest if method == "progressive" else group[group["acc"] <= FIT]
+    horizon = longest_rows(group)["horizon"]
+    scored = scored_rows(method, group)
     gain_mean = scored["gain_tokens"].mean()
     reached = gain_mean if method == "full" else horizon.mean()
     trained = int(group["trained_numbers"].iloc[0])
+    analysed = scored[scored["roundings"].map(len) > 0]
     return {
         "max_tokens": max_tokens(group) if method == "full" else math.nan,
         "horizon_mean": horizon.mean(),
@@ -113,6 +175,7 @@ def capacity_row(method: str, group: pd.DataFrame) -> dict:
         "param": group["param"].iloc[0],
         "trained_numbers": trained,
         "utilization_trained": reached / (trained * 16 / math.log2(vocab)),
+        **bits_columns(analysed, n_mem * hidden, math.log2(vocab), reached),
     }
 
 
@@ -138,3 +201,71 @@ def cell_frame(states) -> pd.DataFrame:
         for cell, state in states
     ]
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
+
+
+def restart_metric(method: str) -> str:
+    """What the restarts of a sample compete on: the horizon (progressive) or the accuracy (full)."""
+    return "horizon" if method == "progressive" else "acc"
+
+
+def growth_points(restarts: int) -> list[int]:
+    """The R of best-of-R's growth: 1, 2, 4, ... below `restarts`, then `restarts`."""
+    points = [1]
+    while points[-1] * 2 < restarts:
+        points.append(points[-1] * 2)
+    return points + [restarts] if restarts > 1 else points
+
+
+def growth_column(r: int) -> str:
+    """The restart table's column of the best of the first r restarts."""
+    return f"best_of_{r}"
+
+
+def growth_columns(columns) -> dict[int, str]:
+    """The restart table's best-of-r columns among `columns`, by r."""
+    return {int(c.removeprefix("best_of_")): c for c in columns if c.startswith("best_of_") and c.removeprefix("best_of_").isdigit()}
+
+
+def mean_pairwise_cosine(memories: list) -> float:
+    """The mean cosine similarity of every pair of solutions (each flattened n_mem x hidden); NaN for fewer than two."""
+    if len(memories) < 2:
+        return math.nan
+    flat = np.stack([np.asarray(m, dtype=np.float64) for m in memories])
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    return float(similarity[np.triu_indices(len(memories), k=1)].mean())
+
+
+def restart_row(method: str, cell_rows: pd.DataFrame, restarts: int) -> dict:
+    """RESTART_COLUMNS after the cell's keys, from a cell's rows: per sample over its restarts, then means over samples.
+    best_of_<r>: the best of restarts 0..r-1 (`best_of_r`: of all R); worst_of_r and restart_std: the per-sample min
+    and std over the R; cosine_mean: the per-sample mean pairwise cosine of the R solutions."""
+    metric = restart_metric(method)
+    samples = cell_rows.sort_values("restart").groupby("sample")
+    best = {growth_column(r): samples.apply(lambda s, r=r: s.loc[s["restart"] < r, metric].max()).mean() for r in growth_points(restarts)}
+    return {
+        "metric": metric,
+        "samples": samples.ngroups,
+        "restarts": restarts,
+        "best_of_r": samples[metric].max().mean(),
+        "worst_of_r": samples[metric].min().mean(),
+        "restart_std": samples[metric].std().mean(),
+        "cosine_mean": samples["memory"].apply(lambda m: mean_pairwise_cosine(list(m))).mean(),
+        **best,
+    }
+
+
+RESTART_KEYS = [*CELL_GROUP, "length"]
+
+
+def restart_table(results: pd.DataFrame, restarts: int) -> pd.DataFrame:
+    """One row per cell with finished rows, in sorted key order, when the sweep has `restarts` > 1 (empty otherwise):
+    RESTART_KEYS, then restart_row's columns (best_of_1 ... best_of_<R> last)."""
+    columns = [*RESTART_KEYS, "metric", "samples", "restarts", "best_of_r", "worst_of_r", "restart_std", "cosine_mean"]
+    columns += [growth_column(r) for r in growth_points(restarts)]
+    if restarts < 2:
+        return pd.DataFrame(columns=columns)
+    rows = [
+        {**dict(zip(RESTART_KEYS, key)), **restart_row(key[2], group, restarts)} for key, group in results.groupby(RESTART_KEYS, sort=True)
+    ]
+    return pd.DataFrame(rows, columns=columns)

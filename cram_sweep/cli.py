@@ -112,7 +112,8 @@ def cmd_status(path: str) -> int:
     sweep = SweepDir(path).require()
     print_status(sweep)
     for row in open_failures(read_results(sweep, ["cell", "sample"]), read_failures(sweep)):
-        print(f"failed: {row['cell']} sample {row['sample']} (attempt {row['attempt']}): {row['error'][:300]}")
+        restart = f" restart {row['restart']}" if row["restart"] else ""
+        print(f"failed: {row['cell']} sample {row['sample']}{restart} (attempt {row['attempt']}): {row['error'][:300]}")
     return 0
 
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("sweep_dir")
     decode.add_argument("--cell", help="cell id as `status` prints it")
     decode.add_argument("--sample", type=int, default=0)
+    decode.add_argument("--restart", type=int, default=0, help="which of the sample's restarts (grid.restarts)")
     decode.add_argument("--model")
     decode.add_argument("--dataset")
     decode.add_argument("--method", help="full or progressive, where the sweep has both")

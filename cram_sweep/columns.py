@@ -35,9 +35,11 @@ class SampleColumns:
     """The columns of one finished sample, as the engine computes them.
 
     Progressive: the accuracy, CE and vectors are those of the horizon stage, CE and info gain over the
-    horizon prefix's tokens 1..horizon-1 (the reference's information gain)."""
+    horizon prefix's tokens 1..horizon-1 (the reference's information gain). A row's identity is (cell, sample, restart).
+    The bits analysis (bits.py) adds the last six; `roundings` names the entries of `horizon_at_bits` and `acc_at_bits`."""
 
     sample: int
+    restart: int  # which of the sample's grid.restarts optimizations (0: the sample's own seed)
     token_ids: list[int]
     acc_no_mem: float
     acc: float  # full: best teacher-forced accuracy over the steps; progressive: at the horizon stage
@@ -58,6 +60,12 @@ class SampleColumns:
     fail_acc: float  # accuracy at the first failed stage (full: the accuracy, if not converged; NaN if none failed)
     param: str  # what was trained: direct, or lowdim(k=..,train_projection=..)
     trained_numbers: int  # how many numbers were trained for the sample
+    roundings: list[str]  # bf16, fp8_e4m3, int<k>...: the roundings the stored vectors were re-scored at ([]: no analysis)
+    horizon_at_bits: list[int]  # per rounding: leading correct greedy predictions over the text, in `horizon`'s units
+    acc_at_bits: list[float]  # per rounding: teacher-forced accuracy over all the text's targets
+    bits_needed: int  # fewest bits per number that keep the horizon (progressive) or accuracy (full); 32: bf16 does not, or no analysis
+    stored_bits: int  # n_mem * hidden * bits_needed
+    bits_seconds: float  # what the analysis took (not in `seconds`)
 
 
 @dataclass
@@ -87,6 +95,7 @@ class StageRecord:
 class StageKey:
     cell: str
     sample: int
+    restart: int
 
 
 @dataclass
@@ -94,16 +103,17 @@ class StageRow(StageRecord, StageKey):
     """One stage, as `stages/` stores it: the growth trajectory."""
 
     @classmethod
-    def of(cls, cell: str, sample: int, record: StageRecord) -> StageRow:
-        return cls(cell=cell, sample=sample, **_values(record, StageRecord))
+    def of(cls, cell: str, sample: int, restart: int, record: StageRecord) -> StageRow:
+        return cls(cell=cell, sample=sample, restart=restart, **_values(record, StageRecord))
 
 
 @dataclass
 class FailureRow:
-    """One failed attempt at a sample, as `failures/` stores it."""
+    """One failed attempt at a sample's restart, as `failures/` stores it."""
 
     cell: str
     sample: int
+    restart: int
     attempt: int
     error: str
     time: float

@@ -8,7 +8,8 @@ once and the next waiting one takes its slot, if the batch's padding stays withi
 
 What is trained is the parametrization's (param.py: `direct`, the vectors themselves); what a forward means,
 and when a sample ends, is its method's rule (rules.py: full or progressive). `_Batch` holds only the rows:
-admission, one step, and taking the finished rows out.
+admission, one step, and taking the finished rows out. A finished sample's stored vectors are then re-scored at
+fewer bits (bits.py, `analysis.bits`): one no-grad forward that changes none of its other columns.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Optional, Union
 import torch
 
 from .adamw import AdamRows, RowAdamW
+from .bits import BitsColumns, Scored, analyse
 from .columns import SampleColumns, StageRecord
-from .config import MethodConfig, OptimConfig
+from .config import AnalysisConfig, MethodConfig, OptimConfig
 from .loss import cross_entropy_and_argmax
 from .model import attention_implementation, autocast
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
-from .rules import DONE, NONFINITE, rule_for
+from .rules import DONE, NONFINITE, horizon_of, rule_for
 from .stages import StagePlan
 
 # A waiting sample joins only if padded positions stay within this share of the real ones. A constant, not a
@@ -44,6 +46,12 @@ class SampleSpec:
     init_seed: int
     cell: str = ""  # handed back with the result: samples of several cells share a batch
     init_vectors: Optional[list[float]] = None  # optim.init=from_sweep: the stored vectors it continues (n_mem x hidden)
+    restart: int = 0  # which of the sample's restarts (its init_seed is that restart's)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """Its identity in a sweep: (cell, sample, restart)."""
+        return self.cell, self.sample, self.restart
 
 
 @dataclass
@@ -53,6 +61,11 @@ class SampleResult(SampleColumns):
     cell: str = ""  # its SampleSpec's
     stage_records: list[StageRecord] = field(default_factory=list)  # progressive: every stage, for stages/
     error: Optional[str] = None  # set when the sample failed (its loss became non-finite)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """The identity of the SampleSpec it finishes: (cell, sample, restart)."""
+        return self.cell, self.sample, self.restart
 
 
 @dataclass
@@ -142,9 +155,18 @@ class _Batch:
     stage plans), `targets` and `seconds` mirror the rows on the host."""
 
     def __init__(
-        self, model, n_mem: int, optim: OptimConfig, method: MethodConfig, precision: str, cast_cache: bool, parametrization=Direct
+        self,
+        model,
+        n_mem: int,
+        optim: OptimConfig,
+        method: MethodConfig,
+        precision: str,
+        cast_cache: bool,
+        parametrization=Direct,
+        analysis: Optional[AnalysisConfig] = None,
     ):
         self.model, self.method, self.precision, self.cast_cache = model, method, precision, cast_cache
+        self.analysis = analysis
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.rule, self.optim = rule_for(method, optim), optim
@@ -255,9 +277,15 @@ class _Batch:
 
     def _result(self, i: int) -> SampleResult:
         spec, steps = self.specs[i], int(self.step_rows.steps[i])
+        memory = self.rule.memory(self, i).float()
+        failed = int(self.step_rows.status[i]) == NONFINITE
+        columns = self.rule.result(self, i)
+        analysed = self.analysis is not None and self.analysis.bits and not failed
+        bits = self._bits(i, memory, columns) if analysed else BitsColumns.off(memory.numel())
         return SampleResult(
             cell=spec.cell,
             sample=spec.sample,
+            restart=spec.restart,
             token_ids=spec.token_ids,
             method=self.method.name,
             predict_first=self.rule.offset == 0,
@@ -265,10 +293,28 @@ class _Batch:
             trained_numbers=self.param.trained_numbers,
             seconds=self.seconds[i],
             steps=steps,
-            memory=self.rule.memory(self, i).float().cpu().flatten().tolist(),
-            error=f"loss became non-finite at step {steps}" if int(self.step_rows.status[i]) == NONFINITE else None,
-            **self.rule.result(self, i),
+            memory=memory.cpu().flatten().tolist(),
+            error=f"loss became non-finite at step {steps}" if failed else None,
+            **columns,
+            **vars(bits),
         )
+
+    @torch.no_grad()
+    def _bits(self, i: int, memory: torch.Tensor, columns: dict) -> BitsColumns:
+        """Row i's stored vectors re-scored at each rounding of `analysis`: all roundings are the rows of one forward
+        over the whole text, each scored for its greedy horizon and accuracy over all the text's targets."""
+        length, o = len(self.specs[i].token_ids), self.rule.offset
+        fed, targets = self.text.text_embeds[i, :length], self.text.ids[i, o:length]
+
+        def score(vectors: torch.Tensor) -> Scored:
+            rows = vectors.shape[0]
+            ce_tok, correct = token_scores(
+                self.model, vectors, fed.expand(rows, -1, -1), targets.expand(rows, -1), self.precision, self.cast_cache
+            )
+            _, acc, prefix = reduce_scores(ce_tok, correct)
+            return Scored([horizon_of(p, o, self.rule.start) for p in prefix.tolist()], acc.tolist())
+
+        return analyse(memory, self.analysis.uniform_bits, score, lambda horizon, acc: self.rule.keeps(columns, horizon, acc))
 
     def add_seconds(self, seconds: float) -> None:
         """Share one step's time among the rows that ran it."""
@@ -290,10 +336,12 @@ def cram(
     method: Optional[MethodConfig] = None,
     max_padding: float = MAX_PADDING,
     parametrization=Direct,
+    analysis: Optional[AnalysisConfig] = None,
 ) -> Iterator[Union[SampleResult, Heartbeat]]:
     """Optimize every sample (texts of any lengths, in the order given; shortest first keeps padding low);
     yield one `SampleResult` per sample as it finishes. `method`: full cramming when None; `parametrization`:
-    what is trained (param.py).
+    what is trained (param.py); `analysis`: what is measured on each finished sample (None: nothing, as
+    `analysis.bits=false`: the bits columns are empty).
 
     Speed options that leave results unchanged (up to float rounding): `batch_size`, `check_every` (steps
     between host syncs; rows whose stage or sample ended are frozen on the device meanwhile), `cast_cache`
@@ -302,7 +350,7 @@ def cram(
     show progress within long samples.
     """
     waiting = deque(samples)
-    batch = _Batch(model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization)
+    batch = _Batch(model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization, analysis)
     last_heartbeat = time.perf_counter()
     with attention_implementation(model, attention):
         while waiting or len(batch):

@@ -31,7 +31,7 @@ def greedy_decode(model, memory: torch.Tensor, given: torch.Tensor, n_new: int, 
 
 
 def select_row(table, args) -> dict:
-    """The stored row chosen by --cell/--sample, or by --model/--dataset/--method/--length/--n-mem/--sample."""
+    """The stored row chosen by --cell/--sample/--restart, or by --model/--dataset/--method/--length/--n-mem/--sample/--restart."""
     if table.empty:
         raise UserError("the sweep has no finished samples yet: see `cram-sweep status`")
     if args.cell:
@@ -52,9 +52,15 @@ def select_row(table, args) -> dict:
     match = rows[rows["sample"] == args.sample]
     if match.empty:
         raise UserError(
-            f"no finished sample {args.sample} in cell {rows['cell'].iloc[0]}: finished samples are {sorted(rows['sample'].tolist())}"
+            f"no finished sample {args.sample} in cell {rows['cell'].iloc[0]}: finished samples are {sorted(set(rows['sample'].tolist()))}"
         )
-    return match.iloc[0].to_dict()
+    restart = match[match["restart"] == args.restart]
+    if restart.empty:
+        raise UserError(
+            f"no finished restart {args.restart} of sample {args.sample} in cell {rows['cell'].iloc[0]}: "
+            f"finished restarts are {sorted(match['restart'].tolist())}"
+        )
+    return restart.iloc[0].to_dict()
 
 
 def decode_row(lm, row: dict, attention: str = "auto") -> tuple[list[int], int]:
@@ -80,7 +86,8 @@ def decode_command(args) -> int:
     ids, tok = list(row["token_ids"]), lm.tokenizer
     given = 0 if row["predict_first"] else 1
     reproduced = given + prefix  # text tokens reproduced, the given one included
-    print(f"cell {row['cell']} sample {row['sample']} ({row['method']}): acc {row['acc']:.4f}, precision {row['precision']}")
+    restart = f" restart {row['restart']}" if row["restart"] else ""
+    print(f"cell {row['cell']} sample {row['sample']}{restart} ({row['method']}): acc {row['acc']:.4f}, precision {row['precision']}")
     print("--- original ---")
     print(tok.decode(ids))
     print("--- decoded from the vectors (first differing token in [[ ]]) ---")

@@ -1,8 +1,9 @@
 """The grid: a sweep's cells and each sample's seed.
 
 A cell is (model, dataset, method, n_mem, length); `cells` lists them in grid order (lengths ascending within
-each group). A sample's init seed is a function of (sweep seed, the cell without its method, sample index)
-alone: the same whatever its batch, worker or resume, and the same under every method.
+each group). A sample's init seed is a function of (sweep seed, the cell without its method, sample index,
+restart index) alone: the same whatever its batch, worker or resume, and the same under every method; restart 0
+has the seed a sweep without restarts gives the sample.
 """
 
 from __future__ import annotations
@@ -48,8 +49,15 @@ def cells(cfg: SweepConfig) -> list[Cell]:
     ]
 
 
-def sample_seed(seed: int, cell: Cell, sample: int) -> int:
+def derived_seed(seed: int, what: str) -> int:
+    """Another seed of the same sample, for another of its tensors or another of its restarts."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{what}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_seed(seed: int, cell: Cell, sample: int, restart: int = 0) -> int:
     """The seed of one sample's init: a function of (sweep seed, cell without its method, sample index) alone, so a
-    sample starts from the same random stream under every method, and adding the method axis changed no result."""
+    sample starts from the same random stream under every method, and adding the method axis changed no result.
+    Restart r > 0 (`grid.restarts`) starts from a seed derived from that one and r; restart 0 from that one."""
     digest = hashlib.sha256(f"{seed}|{cell.text_id}|{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    first = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return first if restart == 0 else derived_seed(first, f"restart={restart}")

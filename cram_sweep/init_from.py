@@ -2,7 +2,7 @@
 
 - `optim.init=from_sweep`: each sample starts from the stored vectors of the same text in DIR, matched by model,
   dataset, n_mem and sample, and by length: the same length, else the longest stored length below it (a shorter
-  cap's solution starts a longer cap); a row of the same method is preferred. The reference's `load_from_disk`,
+  cap's solution starts a longer cap); a row of the same method, then restart 0, is preferred. The reference's `load_from_disk`,
   matched by sample identity rather than by file order. A sample without a match is one clear error.
 - `optim.init=pca` (param=lowdim): the top-k principal components and the mean of every vector DIR stores for
   the model (each sample's n_mem vectors are n_mem points in the hidden space) are W and b; the reference's
@@ -21,7 +21,7 @@ from .errors import UserError
 from .grid import Cell, cells, method_settings
 from .param import Basis
 
-STORED_COLUMNS = ["model", "dataset", "n_mem", "length", "sample", "method", "memory"]
+STORED_COLUMNS = ["model", "dataset", "n_mem", "length", "sample", "restart", "method", "memory"]
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _match(rows: list[dict], cell: Cell, sample: int):
     ]
     if not same:
         return None
-    return max(same, key=lambda r: (r["length"], r["method"] == cell.method))
+    return max(same, key=lambda r: (r["length"], r["method"] == cell.method, r["restart"] == 0))
 
 
 def _basis(rows: list[dict], model: str, k: int, key: str, directory: str) -> Basis:

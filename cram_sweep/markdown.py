@@ -1,4 +1,4 @@
-"""The report's text: report/capacity.md and the summary lines `report` prints, from the capacity and cell tables.
+"""The report's text: report/capacity.md and the summary lines `report` prints, from the capacity, cell and restart tables.
 
 A value that is NaN (a column the method does not define, a cell without finished samples) reads as "–";
 the text states each definition of the capacity module with the same FIT.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .capacity import CELL_GROUP, FIT, label
+from .capacity import CELL_GROUP, FIT, growth_columns, label
+from .roundings import FULL_WIDTH
 
 
 def summary_lines(capacity: pd.DataFrame) -> list[str]:
@@ -23,6 +24,13 @@ def summary_lines(capacity: pd.DataFrame) -> list[str]:
             lines.append(
                 f"{name}: progressive horizon {r.horizon_mean:.1f} tokens on average ({r.horizon_min:.0f}-{r.horizon_max:.0f}): "
                 "the longest prefix the vectors reproduce exactly, greedy decoding included"
+            )
+        if not pd.isna(r.bits_needed_mean):
+            kept = "horizon" if r.method == "progressive" else "accuracy"
+            lines.append(
+                f"{name} ({r.method}): the vectors keep their {kept} at {r.bits_needed_mean:.1f} bits per number on average "
+                f"({r.bits_needed_min:.0f}-{r.bits_needed_max:.0f}): utilization {_percent(r.utilization_at_bits)} of the capacity at "
+                f"those bits, {_percent(r.utilization)} at 16"
             )
     return lines
 
@@ -87,6 +95,76 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
     return md_table(header, rows)
 
 
+def _bits_markdown(capacity: pd.DataFrame) -> str:
+    header = [
+        "model",
+        "dataset",
+        "n_mem",
+        "method",
+        "param",
+        "bits needed [min–max]",
+        "info gain per stored bit",
+        "theoretical tokens at 16 bits",
+        "at the measured bits",
+        "utilization at 16 bits",
+        "at the measured bits",
+    ]
+    rows = [
+        [
+            r.model,
+            r.dataset,
+            r.n_mem,
+            r.method,
+            r.param,
+            f"{_pm(r.bits_needed_mean, r.bits_needed_std)} [{_fmt(r.bits_needed_min, '.0f')}–{_fmt(r.bits_needed_max, '.0f')}]",
+            _fmt(r.info_gain_per_stored_bit, ".4f"),
+            _fmt(r.theoretical_tokens, ".1f"),
+            _fmt(r.theoretical_tokens_at_bits, ".1f"),
+            _percent(r.utilization),
+            _percent(r.utilization_at_bits),
+        ]
+        for r in capacity.itertuples()
+        if not pd.isna(r.bits_needed_mean)
+    ]
+    return f"""## Bits used per number of the vectors
+
+{md_table(header, rows)}
+
+Each sample's stored vectors re-scored, without further optimization, rounded to bf16 and to uniform k-bit per vector
+(symmetric, one scale per vector: its largest |x|), from k high to low: bits needed is the width of the last rounding
+that keeps the sample's horizon (progressive) or accuracy (full) before the first that loses it ({FULL_WIDTH}: even bf16
+loses it); fp8 e4m3 is recorded but not in that scan. Over the rows the gain is averaged over. Info gain per stored bit:
+info gain / (n_mem · hidden · bits needed). The measured-bits columns recompute the theoretical capacity with
+the mean bits needed instead of 16.
+"""
+
+
+def _restarts_markdown(restarts: pd.DataFrame) -> str:
+    growth = growth_columns(restarts.columns)
+    header = ["cell", "samples × restarts", "metric", "best of R", "worst of R", "std across restarts", "mean pairwise cosine"]
+    header += [f"best of {r}" for r in growth]
+    rows = [
+        [
+            f"{label(r['model'], r['dataset'], r['method'], r['n_mem'])} / L={r['length']}",
+            f"{r['samples']} × {r['restarts']}",
+            r["metric"],
+            *(_fmt(r[key], ".3f" if r["metric"] == "acc" else ".1f") for key in ("best_of_r", "worst_of_r", "restart_std")),
+            _fmt(r["cosine_mean"], ".3f"),
+            *(_fmt(r[c], ".3f" if r["metric"] == "acc" else ".1f") for c in growth.values()),
+        ]
+        for r in restarts.to_dict("records")
+    ]
+    return f"""## Restarts
+
+{md_table(header, rows)}
+
+Each sample optimized R times from R initializations. Per sample over its restarts, then the mean over samples: best
+of R (the capacity estimate with less optimization luck), worst of R, the std across restarts, and the mean cosine
+similarity of every pair of its R solutions (the n_mem × hidden vectors flattened). Best of r: the best of its first r
+restarts (best of 1: the single run a sweep without restarts makes).
+"""
+
+
 def _cells_markdown(cell_rows: pd.DataFrame) -> str:
     header = ["length", "done", "mean acc", "mean gain (tokens)", "greedy-exact share", "horizon mean (max)", "failed / pending"]
     parts = []
@@ -107,8 +185,17 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
     return "\n\n".join(parts)
 
 
-def report_markdown(name: str, capacity: pd.DataFrame, cell_rows: pd.DataFrame, samples: int) -> str:
-    """report/capacity.md of the sweep `name` of `samples` samples per cell."""
+def report_markdown(name: str, capacity: pd.DataFrame, cell_rows: pd.DataFrame, samples: int, restarts: pd.DataFrame) -> str:
+    """report/capacity.md of the sweep `name` of `samples` (sample, restart) runs per cell; `restarts`: capacity.restart_table
+    (its section only where the sweep has restarts), the bits section only where the analysis ran."""
+    sections = "".join(
+        f"\n{text}"
+        for text, shown in (
+            (_bits_markdown(capacity), capacity["bits_needed_mean"].notna().any()),
+            (_restarts_markdown(restarts), len(restarts)),
+        )
+        if shown
+    )
     return f"""# Capacity report: {name}
 
 {_progress_note(cell_rows, samples)}
@@ -127,7 +214,7 @@ utilization: mean horizon / theoretical tokens.
 Theoretical tokens: n_mem · hidden · 16 / log2(vocab size): the vectors' numbers at 16 bits each, whatever was trained.
 Utilization of trained: the same over the trained numbers per sample (param=lowdim: n_mem · k, plus (k + 1) · hidden
 where the projection is trained) · 16 / log2(vocab size).
-
+{sections}
 ## Cells
 
 {_cells_markdown(cell_rows)}

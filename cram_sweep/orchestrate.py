@@ -16,7 +16,7 @@ from typing import Optional
 import ray
 
 from . import interrupt, store
-from .cellstate import STATE_COLUMNS, by_cell, cell_state
+from .cellstate import STATE_COLUMNS, by_cell, cell_state, runs_per_cell
 from .cluster import Scaler, connect_ray
 from .columns import CellColumns, FailureRow, ResultRow, StageRow
 from .config import SweepConfig
@@ -59,8 +59,9 @@ def samples_per_item(cfg: SweepConfig) -> int:
 
 
 def work_items(cfg: SweepConfig, tokens, done: set, starts: Optional[Starts] = None) -> list[WorkItem]:
-    """The pending samples, grouped by (model, method, n_mem) across cells and datasets, shortest text first, in
-    items of `worker.samples_per_item`: a worker's batch runs full from one cell into the next."""
+    """The pending (sample, restart) runs not in `done` (their (cell, sample, restart) keys), grouped by (model, method,
+    n_mem) across cells and datasets, shortest text first, in items of `worker.samples_per_item`: a worker's batch runs
+    full from one cell into the next. A sample's restarts are specs like its other samples', each with its own seed."""
     per_item, starts = samples_per_item(cfg), starts or Starts()
     groups: dict[tuple[str, str, int], list[SampleSpec]] = defaultdict(list)
     for cell in sorted(cells(cfg), key=lambda c: c.length):
@@ -68,12 +69,14 @@ def work_items(cfg: SweepConfig, tokens, done: set, starts: Optional[Starts] = N
             SampleSpec(
                 i,
                 tokens[cell.model, cell.dataset][i][: cell.length],
-                sample_seed(cfg.seed, cell, i),
+                sample_seed(cfg.seed, cell, i, restart),
                 cell.id,
                 starts.vectors.get((cell.id, i)),
+                restart,
             )
             for i in range(cfg.grid.samples)
-            if (cell.id, i) not in done
+            for restart in range(cfg.grid.restarts)
+            if (cell.id, i, restart) not in done
         ]
     return [
         WorkItem(model, method, n_mem, specs[start : start + per_item], basis=starts.bases.get((method, model)))
@@ -90,36 +93,36 @@ class Sweep:
         self.sweep = sweep
         self.tracker = tracker
         self.done_rows: dict[str, list] = defaultdict(list)  # per cell: its stored rows' STATE_COLUMNS
-        self.failed_samples: dict[str, set] = defaultdict(set)  # per cell: samples with a failed attempt
+        self.failed_samples: dict[str, set] = defaultdict(set)  # per cell: (sample, restart) runs with a failed attempt
         self.cells = {cell.id: cell for cell in cells(cfg)}
         self.rows: list[ResultRow] = []
         self.stage_rows: list[StageRow] = []
         self.failures: list[FailureRow] = []
-        self.attempts: dict[tuple[str, int], int] = defaultdict(int)
-        self.failed: dict[tuple[str, int], str] = {}  # failed for good in this execution
+        self.attempts: dict[tuple[str, int, int], int] = defaultdict(int)  # by (cell, sample, restart)
+        self.failed: dict[tuple[str, int, int], str] = {}  # failed for good in this execution
         self.last_store_flush = time.monotonic()
 
     def load_existing(self) -> set:
-        """What the store already holds: its (cell, sample) keys; every cell with stored samples or failures is
+        """What the store already holds: its (cell, sample, restart) keys; every cell with stored samples or failures is
         queued for MLflow, which re-syncs it after outages."""
         results, failures = store.read_results(self.sweep, STATE_COLUMNS), store.read_failures(self.sweep)
         done, failed = by_cell(results, failures)
         self.done_rows.update(done)
         self.failed_samples.update(failed)
         self.tracker.record_cells((cell, self._state(cell)) for cell in cells(self.cfg))
-        return set(zip(results["cell"].to_pylist(), results["sample"].to_pylist()))
+        return set(zip(*(results[key].to_pylist() for key in store.IDENTITY)))
 
     def _track(self, cell: Cell) -> None:
         self.tracker.record(cell, self._state(cell))
 
     def _state(self, cell: Cell) -> dict:
-        return cell_state(self.cfg.grid.samples, self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))
+        return cell_state(runs_per_cell(self.cfg), self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))
 
     def accept(self, finished: Finished) -> None:
         result = finished.result
         cell = self.cells[result.cell]
         if result.error:
-            self.fail(cell, result.sample, result.error, final=True)
+            self.fail(cell, result.sample, result.restart, result.error, final=True)
             return
         columns = CellColumns(
             cell=cell.id,
@@ -134,17 +137,19 @@ class Sweep:
         )
         row = ResultRow.of(columns, result)
         self.rows.append(row)
-        self.stage_rows += [StageRow.of(cell.id, result.sample, record) for record in result.stage_records]
-        self.done_rows[cell.id].append({"sample": row.sample, **{key: getattr(row, key) for key in STATE_COLUMNS}})
+        self.stage_rows += [StageRow.of(cell.id, result.sample, result.restart, record) for record in result.stage_records]
+        self.done_rows[cell.id].append({"sample": row.sample, "restart": row.restart, **{key: getattr(row, key) for key in STATE_COLUMNS}})
         self._track(cell)
 
-    def fail(self, cell: Cell, sample: int, error: str, final: bool) -> None:
-        key = (cell.id, sample)
+    def fail(self, cell: Cell, sample: int, restart: int, error: str, final: bool) -> None:
+        key = (cell.id, sample, restart)
         self.attempts[key] += 1
-        self.failures.append(FailureRow(cell.id, sample, self.attempts[key], error[:2000], time.time()))
+        self.failures.append(
+            FailureRow(cell=cell.id, sample=sample, restart=restart, attempt=self.attempts[key], error=error[:2000], time=time.time())
+        )
         if final:
             self.failed[key] = error
-            self.failed_samples[cell.id].add(sample)
+            self.failed_samples[cell.id].add((sample, restart))
             self._track(cell)
 
     def flush(self, force: bool = False) -> None:
@@ -201,11 +206,11 @@ class Sweep:
         message = f"{type(cause or err).__name__}: {one_line(cause or err)[-500:]}"
         failed = set()
         for spec in lost.ran:
-            final = self.attempts[spec.cell, spec.sample] + 1 > self.cfg.worker.max_retries
-            self.fail(self.cells[spec.cell], spec.sample, message, final)
+            final = self.attempts[spec.key] + 1 > self.cfg.worker.max_retries
+            self.fail(self.cells[spec.cell], spec.sample, spec.restart, message, final)
             if final:
-                failed.add((spec.cell, spec.sample))
-        retry = [spec for spec in item.specs if (spec.cell, spec.sample) not in failed]
+                failed.add(spec.key)
+        retry = [spec for spec in item.specs if spec.key not in failed]
         batch_size = item.batch_size
         current = item.batch_size or self.cfg.batch_size
         if isinstance(err, ray.exceptions.OutOfMemoryError) and isinstance(current, int) and current > 1:
@@ -225,7 +230,7 @@ class Sweep:
 
     def give_up(self, item: WorkItem, reason: str) -> None:
         for spec in item.specs:
-            self.fail(self.cells[spec.cell], spec.sample, reason, final=True)
+            self.fail(self.cells[spec.cell], spec.sample, spec.restart, reason, final=True)
 
 
 class WorkerLines:
@@ -296,8 +301,9 @@ def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens, starts: Optional[
     done = state.load_existing()
     items = work_items(cfg, tokens, done, starts)
     pending = sum(len(item.specs) for item in items)
-    total = len(cells(cfg)) * cfg.grid.samples
-    print(f"{total} samples in {len(cells(cfg))} cells: {total - pending} done, {pending} to run", flush=True)
+    total = len(cells(cfg)) * runs_per_cell(cfg)
+    restarts = f" ({cfg.grid.samples} samples x {cfg.grid.restarts} restarts per cell)" if cfg.grid.restarts > 1 else ""
+    print(f"{total} samples in {len(cells(cfg))} cells{restarts}: {total - pending} done, {pending} to run", flush=True)
     warning = slow_bf16_warning(cfg.precision, cfg.device) if cfg.cluster.kind == "local" else None
     if warning and items:
         print(f"warning: {warning}", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ Inits (`optim.init`), after the progressive-cramming reference (train/embedding_
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -28,6 +27,7 @@ from typing import Optional
 import torch
 
 from .config import OptimConfig, ParamConfig
+from .grid import derived_seed
 from .rows import RowState
 
 PCA_COEFFICIENT_SCALE = 0.1  # the reference's PretrainedPCAParametrization init
@@ -41,11 +41,6 @@ def initial_vectors(n_mem: int, hidden: int, seed: int, optim: OptimConfig, embe
     if optim.init == "uniform":
         return torch.rand(n_mem, hidden, generator=gen) * optim.init_scale
     return torch.randn(n_mem, hidden, generator=gen) * embed_std
-
-
-def derived_seed(seed: int, what: str) -> int:
-    """Another seed of the same sample, for another of its tensors."""
-    return int.from_bytes(hashlib.sha256(f"{seed}|{what}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def as_leaves(params: RowState) -> RowState:

@@ -1,4 +1,4 @@
-"""The report's five plots, each a PNG written to the given path (120 dpi) and returned.
+"""The report's plots, each a PNG written to the given path (120 dpi) and returned.
 
 Figures are made without pyplot, so importing or reporting never changes the user's matplotlib backend; colours
 are assigned per sorted key (tab10 up to 10 keys, then tab20), so the same sweep draws the same plots.
@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .capacity import CELL_GROUP, FIT, label
+from .capacity import CELL_GROUP, FIT, GROUP, label
+from .roundings import FP8, FULL_WIDTH, width
 
 
 def _colours(keys) -> dict:
@@ -161,4 +162,43 @@ def plot_growth(stages: pd.DataFrame, path: Path) -> Path:
         ax.scatter(trajectory["total_steps"][done], trajectory["length"][done], s=12, color=colours[cell])
         ax.scatter(trajectory["total_steps"][~done], trajectory["length"][~done], s=18, facecolors="none", edgecolors=colours[cell])
     ax.set(xlabel="cumulative optimization steps", ylabel="stage length (tokens)", title="Progressive growth, one line per sample")
+    return _save(fig, ax, path)
+
+
+def plot_horizon_vs_bits(analysed: pd.DataFrame, path: Path) -> Path:
+    """Each analysed sample's greedy horizon at each rounding against its bits per number, one line per sample over the
+    scanned roundings (bf16 at 16, then the uniform widths), fp8 e4m3 as a hollow marker at 8; colour per group."""
+    fig, ax = _axes(7, 4.5)
+    keys = list(zip(*(analysed[k] for k in [*GROUP, "method"])))
+    colours = _colours(keys)
+    labelled = set()
+    for key, row in zip(keys, analysed.to_dict("records")):
+        points = list(zip(row["roundings"], row["horizon_at_bits"]))
+        line = [(width(name), horizon) for name, horizon in points if name != FP8]
+        ax.plot(*zip(*line), color=colours[key], alpha=0.6, linewidth=1, marker=".", label=None if key in labelled else label(*key))
+        ax.scatter([width(FP8)], [h for name, h in points if name == FP8], s=24, facecolors="none", edgecolors=colours[key])
+        labelled.add(key)
+    ax.scatter([], [], s=24, facecolors="none", edgecolors="grey", label="fp8 e4m3")
+    ax.invert_xaxis()
+    ax.set(
+        xlabel="bits per number of the vectors (bf16 at 16, then uniform k-bit per vector)",
+        ylabel="greedy horizon at that rounding (tokens)",
+        title="Horizon of the stored vectors rounded to fewer bits, one line per sample",
+    )
+    return _save(fig, ax, path)
+
+
+def plot_bits_needed(analysed: pd.DataFrame, path: Path) -> Path:
+    """How many samples need each number of bits, side by side per group (FULL_WIDTH: even bf16 loses the sample)."""
+    fig, ax = _axes(7, 4.5)
+    groups = analysed.groupby([*GROUP, "method"])
+    colours = _colours(groups.groups)
+    values = sorted(analysed["bits_needed"].unique())
+    bar = 0.8 / groups.ngroups
+    for i, (key, group) in enumerate(groups):
+        counts = group["bits_needed"].value_counts()
+        positions = np.arange(len(values)) + (i - (groups.ngroups - 1) / 2) * bar
+        ax.bar(positions, [counts.get(v, 0) for v in values], width=bar, color=colours[key], label=label(*key))
+    ax.set_xticks(range(len(values)), [f"{v} (fp32)" if v == FULL_WIDTH else str(v) for v in values])
+    ax.set(xlabel="bits needed per number", ylabel="samples", title="Bits the vectors need to keep the horizon / accuracy")
     return _save(fig, ax, path)

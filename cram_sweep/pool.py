@@ -252,8 +252,8 @@ class WorkerPool:
         if isinstance(out, Heartbeat):
             return [Beat(call.item, out)]
         row = Row(call.item, out, call.worker.node)
-        finished = (out.result.cell, out.result.sample)
-        call.item = replace(call.item, specs=[s for s in call.item.specs if (s.cell, s.sample) != finished])
+        finished = out.result.key
+        call.item = replace(call.item, specs=[s for s in call.item.specs if s.key != finished])
         return [row]
 
     def _lost(self, call: Call, err: BaseException) -> Lost:

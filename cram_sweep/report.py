@@ -14,22 +14,24 @@ from typing import Optional
 import pandas as pd
 import pyarrow as pa
 
-from .capacity import capacity_table, cell_frame
-from .cellstate import cell_states
+from .capacity import analysed_rows, capacity_table, cell_frame, restart_table
+from .cellstate import cell_states, runs_per_cell
 from .config import SweepConfig, load_sweep_config
 from .errors import UserError
 from .grid import Cell
 from .markdown import report_markdown
-from .plots import plot_accuracy, plot_ce, plot_growth, plot_horizon_vs_ce, plot_info_gain
+from .plots import plot_accuracy, plot_bits_needed, plot_ce, plot_growth, plot_horizon_vs_bits, plot_horizon_vs_ce, plot_info_gain
 from .store import SweepDir, read_failures, read_results, read_stages
 
 
 @dataclass
 class Report:
-    """What build_report wrote: the capacity table (capacity.csv), the cell table, and the files in the order written."""
+    """What build_report wrote: the capacity table (capacity.csv), the cell table, the restart table (restarts.csv,
+    empty without restarts), and the files in the order written."""
 
     capacity: pd.DataFrame
     cells: pd.DataFrame
+    restarts: pd.DataFrame
     files: list[Path]
 
 
@@ -80,11 +82,16 @@ def build_report(sweep_dir, records: Optional[SweepRecords] = None) -> Report:
         raise UserError(f"{sweep.path} has no finished samples yet: run `cram-sweep resume {sweep.path}` first")
     capacity = capacity_table(results)
     cell_rows = cell_frame(records.states)
+    restarts = restart_table(results, records.cfg.grid.restarts)
     out = sweep.report
     out.mkdir(parents=True, exist_ok=True)
     capacity.to_csv(out / "capacity.csv", index=False)
-    (out / "capacity.md").write_text(report_markdown(records.cfg.name, capacity, cell_rows, records.cfg.grid.samples))
-    files = [out / "capacity.csv", out / "capacity.md"]
+    files = [out / "capacity.csv"]
+    if len(restarts):
+        restarts.to_csv(out / "restarts.csv", index=False)
+        files.append(out / "restarts.csv")
+    (out / "capacity.md").write_text(report_markdown(records.cfg.name, capacity, cell_rows, runs_per_cell(records.cfg), restarts))
+    files.append(out / "capacity.md")
     methods = set(results["method"])
     if "full" in methods:
         files.append(plot_accuracy(cell_rows, out / "accuracy_vs_length.png"))
@@ -93,4 +100,7 @@ def build_report(sweep_dir, records: Optional[SweepRecords] = None) -> Report:
         progressive = results[results["method"] == "progressive"]
         files += [plot_horizon_vs_ce(progressive, out / "horizon_vs_ce.png"), plot_growth(stages, out / "growth.png")]
     files += [plot_ce(results, out / "ce_with_vs_without.png"), plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
-    return Report(capacity=capacity, cells=cell_rows, files=files)
+    analysed = analysed_rows(results)
+    if len(analysed):
+        files += [plot_horizon_vs_bits(analysed, out / "horizon_vs_bits.png"), plot_bits_needed(analysed, out / "bits_needed.png")]
+    return Report(capacity=capacity, cells=cell_rows, restarts=restarts, files=files)

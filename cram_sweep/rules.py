@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .cram import Scores, _Batch
 
 LN2 = math.log(2.0)
+ACC_TOLERANCE = 1e-6  # below one token's share of any text's accuracy: the same count of correct targets, float rounding aside
 RUNNING, DONE, STAGE_CONVERGED, STAGE_FAILED, NONFINITE = range(5)
 
 
@@ -104,13 +105,18 @@ class FullRule:
             converged=acc >= 1.0,
             greedy_prefix=prefix,
             greedy_exact=prefix == n_pred,
-            horizon=prefix + o - self.start if prefix else 0,  # counted from `start`: the given first token is reproduced
+            horizon=horizon_of(prefix, o, self.start),
             stages=1,
             fail_acc=math.nan if acc >= 1.0 else acc,
         )
 
     def stage_length(self, batch: _Batch) -> int:
         return 0
+
+    @staticmethod
+    def keeps(result: dict, horizon: int, acc: float) -> bool:
+        """Whether rounded vectors scoring `acc` keep what the sample reached: its accuracy."""
+        return acc >= result["acc"] - ACC_TOLERANCE
 
 
 @dataclass
@@ -243,6 +249,17 @@ class ProgressiveRule:
 
     def stage_length(self, batch: _Batch) -> int:
         return max(n + self.offset - self.start for n in batch.targets)
+
+    @staticmethod
+    def keeps(result: dict, horizon: int, acc: float) -> bool:
+        """Whether rounded vectors reproducing `horizon` tokens keep what the sample reached: its full horizon."""
+        return horizon >= result["horizon"]
+
+
+def horizon_of(prefix: int, offset: int, start: int) -> int:
+    """The horizon a greedy prefix of `prefix` predictions reaches, counted in text tokens from `start`: the given tokens
+    before the first target (offset - start of them) count once the first prediction is right; 0 if it is not."""
+    return prefix + offset - start if prefix else 0
 
 
 def _leading(correct: list[bool]) -> int:

@@ -4,8 +4,8 @@ Every file (store parts, sweep.yaml, tracking.json) is written by `write_atomica
 temporary name, fsynced and renamed into place (then the directory is fsynced), so a reader
 (pyarrow.dataset skips names starting with '.') never sees half a file. A process killed mid-write
 leaves only a hidden `.tmp`, removed by the next process that takes the sweep's lock. Rows are
-deduplicated by (cell, sample) on read, so a crash between writing a merged file and deleting its
-parts loses and duplicates nothing.
+deduplicated by their identity (cell, sample, restart) on read, so a crash between writing a merged file and
+deleting its parts loses and duplicates nothing. A store written before restarts existed reads as restart 0.
 
 The Parquet schemas are derived from the row dataclasses of columns.py (`ResultRow`, `StageRow`,
 `FailureRow`): a column is added in one place.
@@ -45,7 +45,9 @@ _ARROW_TYPES = {
     bool: pa.bool_(),
     list[int]: pa.list_(pa.int64()),
     list[float]: pa.list_(pa.float32()),
+    list[str]: pa.list_(pa.string()),
 }
+IDENTITY = ("cell", "sample", "restart")  # what makes a result row (and a failure's sample) one of its own
 
 
 def arrow_schema(row_type) -> pa.Schema:
@@ -211,10 +213,18 @@ def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
                 f"{fragment.path} has store schema version {found}, this cram-sweep reads {SCHEMA_VERSION}: "
                 f"use a matching cram-sweep version or move the file out of {folder}"
             )
-    return dataset.to_table(columns=columns)
+    return _restart_zero_where_missing(dataset.to_table(columns=columns))
 
 
-def _dedup(table: pa.Table, key_columns=("cell", "sample")) -> pa.Table:
+def _restart_zero_where_missing(table: pa.Table) -> pa.Table:
+    """Parts written before the restart column existed read it as null: they hold restart 0."""
+    if "restart" not in table.column_names or table["restart"].null_count == 0:
+        return table
+    index = table.column_names.index("restart")
+    return table.set_column(index, "restart", pc.fill_null(table["restart"], 0))
+
+
+def _dedup(table: pa.Table, key_columns=IDENTITY) -> pa.Table:
     if table.num_rows == 0:
         return table
     keys = pc.binary_join_element_wise(*(pc.cast(table[c], pa.string()) for c in key_columns), "#")
@@ -224,9 +234,9 @@ def _dedup(table: pa.Table, key_columns=("cell", "sample")) -> pa.Table:
 
 
 def read_results(sweep: SweepDir, columns=None) -> pa.Table:
-    """Every finished sample once (the first copy where a crash left two)."""
+    """Every finished (sample, restart) once (the first copy where a crash left two); `columns` come after IDENTITY."""
     if columns is not None:
-        columns = ["cell", "sample", *(c for c in columns if c not in ("cell", "sample"))]
+        columns = [*IDENTITY, *(c for c in columns if c not in IDENTITY)]
     return _dedup(_read(sweep.results, RESULTS_SCHEMA, columns))
 
 
@@ -237,7 +247,7 @@ def read_failures(sweep: SweepDir) -> pa.Table:
 def read_stages(sweep: SweepDir) -> pa.Table:
     """Every stage of every finished progressive sample once. Stages are written before their sample's result
     row: a sample rerun after a crash between the two writes its stages again, and the first copy is kept."""
-    return _dedup(_read(sweep.stages, STAGES_SCHEMA), ("cell", "sample", "stage"))
+    return _dedup(_read(sweep.stages, STAGES_SCHEMA), (*IDENTITY, "stage"))
 
 
 def compact(sweep: SweepDir) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from . import faults
 from .batching import auto_batch_size, cram_fitting
-from .config import MethodSettings, ModelConfig, ParamConfig, SweepConfig
+from .config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, SweepConfig
 from .cram import Heartbeat, SampleResult, SampleSpec
 from .grid import method_settings
 from .model import load_model, resolve_attention, resolve_precision
@@ -37,6 +37,7 @@ class WorkerSettings:
     device: str
     check_every: int
     progress_seconds: float
+    analysis: AnalysisConfig
 
     @classmethod
     def of(cls, cfg: SweepConfig) -> WorkerSettings:
@@ -50,6 +51,7 @@ class WorkerSettings:
             cfg.device,
             cfg.worker.check_every,
             cfg.worker.progress_seconds,
+            cfg.analysis,
         )
 
 
@@ -139,5 +141,6 @@ class CramWorker:
                 heartbeat_seconds=s.progress_seconds,
                 method=settings.method,
                 parametrization=parametrization(s.param, item.basis),
+                analysis=s.analysis,
             ):
                 yield Finished(out, precision, lm.hidden, lm.vocab_size) if isinstance(out, SampleResult) else out

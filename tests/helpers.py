@@ -233,6 +233,7 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "length": length,
         "n_mem": n_mem,
         "sample": sample,
+        "restart": 0,
         "seed": 0,
         "token_ids": list(range(length)),
         "acc_no_mem": 0.1,
@@ -256,12 +257,18 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "fail_acc": math.nan if acc == 1.0 else acc,
         "param": "direct",
         "trained_numbers": n_mem * hidden,
+        "roundings": [],
+        "horizon_at_bits": [],
+        "acc_at_bits": [],
+        "bits_needed": 32,
+        "stored_bits": n_mem * hidden * 32,
+        "bits_seconds": 0.0,
     }
     return ResultRow(**{**row, **values})
 
 
-def failure_row(cell: str, sample: int, attempt: int = 1, error: str = "OOM") -> FailureRow:
-    return FailureRow(cell, sample, attempt, error, 0.0)
+def failure_row(cell: str, sample: int, attempt: int = 1, error: str = "OOM", restart: int = 0) -> FailureRow:
+    return FailureRow(cell=cell, sample=sample, restart=restart, attempt=attempt, error=error, time=0.0)
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@ and `sweep_file` (sweep.yaml and what a resume may change). The grid it spans is
 
 from .compose import CONF_DIR, available, compose, compose_config, register, to_sweep_config, validate
 from .schema import (
+    AnalysisConfig,
     ClusterConfig,
     DatasetConfig,
     GridConfig,
@@ -20,6 +21,7 @@ from .sweep_file import RESULT_KEYS, load_sweep_config, result_config, to_yaml, 
 __all__ = [
     "CONF_DIR",
     "RESULT_KEYS",
+    "AnalysisConfig",
     "ClusterConfig",
     "DatasetConfig",
     "GridConfig",

@@ -183,5 +183,10 @@ def validate(cfg: SweepConfig) -> None:
             )
         if optim.init == "pca" and cfg.param.name != "lowdim":
             raise UserError(f"{key}optim.init=pca draws the low-dimensional coefficients' subspace: it needs param=lowdim")
+        if optim.init == "from_sweep" and cfg.grid.restarts > 1:
+            raise UserError(
+                f"{key}optim.init=from_sweep with grid.restarts={cfg.grid.restarts}: every restart would start from the same stored "
+                "vectors and repeat one run; use another optim.init or grid.restarts=1"
+            )
         if optim.init in ("from_sweep", "mvnormal") and cfg.param.name != "direct":
             raise UserError(f"{key}optim.init={optim.init} draws the vectors themselves: it needs param=direct (lowdim draws z at width k)")

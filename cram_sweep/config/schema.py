@@ -76,6 +76,7 @@ class GridConfig:
     n_mem: list[int] = field(default_factory=lambda: [1])
     samples: int = 8
     methods: list[str] = field(default_factory=list)  # files of conf/method/ as a grid axis; [] = the one `method`
+    restarts: int = 1  # optimizations of each sample from as many initializations (restart 0: the sample's own seed)
 
     def __post_init__(self):
         _require(
@@ -83,6 +84,7 @@ class GridConfig:
             "the grid is empty: grid.models, grid.datasets, grid.lengths and grid.n_mem each need a value",
         )
         _require(self.samples >= 1, f"grid.samples={self.samples}: need at least 1 sample per cell")
+        _require(self.restarts >= 1, f"grid.restarts={self.restarts}: need at least 1 optimization per sample (1: no restarts)")
         for length in self.lengths:
             _require(length >= 2, f"grid.lengths contains {length}: a length must be >= 2 (one given token, one to predict)")
         for n_mem in self.n_mem:
@@ -203,6 +205,26 @@ class ParamConfig:
         return "direct" if self.name == "direct" else f"lowdim(k={self.k},train_projection={str(self.train_projection).lower()})"
 
 
+BITS_RANGE = (2, 16)
+
+
+@dataclass
+class AnalysisConfig:
+    """What is measured on each finished sample beyond its optimization (bits.py). bits: re-score the stored vectors
+    rounded to bf16, fp8 e4m3 and uniform k-bit per vector for each k of `uniform_bits`, one forward per sample."""
+
+    bits: bool = True
+    uniform_bits: list[int] = field(default_factory=lambda: [12, 10, 8, 6, 5, 4, 3, 2])
+
+    def __post_init__(self):
+        low, high = BITS_RANGE
+        for bits in self.uniform_bits:
+            _require(
+                low <= bits <= high,
+                f"analysis.uniform_bits contains {bits}: each width must be in {low}..{high} bits (2: a sign and one level; 16: bf16's width)",
+            )
+
+
 @dataclass
 class MethodSettings:
     """One method of a sweep with the optimizer it runs with: `grid.methods` gives each its own."""
@@ -280,6 +302,7 @@ class SweepConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     param: ParamConfig = field(default_factory=ParamConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
