@@ -116,6 +116,33 @@ def seed_mlflow_db(args) -> list:
     return list(args)
 
 
+def start_cli(args, stdout=subprocess.PIPE, env=None, **kwargs) -> subprocess.Popen:
+    """The console entry point in a session of its own, as a user runs it: a test can signal or kill the session
+    (session_pids) without touching its own. Output and errors go to `stdout`."""
+    return subprocess.Popen(
+        CLI + seed_mlflow_db(args),
+        cwd=ROOT,
+        env=env or cli_env(),
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session `sid` (a process started with start_new_session=True has its pid as sid)."""
+    import psutil
+
+    found = []
+    for pid in psutil.pids():
+        try:
+            found += [pid] if os.getsid(pid) == sid else []
+        except OSError:
+            pass
+    return found
+
+
 def run_cli(*args, check=True, timeout=300, env=None, **kwargs):
     """The real console entry point in a fresh process, as a user runs it."""
     seed_mlflow_db(args)

@@ -6,7 +6,6 @@ sweep, test_scale_out.py, where the `ray start` fixture is.)"""
 
 import os
 import signal
-import subprocess
 import time
 
 import psutil
@@ -16,7 +15,7 @@ from cram_sweep import cluster
 from cram_sweep.cluster import Node
 from cram_sweep.errors import UserError
 
-from .helpers import CLI, ROOT, TINY, cli_env, seed_mlflow_db, tiny_config, wait_for
+from .helpers import TINY, seed_mlflow_db, session_pids, start_cli, tiny_config, wait_for
 
 
 def test_private_ray_apis_are_where_ray_keeps_them():
@@ -139,14 +138,7 @@ def test_a_fixed_worker_count_starts_once_and_never_grows():
 def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
     log = tmp_path / "run.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen(
-            CLI + seed_mlflow_db(["run", "name=term", f"out_dir={tmp_path}", *TINY]),
-            cwd=ROOT,
-            env=cli_env(),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = start_cli(["run", "name=term", f"out_dir={tmp_path}", *TINY], stdout=sink)
     try:
         wait_for(lambda: "to run" in log.read_text(), "the sweep to start Ray", timeout=120, proc=proc, log=log)
         proc.send_signal(signal.SIGTERM)  # Ray is starting now: the line above is printed just before
@@ -155,16 +147,8 @@ def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
         assert time.monotonic() - sent < 15, log.read_text()[-2000:]
         assert proc.returncode != 0
 
-        def session_left():  # Ray's processes of this sweep (its session) share the driver's fate
-            left = []
-            for pid in psutil.pids():
-                try:
-                    left += [pid] if os.getsid(pid) == proc.pid else []
-                except OSError:
-                    pass
-            return left
-
-        wait_for(lambda: not session_left(), "the sweep's Ray processes to exit with it", timeout=30)
+        # Ray's processes of this sweep (its session) share the driver's fate
+        wait_for(lambda: not session_pids(proc.pid), "the sweep's Ray processes to exit with it", timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -29,7 +29,7 @@ from cram_sweep.model import load_model
 from cram_sweep.orchestrate import prepare_tokens, work_items
 from cram_sweep.store import SweepDir, read_failures, read_results
 
-from .helpers import CLI, ROOT, TINY, assert_same_result, cli_env, result_row, seed_mlflow_db, tiny_config, wait_for
+from .helpers import TINY, assert_same_result, cli_env, result_row, start_cli, tiny_config, wait_for
 
 # One torch thread per worker: on a loaded 2-core machine two OpenMP threads per worker crawl (spin-waits).
 BASE = [*TINY, "worker.cpus=1"]
@@ -43,16 +43,7 @@ KEYS = ["cell", "sample"]
 
 def start(args, log: Path, fault: str = None, preexec_fn=None) -> subprocess.Popen:
     """The console entry point in its own session; its output is copied to `log` by a thread of this process."""
-    env = cli_env(**({"CRAM_SWEEP_FAULT": fault} if fault else {}))
-    proc = subprocess.Popen(
-        CLI + seed_mlflow_db(args),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=preexec_fn,
-    )
+    proc = start_cli(args, env=cli_env(**({"CRAM_SWEEP_FAULT": fault} if fault else {})), preexec_fn=preexec_fn)
 
     def copy():
         with open(log, "wb", buffering=0) as sink:

@@ -40,23 +40,10 @@ from cram_sweep.config import compose_config
 from cram_sweep.data import sample_texts
 from cram_sweep.store import SweepDir, read_results
 
-from .helpers import CLI, ROOT, TINY, cli_env, free_port, port_open, run_cli, seed_mlflow_db, wait_for
+from .helpers import ROOT, TINY, cli_env, free_port, port_open, run_cli, session_pids, start_cli, wait_for
 
 FIXTURE_PG19 = ROOT / "tests" / "fixtures" / "pg19"
 BIN = Path(sys.executable).parent
-
-
-def session_pids(sid: int) -> list:
-    """Processes in the session this module created for one server (they all descend from it)."""
-    pids = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # state ppid pgrp session ...
-            pids.append(int(stat.split("/")[2]))
-    return pids
 
 
 def stop_session(*procs: subprocess.Popen, grace: float = 10.0) -> None:
@@ -319,16 +306,7 @@ class TimedRun:
     """`cram-sweep` in a process of its own, as a user runs it; each output line is kept with the time it arrived."""
 
     def __init__(self, args: list, env: dict = None):
-        seed_mlflow_db(args)
-        self.proc = subprocess.Popen(
-            CLI + list(args),
-            cwd=ROOT,
-            env=env or cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.proc = start_cli(args, env=env, text=True)
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -796,7 +774,7 @@ def test_mlflow_killed_mid_sweep_then_report_resyncs(ray_cluster, mlflow_server,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the sweep runs with cram-sweep's own settings
     log = tmp_path / "sweep.log"
-    proc = subprocess.Popen(CLI + args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_cli(args, stdout=log.open("w"), env=env)
     sweep = SweepDir(tmp_path / "outage")
     client = client_for(mlflow_server.uri)
     try:

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.report import cell_table as report_cells
 from cram_sweep.store import SweepDir, read_results, read_stages
 
-from .helpers import CLI, ROOT, TINY, TINY_PROGRESSIVE, cli_env, run_cli, seed_mlflow_db, tiny_config
+from .helpers import TINY, TINY_PROGRESSIVE, cli_env, run_cli, start_cli, tiny_config
 
 pytestmark = pytest.mark.slow  # sweeps in processes of their own
 
@@ -138,9 +137,7 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path, method):
         "batch_size=1",
         *method,
     ]
-    proc = subprocess.Popen(
-        CLI + seed_mlflow_db(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env()
-    )
+    proc = start_cli(args)
     sweep = SweepDir(tmp_path / "killed")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(sweep.results.glob("part-*.parquet"))) < 2:
