@@ -24,13 +24,16 @@ from cram_sweep.report import load_results
 
 PROGRESSIVE = ["method=progressive", "method.growth=geometric", "method.backoff=bisect"]
 LOWDIM = ["param=lowdim"]
+# Full cramming at the reference quickstart's lr, on half the progressive arms' budget (two CPU cores): after the
+# common step overrides, so these win.
+FULL = ["method=full", "optim.lr=0.1", "optim.max_steps=400", "optim.patience=200"]
 ARMS = {
     "progressive / direct": PROGRESSIVE,
     "progressive / lowdim k=32": PROGRESSIVE + LOWDIM + ["param.k=32"],
     "progressive / lowdim k=256": PROGRESSIVE + LOWDIM + ["param.k=256"],
     "progressive / lowdim k=32 frozen": PROGRESSIVE + LOWDIM + ["param.k=32", "param.train_projection=false"],
-    "full / direct": ["method=full", "optim.lr=0.1"],
-    "full / lowdim k=32": ["method=full", "optim.lr=0.1"] + LOWDIM + ["param.k=32"],
+    "full / direct": FULL,
+    "full / lowdim k=32": FULL + LOWDIM + ["param.k=32"],
 }
 
 
@@ -47,7 +50,7 @@ def run_arm(arm: str, args) -> Path:
         f"optim.patience={args.max_steps // 2}",
     ]
     command = [sys.executable, "-m", "cram_sweep.cli"]
-    if (sweep / "sweep.yaml").is_file():
+    if (sweep / "sweep.yaml").is_file():  # a finished arm, or one to finish, with the settings it was started with
         command += ["resume", str(sweep)]
     else:
         command += ["run", f"name={sweep.name}", f"out_dir={out}", f"grid.lengths=[{args.cap}]", f"grid.samples={args.samples}"]
@@ -57,7 +60,9 @@ def run_arm(arm: str, args) -> Path:
     return sweep
 
 
-def summary(arm: str, rows: pd.DataFrame) -> dict:
+def summary(arm: str, rows: pd.DataFrame, samples: int) -> dict:
+    """One arm's row of the table, over its samples 0..samples-1 (an arm run with more samples compares on those)."""
+    rows = rows[rows["sample"] < samples]
     method = arm.split(" / ")[0]
     return {
         "arm": arm,
@@ -109,7 +114,7 @@ def main() -> int:
     parser.add_argument("--plot", default="", help="PNG of the horizon against the trained numbers")
     parser.add_argument("extra", nargs="*", help="more overrides for every arm, e.g. precision=fp32")
     args = parser.parse_args()
-    rows = [summary(arm, load_results(run_arm(arm, args))) for arm in args.arms.split(",")]
+    rows = [summary(arm, load_results(run_arm(arm, args)), args.samples) for arm in args.arms.split(",")]
     table = pd.DataFrame(rows)
     cells = [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
     print(md_table(list(table.columns), cells))
