@@ -95,7 +95,7 @@ def item(script: str, samples: int = 5, batch_size: int = 2) -> WorkItem:
     return WorkItem(script, "full", 2, [SampleSpec(i, [1, 2, 3, 4], i, CELL) for i in range(samples)], batch_size)
 
 
-def events_until(pool: WorkerPool, done, timeout: float = 60) -> list:
+def events_until(pool: WorkerPool, done, timeout: float = 180) -> list:
     """Every event of the pool until `done(events)` is true."""
     events, deadline = [], time.monotonic() + timeout
     while not done(events):
