@@ -6,9 +6,10 @@ vector, its largest |x|: q = round(x / s * L) / L * s with L = 2^(k-1) - 1 level
 nothing (the largest entry is kept exactly, up to its sign), is per vector because the vectors of one sample differ
 in norm, and is symmetric because the entries are centered near 0 (docs/beyond.md).
 
-All roundings of a sample are the rows of ONE teacher-forced forward (the engine's `score`), which gives each its
-greedy horizon and accuracy over all the text's targets; `bits_needed` is the scan of roundings.py over whether
-each keeps what the optimization reached (the rule's `keeps`).
+All roundings of a sample are the rows of ONE teacher-forced forward (the engine's `score`) over the scored text
+(the rule's `scored_length`: full, the whole text; progressive, the horizon prefix), which gives each its greedy
+horizon and accuracy there; `bits_needed` is the scan of roundings.py over whether each keeps what the optimization
+reached (the rule's `keeps`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from .roundings import BF16, FP8, FULL_WIDTH, UNIFORM, bits_needed, rounding_nam
 
 @dataclass
 class BitsColumns:
-    """The bits analysis's columns of a result row. Without an analysis: empty lists, bits_needed FULL_WIDTH.
-    Always stored_bits = (numbers in the vectors) * bits_needed."""
+    """The bits analysis's columns of a result row. Without an analysis (analysis.bits=false, a failed sample, a
+    progressive sample of horizon 0): empty lists, bits_needed FULL_WIDTH. Always stored_bits = (numbers in the
+    vectors) * bits_needed."""
 
     roundings: list[str]
-    horizon_at_bits: list[int]  # per rounding: leading correct predictions over the text, in the row's horizon units
-    acc_at_bits: list[float]  # per rounding: teacher-forced accuracy over all the text's targets
+    horizon_at_bits: list[int]  # per rounding: leading correct predictions over the scored text, in the row's horizon units
+    acc_at_bits: list[float]  # per rounding: teacher-forced accuracy over the scored text's targets
     bits_needed: int
     stored_bits: int
     bits_seconds: float  # what the analysis took (not counted in the row's `seconds`)

@@ -61,8 +61,9 @@ class SampleColumns:
     param: str  # what was trained: direct, or lowdim(k=..,train_projection=..)
     trained_numbers: int  # how many numbers were trained for the sample
     roundings: list[str]  # bf16, fp8_e4m3, int<k>...: the roundings the stored vectors were re-scored at ([]: no analysis)
-    horizon_at_bits: list[int]  # per rounding: leading correct greedy predictions over the text, in `horizon`'s units
-    acc_at_bits: list[float]  # per rounding: teacher-forced accuracy over all the text's targets
+    # per rounding, over the scored text (full: the whole text; progressive: the horizon prefix):
+    horizon_at_bits: list[int]  # leading correct greedy predictions, in `horizon`'s units
+    acc_at_bits: list[float]  # teacher-forced accuracy
     bits_needed: int  # fewest bits per number that keep the horizon (progressive) or accuracy (full); 32: bf16 does not, or no analysis
     stored_bits: int  # n_mem * hidden * bits_needed
     bits_seconds: float  # what the analysis took (not in `seconds`)

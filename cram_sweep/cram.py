@@ -9,7 +9,8 @@ once and the next waiting one takes its slot, if the batch's padding stays withi
 What is trained is the parametrization's (param.py: `direct`, the vectors themselves); what a forward means,
 and when a sample ends, is its method's rule (rules.py: full or progressive). `_Batch` holds only the rows:
 admission, one step, and taking the finished rows out. A finished sample's stored vectors are then re-scored at
-fewer bits (bits.py, `analysis.bits`): one no-grad forward that changes none of its other columns.
+fewer bits (bits.py, `analysis.bits`): one no-grad forward that changes none of its other columns (none where a
+progressive sample has no horizon: it keeps nothing, and its bits columns are those of no analysis).
 """
 
 from __future__ import annotations
@@ -164,9 +165,10 @@ class _Batch:
         cast_cache: bool,
         parametrization=Direct,
         analysis: Optional[AnalysisConfig] = None,
+        max_rows: int = 1,
     ):
         self.model, self.method, self.precision, self.cast_cache = model, method, precision, cast_cache
-        self.analysis = analysis
+        self.analysis, self.max_rows = analysis, max_rows  # max_rows: the batch size, the most rows any forward here takes
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.rule, self.optim = rule_for(method, optim), optim
@@ -280,8 +282,9 @@ class _Batch:
         memory = self.rule.memory(self, i).float()
         failed = int(self.step_rows.status[i]) == NONFINITE
         columns = self.rule.result(self, i)
-        analysed = self.analysis is not None and self.analysis.bits and not failed
-        bits = self._bits(i, memory, columns) if analysed else BitsColumns.off(memory.numel())
+        scored = self.rule.scored_length(columns, len(spec.token_ids))
+        analysed = self.analysis is not None and self.analysis.bits and not failed and scored > self.rule.offset
+        bits = self._bits(i, memory, columns, scored) if analysed else BitsColumns.off(memory.numel())
         return SampleResult(
             cell=spec.cell,
             sample=spec.sample,
@@ -300,19 +303,25 @@ class _Batch:
         )
 
     @torch.no_grad()
-    def _bits(self, i: int, memory: torch.Tensor, columns: dict) -> BitsColumns:
-        """Row i's stored vectors re-scored at each rounding of `analysis`: all roundings are the rows of one forward
-        over the whole text, each scored for its greedy horizon and accuracy over all the text's targets."""
-        length, o = len(self.specs[i].token_ids), self.rule.offset
+    def _bits(self, i: int, memory: torch.Tensor, columns: dict, length: int) -> BitsColumns:
+        """Row i's stored vectors re-scored at each rounding of `analysis`: the roundings are the rows of one no-grad
+        forward over the text's first `length` tokens (the rule's `scored_length`; split in forwards of at most
+        `max_rows` rows where the batch is smaller, so it never needs more memory than a step), each scored for its
+        greedy horizon and accuracy over the targets among them."""
+        o = self.rule.offset
         fed, targets = self.text.text_embeds[i, :length], self.text.ids[i, o:length]
 
         def score(vectors: torch.Tensor) -> Scored:
-            rows = vectors.shape[0]
-            ce_tok, correct = token_scores(
-                self.model, vectors, fed.expand(rows, -1, -1), targets.expand(rows, -1), self.precision, self.cast_cache
-            )
-            _, acc, prefix = reduce_scores(ce_tok, correct)
-            return Scored([horizon_of(p, o, self.rule.start) for p in prefix.tolist()], acc.tolist())
+            scored = Scored([], [])
+            for part in vectors.split(self.max_rows):
+                rows = part.shape[0]
+                ce_tok, correct = token_scores(
+                    self.model, part, fed.expand(rows, -1, -1), targets.expand(rows, -1), self.precision, self.cast_cache
+                )
+                _, acc, prefix = reduce_scores(ce_tok, correct)
+                scored.horizon += [horizon_of(p, o, self.rule.start) for p in prefix.tolist()]
+                scored.acc += acc.tolist()
+            return scored
 
         return analyse(memory, self.analysis.uniform_bits, score, lambda horizon, acc: self.rule.keeps(columns, horizon, acc))
 
@@ -350,7 +359,7 @@ def cram(
     show progress within long samples.
     """
     waiting = deque(samples)
-    batch = _Batch(model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization, analysis)
+    batch = _Batch(model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization, analysis, batch_size)
     last_heartbeat = time.perf_counter()
     with attention_implementation(model, attention):
         while waiting or len(batch):

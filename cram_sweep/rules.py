@@ -118,6 +118,11 @@ class FullRule:
         """Whether rounded vectors scoring `acc` keep what the sample reached: its accuracy."""
         return acc >= result["acc"] - ACC_TOLERANCE
 
+    @staticmethod
+    def scored_length(result: dict, length: int) -> int:
+        """The text tokens the bits analysis feeds: the whole text, whose accuracy the sample reached."""
+        return length
+
 
 @dataclass
 class ProgressiveRows(RowState):
@@ -254,6 +259,12 @@ class ProgressiveRule:
     def keeps(result: dict, horizon: int, acc: float) -> bool:
         """Whether rounded vectors reproducing `horizon` tokens keep what the sample reached: its full horizon."""
         return horizon >= result["horizon"]
+
+    def scored_length(self, result: dict, length: int) -> int:
+        """The text tokens the bits analysis feeds: the horizon prefix. Whether a rounding keeps the horizon depends on
+        those alone (a causal model's earlier positions never see later ones), and scoring the whole cap would cost up
+        to a short-horizon sample's whole optimization (docs/beyond.md)."""
+        return self.start + result["horizon"]
 
 
 def horizon_of(prefix: int, offset: int, start: int) -> int:

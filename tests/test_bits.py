@@ -75,21 +75,20 @@ def test_a_vector_built_to_break_below_6_bits():
     assert (columns.bits_needed, columns.stored_bits) == (6, 2 * 6)
 
 
-def unrounded_horizons(lm, rows, offset, start=0):
-    """Each row's greedy horizon over its whole text from its stored vectors, scored here (not by the engine)."""
-    horizons = []
-    for row in rows:
-        ids = torch.tensor(row.token_ids)[None]
-        memory = torch.tensor(row.memory).view(1, 2, -1)
-        ce_tok, correct = token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, offset:], "fp32")
-        horizons.append(horizon_of(int(reduce_scores(ce_tok, correct)[2][0]), offset, start))
-    return horizons
+def unrounded_horizon(lm, row, length, offset):
+    """A row's greedy horizon over its text's first `length` tokens from its stored vectors, scored here (not by the engine)."""
+    ids = torch.tensor(row.token_ids[:length])[None]
+    memory = torch.tensor(row.memory).view(1, 2, -1)
+    ce_tok, correct = token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, offset:], "fp32")
+    return horizon_of(int(reduce_scores(ce_tok, correct)[2][0]), offset, 0)
 
 
 @pytest.mark.parametrize("method", [[], TINY_PROGRESSIVE], ids=["full", "progressive"])
 def test_the_analysis_changes_no_other_column_and_bf16_keeps_the_horizon(tiny_llama, method):
+    """Full cramming scores the whole text, progressive the horizon prefix (a sample of horizon 0 keeps nothing: no
+    analysis); bf16 reproduces there what the stored vectors reproduce; bits_needed is the scan of what each rounding kept."""
     cfg = tiny_config(*method)
-    specs = specs_for(tiny_llama, 8, 3)
+    specs = specs_for(tiny_llama, 8, 4)
     run = {
         name: sorted(
             cram(tiny_llama.model, specs, 2, cfg.optim, "fp32", batch_size=3, method=cfg.method, analysis=analysis), key=lambda r: r.sample
@@ -97,15 +96,19 @@ def test_the_analysis_changes_no_other_column_and_bf16_keeps_the_horizon(tiny_ll
         for name, analysis in (("on", ANALYSIS), ("none", None), ("off", AnalysisConfig(bits=False)))
     }
     others = [f.name for f in dataclasses.fields(SampleColumns) if f.name not in BITS + ["seconds"]]
-    for on, none, off in zip(run["on"], run["none"], run["off"]):
+    off = vars(BitsColumns.off(2 * 64))
+    for on, none, no in zip(run["on"], run["none"], run["off"]):
         assert {k: getattr(on, k) for k in others} == {k: getattr(none, k) for k in others}, "analysis on changes no other column"
-        for row in (none, off):
-            assert {k: getattr(row, k) for k in BITS} == vars(BitsColumns.off(2 * 64))
-    for row, unrounded in zip(run["on"], unrounded_horizons(tiny_llama, run["on"], cfg.method.given)):
+        assert {k: getattr(none, k) for k in BITS} == {k: getattr(no, k) for k in BITS} == off
+    analysed = [row for row in run["on"] if row.horizon or not cfg.method.progressive]
+    assert analysed and all({k: getattr(row, k) for k in BITS} == off for row in run["on"] if row not in analysed)
+    for row in analysed:
+        scored = row.horizon if cfg.method.progressive else len(row.token_ids)
         at = dict(zip(row.roundings, zip(row.horizon_at_bits, row.acc_at_bits)))
         assert row.roundings == rounding_names(ANALYSIS.uniform_bits)
-        assert at["bf16"][0] == unrounded >= row.horizon, "bf16 leaves the horizon unchanged"
+        assert at["bf16"][0] == unrounded_horizon(tiny_llama, row, scored, cfg.method.given) >= row.horizon, "bf16 keeps the horizon"
         if cfg.method.progressive:
+            assert at["bf16"] == (row.horizon, 1.0) and max(row.horizon_at_bits) == row.horizon, "scored up to the horizon"
             kept = [h >= row.horizon for h in row.horizon_at_bits]
         else:
             assert at["bf16"][1] == pytest.approx(row.acc), "and the accuracy"
