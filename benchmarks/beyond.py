@@ -1,0 +1,105 @@
+"""Beyond both papers, measured (docs/beyond.md): how many bits a crammed SmolLM2 vector uses, and how much restarts add.
+
+    .venv/bin/python benchmarks/beyond.py --out outputs/beyond [--arms bits-direct,restarts-direct,bits-lowdim]
+
+Each arm is `cram-sweep run` as a user runs it (progressive, geometric growth, cap 64, pydoc; a started arm is resumed,
+a finished one read back): `bits-direct` and `bits-lowdim` (param=lowdim param.k=32) on 8 samples with the bits
+analysis (on by default), `restarts-direct` with grid.restarts=4 on 4 samples. Prints, per arm, one line per sample
+(horizon, bits needed, the greedy horizon at each rounding, the analysis's share of the sample's seconds), the
+capacity row's bits columns, and for the restarts arm the horizon of every restart and the report's restart table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cram_sweep.capacity import BITS_COLUMNS, capacity_table, restart_table
+from cram_sweep.markdown import md_table
+from cram_sweep.report import load_results
+
+COMMON = [
+    "grid.models=[smollm2]",
+    "grid.datasets=[pydoc]",
+    "grid.lengths=[64]",
+    "method=progressive",
+    "method.growth=geometric",
+    "optim.max_steps=600",
+    "method.steps_per_stage=100",
+    "report=true",
+]
+ARMS = {
+    "bits-direct": ["grid.samples=8", "batch_size=8"],
+    "restarts-direct": ["grid.samples=4", "grid.restarts=4", "batch_size=16"],
+    "bits-lowdim": ["grid.samples=8", "batch_size=8", "param=lowdim", "param.k=32"],
+}
+
+
+def run_arm(arm: str, out: Path) -> Path:
+    sweep = out / arm
+    command = [sys.executable, "-m", "cram_sweep.cli"]
+    if (sweep / "sweep.yaml").is_file():
+        command += ["resume", str(sweep)]
+    else:
+        command += ["run", f"name={arm}", f"out_dir={out}", *COMMON, *ARMS[arm]]
+    print(f"== {arm}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+    return sweep
+
+
+def fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def table(frame: pd.DataFrame) -> str:
+    return md_table(list(frame.columns), [[fmt(v) for v in row] for row in frame.itertuples(index=False)])
+
+
+def per_sample(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per (sample, restart): horizon, bits needed, the greedy horizon at each rounding, the analysis's cost."""
+    lines = []
+    for row in rows.sort_values(["sample", "restart"]).to_dict("records"):
+        at = dict(zip(row["roundings"], row["horizon_at_bits"]))
+        lines.append(
+            {
+                "sample": row["sample"],
+                "restart": row["restart"],
+                "horizon": row["horizon"],
+                "bits needed": row["bits_needed"],
+                **{f"h@{name}": horizon for name, horizon in at.items()},
+                "steps": row["steps"],
+                "s": row["seconds"],
+                "bits s": row["bits_seconds"],
+                "bits share %": 100 * row["bits_seconds"] / row["seconds"],
+            }
+        )
+    return pd.DataFrame(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/beyond")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
+    args = parser.parse_args()
+    for arm in args.arms.split(","):
+        results = load_results(run_arm(arm, Path(args.out)))
+        print(f"\n## {arm} ({results['precision'].iloc[0]}, {results['param'].iloc[0]})\n")
+        print(table(per_sample(results)))
+        share = 100 * results["bits_seconds"].sum() / results["seconds"].sum()
+        print(f"\nbits analysis: {share:.2f} % of the samples' seconds in all, at most {per_sample(results)['bits share %'].max():.2f} %\n")
+        capacity = capacity_table(results)
+        print(table(capacity[["horizon_mean", "info_gain_bits_mean", "theoretical_tokens", "utilization", *BITS_COLUMNS]]))
+        restarts = int(results["restart"].max()) + 1
+        if restarts > 1:
+            print("\n" + table(restart_table(results, restarts).drop(columns=["model", "dataset", "method", "n_mem"])))
+            horizons = results.pivot(index="sample", columns="restart", values="horizon")
+            print("\nhorizon per restart:\n\n" + table(horizons.reset_index()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
