@@ -236,10 +236,17 @@ def mean_pairwise_cosine(memories: list) -> float:
     return float(similarity[np.triu_indices(len(memories), k=1)].mean())
 
 
+def solved(method: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose vectors are a solution: full, every row (its best forward's vectors); progressive, those with a
+    horizon (without one the stored vectors are the init, untouched)."""
+    return rows[rows["horizon"] > 0] if method == "progressive" else rows
+
+
 def restart_row(method: str, cell_rows: pd.DataFrame, restarts: int) -> dict:
     """RESTART_COLUMNS after the cell's keys, from a cell's rows: per sample over its restarts, then means over samples.
     best_of_<r>: the best of restarts 0..r-1 (`best_of_r`: of all R); worst_of_r and restart_std: the per-sample min
-    and std over the R; cosine_mean: the per-sample mean pairwise cosine of the R solutions."""
+    and std over the R; cosine_mean: the per-sample mean pairwise cosine of its solutions (`solved`), over the samples
+    with two or more."""
     metric = restart_metric(method)
     samples = cell_rows.sort_values("restart").groupby("sample")
     best = {growth_column(r): samples.apply(lambda s, r=r: s.loc[s["restart"] < r, metric].max()).mean() for r in growth_points(restarts)}
@@ -250,7 +257,7 @@ def restart_row(method: str, cell_rows: pd.DataFrame, restarts: int) -> dict:
         "best_of_r": samples[metric].max().mean(),
         "worst_of_r": samples[metric].min().mean(),
         "restart_std": samples[metric].std().mean(),
-        "cosine_mean": samples["memory"].apply(lambda m: mean_pairwise_cosine(list(m))).mean(),
+        "cosine_mean": solved(method, cell_rows).groupby("sample")["memory"].apply(lambda m: mean_pairwise_cosine(list(m))).mean(),
         **best,
     }
 

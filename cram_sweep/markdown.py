@@ -160,8 +160,9 @@ def _restarts_markdown(restarts: pd.DataFrame) -> str:
 
 Each sample optimized R times from R initializations. Per sample over its restarts, then the mean over samples: best
 of R (the capacity estimate with less optimization luck), worst of R, the std across restarts, and the mean cosine
-similarity of every pair of its R solutions (the n_mem × hidden vectors flattened). Best of r: the best of its first r
-restarts (best of 1: the single run a sweep without restarts makes).
+similarity of every pair of its solutions (the n_mem × hidden vectors flattened; progressive: the restarts with a
+horizon, the others' vectors are their init). Best of r: the best of its first r restarts (best of 1: the single
+run a sweep without restarts makes).
 """
 
 
