@@ -1,9 +1,10 @@
 """Beyond both papers, measured (docs/beyond.md): how many bits a crammed SmolLM2 vector uses, and how much restarts add.
 
     .venv/bin/python benchmarks/beyond.py --out outputs/beyond [--arms bits-direct,restarts-direct,bits-lowdim]
+        [--cap 64 --max-steps 600 --steps-per-stage 100]
 
-Each arm is `cram-sweep run` as a user runs it (progressive, geometric growth, cap 64, pydoc; a started arm is resumed,
-a finished one read back): `bits-direct` and `bits-lowdim` (param=lowdim param.k=32) on 8 samples with the bits
+Each arm is `cram-sweep run` as a user runs it (progressive, geometric growth, pydoc; a started arm is resumed with the
+settings it was started with, a finished one read back): `bits-direct` and `bits-lowdim` (param=lowdim param.k=32) on 8 samples with the bits
 analysis (on by default), `restarts-direct` with grid.restarts=4 on 4 samples. Prints, per arm, one line per sample
 (horizon, bits needed, the greedy horizon at each rounding, the analysis's share of the sample's seconds), the
 capacity row's bits columns, and for the restarts arm the horizon of every restart and the report's restart table.
@@ -16,22 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from cram_sweep.capacity import BITS_COLUMNS, capacity_table, restart_table
+from cram_sweep.capacity import BITS_COLUMNS, capacity_table, restart_table, solved
 from cram_sweep.markdown import md_table
 from cram_sweep.report import load_results
 
-COMMON = [
-    "grid.models=[smollm2]",
-    "grid.datasets=[pydoc]",
-    "grid.lengths=[64]",
-    "method=progressive",
-    "method.growth=geometric",
-    "optim.max_steps=600",
-    "method.steps_per_stage=100",
-    "report=true",
-]
+COMMON = ["grid.models=[smollm2]", "grid.datasets=[pydoc]", "method=progressive", "method.growth=geometric", "report=true"]
 ARMS = {
     "bits-direct": ["grid.samples=8", "batch_size=8"],
     "restarts-direct": ["grid.samples=4", "grid.restarts=4", "batch_size=16"],
@@ -39,13 +32,15 @@ ARMS = {
 }
 
 
-def run_arm(arm: str, out: Path) -> Path:
+def run_arm(arm: str, args) -> Path:
+    out = Path(args.out)
     sweep = out / arm
     command = [sys.executable, "-m", "cram_sweep.cli"]
     if (sweep / "sweep.yaml").is_file():
         command += ["resume", str(sweep)]
     else:
-        command += ["run", f"name={arm}", f"out_dir={out}", *COMMON, *ARMS[arm]]
+        steps = [f"grid.lengths=[{args.cap}]", f"optim.max_steps={args.max_steps}", f"method.steps_per_stage={args.steps_per_stage}"]
+        command += ["run", f"name={arm}", f"out_dir={out}", *COMMON, *steps, *ARMS[arm]]
     print(f"== {arm}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
     return sweep
@@ -69,7 +64,7 @@ def per_sample(rows: pd.DataFrame) -> pd.DataFrame:
                 "sample": row["sample"],
                 "restart": row["restart"],
                 "horizon": row["horizon"],
-                "bits needed": row["bits_needed"],
+                "bits needed": row["bits_needed"] if len(row["roundings"]) else "–",  # horizon 0: not analysed
                 **{f"h@{name}": horizon for name, horizon in at.items()},
                 "steps": row["steps"],
                 "s": row["seconds"],
@@ -80,13 +75,26 @@ def per_sample(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+def across_samples_cosine(rows: pd.DataFrame) -> float:
+    """The mean cosine of the solutions of different samples: what the same sample's restarts compare against."""
+    rows = solved("progressive", rows)
+    flat = np.stack([np.asarray(m, dtype=np.float64) for m in rows["memory"]])
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    samples = rows["sample"].to_numpy()
+    different = samples[:, None] != samples[None, :]
+    return float((unit @ unit.T)[different].mean())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/beyond")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
+    parser.add_argument("--cap", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--steps-per-stage", type=int, default=100)
     args = parser.parse_args()
     for arm in args.arms.split(","):
-        results = load_results(run_arm(arm, Path(args.out)))
+        results = load_results(run_arm(arm, args))
         print(f"\n## {arm} ({results['precision'].iloc[0]}, {results['param'].iloc[0]})\n")
         print(table(per_sample(results)))
         share = 100 * results["bits_seconds"].sum() / results["seconds"].sum()
@@ -98,6 +106,7 @@ def main() -> int:
             print("\n" + table(restart_table(results, restarts).drop(columns=["model", "dataset", "method", "n_mem"])))
             horizons = results.pivot(index="sample", columns="restart", values="horizon")
             print("\nhorizon per restart:\n\n" + table(horizons.reset_index()))
+            print(f"\nmean cosine of different samples' solutions: {across_samples_cosine(results):.3f}")
     return 0
 
 
