@@ -18,7 +18,7 @@ import ray
 from cram_sweep.cluster import QUIET
 from cram_sweep.config import compose_config
 from cram_sweep.orchestrate import prepare_tokens, work_items
-from cram_sweep.worker import CramWorker, Finished, WorkerSettings
+from cram_sweep.worker import CramWorker, Finished, WorkerSettings, stream
 
 
 def spin() -> None:
@@ -37,7 +37,7 @@ def seconds_per_sample(cfg, niceness: int, busy: bool) -> float:
             loop.start()
         started, done = time.perf_counter(), 0
         for item in items:
-            for ref in worker.run.options(num_returns="streaming").remote(item):
+            for ref in stream(worker, item):
                 done += isinstance(ray.get(ref), Finished)
         return (time.perf_counter() - started) / done
     finally:

@@ -41,7 +41,7 @@ from typing import Optional, Protocol, Union
 import ray
 
 from .cram import Heartbeat, SampleSpec
-from .worker import Finished, Started, WorkItem
+from .worker import Finished, Started, WorkItem, stream
 
 log = logging.getLogger("cram_sweep")
 
@@ -69,6 +69,15 @@ class Call:
     item: WorkItem  # the samples it has not returned yet, in the order the engine admits them
     last: float  # when it last streamed anything (or was started): the stall clock
     batch_size: int = 0  # from Started; 0 while the model loads
+
+
+@dataclass
+class Waking:
+    """A worker the pool waits on to answer a ping: just created, or being restarted by Ray."""
+
+    worker: Worker
+    since: float  # its first ping: RESTART_SECONDS count from here
+    ping_at: float = 0.0  # after a failed ping: when to ping it again
 
 
 class Stalled(Exception):
@@ -131,6 +140,10 @@ class Scaler(Protocol):
 
 
 class WorkerPool:
+    """`submit` work items, `get_next` events (as ray.util.ActorPool, with the workers following the cluster).
+    Its state is its own: every worker is in exactly one of idle, running (a call), waking (a ping in flight) or
+    waiting to be pinged again."""
+
     RESTART_SECONDS = 300  # how long a worker may take to start or come back before the pool goes on without it
     PING_INTERVAL = 0.5
     GROW_SECONDS = 1.0  # how often the cluster is looked at for free slots while items are queued
@@ -139,76 +152,82 @@ class WorkerPool:
     def __init__(self, scaler: Scaler, stall_seconds: float):
         self.scaler = scaler
         self.stall_seconds = stall_seconds
-        self.queue: deque[WorkItem] = deque()
-        self.idle: list[Worker] = []
-        self.running: dict[object, Call] = {}  # streaming call -> what it runs
-        self.waking: dict[object, tuple[Worker, float]] = {}  # ping ref -> (worker, first ping time)
-        self.ping_later: list[tuple[float, Worker, float]] = []  # (when, worker, first ping time)
-        self.last_grow = -math.inf
+        self._queue: deque[WorkItem] = deque()
+        self._idle: list[Worker] = []
+        self._running: dict[object, Call] = {}  # streaming call -> what it runs
+        self._waking: dict[object, Waking] = {}  # ping ref -> the worker it asks
+        self._ping_later: list[Waking] = []
+        self._last_grow = -math.inf
 
     def submit(self, item: WorkItem) -> None:
-        self.queue.append(item)
+        self._queue.append(item)
 
     def has_work(self) -> bool:
-        return bool(self.queue or self.running)
+        """Items are queued or running."""
+        return bool(self._queue or self._running)
+
+    def has_free(self) -> bool:
+        """A worker is idle: it answered its ping and runs nothing."""
+        return bool(self._idle)
 
     def workers(self) -> list[Worker]:
         """Every worker the pool holds: idle, running, or not answering yet."""
-        waking = [worker for worker, _ in self.waking.values()] + [worker for _, worker, _ in self.ping_later]
-        return self.idle + [call.worker for call in self.running.values()] + waking
+        waking = [w.worker for w in self._waking.values()] + [w.worker for w in self._ping_later]
+        return self._idle + [call.worker for call in self._running.values()] + waking
 
     def get_next(self, timeout: float = 1.0) -> list[Event]:
         """Start workers on free slots, queued items on idle workers, then wait up to `timeout` for what comes back."""
         events = self._grow()
         self._ping_due()
-        while self.idle and self.queue:
-            worker, item = self.idle.pop(), self.queue.popleft()
-            self.running[worker.actor.run.options(num_returns="streaming").remote(item)] = Call(worker, item, time.monotonic())
-        self.scaler.request(len(self.queue) + len(self.running))
-        if self.queue and not self.workers():
-            stranded = list(self.queue)
-            self.queue.clear()
+        while self._idle and self._queue:
+            worker, item = self._idle.pop(), self._queue.popleft()
+            self._running[stream(worker.actor, item)] = Call(worker, item, time.monotonic())
+        self.scaler.request(len(self._queue) + len(self._running))
+        if self._queue and not self.workers():
+            stranded = list(self._queue)
+            self._queue.clear()
             return events + [Stranded(stranded)]
-        if not (self.running or self.waking):  # only workers waiting to be pinged again
+        if not (self._running or self._waking):  # only workers waiting to be pinged again
             time.sleep(min(timeout, 0.2))
             return events
-        ready, _ = ray.wait(list(self.running) + list(self.waking), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(list(self._running) + list(self._waking), num_returns=1, timeout=timeout)
         for ref in ready:
-            events += self._woken(ref) if ref in self.waking else self._streamed(ref)
+            events += self._woken(ref) if ref in self._waking else self._streamed(ref)
         return events + self._overdue()
 
     def _grow(self) -> list[Event]:
         """Workers for the cluster's free slots, while items are queued: every GROW_SECONDS, or at once when the
         pool has no worker left."""
-        due = time.monotonic() - self.last_grow >= self.GROW_SECONDS or not self.workers()
-        if not (self.queue and due):
+        due = time.monotonic() - self._last_grow >= self.GROW_SECONDS or not self.workers()
+        if not (self._queue and due):
             return []
-        self.last_grow = time.monotonic()
+        self._last_grow = time.monotonic()
         new = self.scaler.grow(self.workers())
         for worker in new:
-            self._ping(worker, time.monotonic())
+            self._ping(Waking(worker, time.monotonic()))
         return [Grew(new, len(self.workers()))] if new else []
 
-    def _ping(self, worker: Worker, since: float) -> None:
-        self.waking[worker.actor.ping.remote()] = (worker, since)
+    def _ping(self, waking: Waking) -> None:
+        self._waking[waking.worker.actor.ping.remote()] = waking
 
     def _ping_due(self) -> None:
         now = time.monotonic()
-        for entry in [e for e in self.ping_later if e[0] <= now]:
-            self.ping_later.remove(entry)
-            self._ping(entry[1], entry[2])
+        for waking in [w for w in self._ping_later if w.ping_at <= now]:
+            self._ping_later.remove(waking)
+            self._ping(waking)
 
     def _woken(self, ref) -> list[Event]:
-        worker, since = self.waking.pop(ref)
+        waking = self._waking.pop(ref)
+        worker = waking.worker
         try:
             worker.node = ray.get(ref).node
         except ray.exceptions.RayError as err:
-            if time.monotonic() - since < self.RESTART_SECONDS:
-                self.ping_later.append((time.monotonic() + self.PING_INTERVAL, worker, since))
+            if time.monotonic() - waking.since < self.RESTART_SECONDS:
+                self._ping_later.append(replace(waking, ping_at=time.monotonic() + self.PING_INTERVAL))
             else:
                 self._give_up(worker, type(err).__name__)
             return []
-        self.idle.append(worker)
+        self._idle.append(worker)
         return self._retire_cpu_workers() if worker.kind == "gpu" else []
 
     def _give_up(self, worker: Worker, why: str) -> None:
@@ -222,28 +241,28 @@ class WorkerPool:
         if not retired:
             return []
         samples = 0
-        for ref, call in list(self.running.items()):
+        for ref, call in list(self._running.items()):
             if call.worker.kind == "cpu":
-                del self.running[ref]
-                self.queue.appendleft(call.item)
+                del self._running[ref]
+                self._queue.appendleft(call.item)
                 samples += len(call.item.specs)
-        self.idle = [worker for worker in self.idle if worker.kind != "cpu"]
-        self.waking = {ref: entry for ref, entry in self.waking.items() if entry[0].kind != "cpu"}
-        self.ping_later = [entry for entry in self.ping_later if entry[1].kind != "cpu"]
+        self._idle = [worker for worker in self._idle if worker.kind != "cpu"]
+        self._waking = {ref: waking for ref, waking in self._waking.items() if waking.worker.kind != "cpu"}
+        self._ping_later = [waking for waking in self._ping_later if waking.worker.kind != "cpu"]
         for worker in retired:
             ray.kill(worker.actor, no_restart=True)
         return [Retired(len(retired), samples)]
 
     def _streamed(self, ref) -> list[Event]:
-        call = self.running[ref]
+        call = self._running[ref]
         try:
             out = ray.get(next(ref))
         except StopIteration:
-            del self.running[ref]
-            self.idle.append(call.worker)
+            del self._running[ref]
+            self._idle.append(call.worker)
             return []
         except ray.exceptions.RayError as err:
-            del self.running[ref]
+            del self._running[ref]
             return [self._lost(call, err)]
         call.last = time.monotonic()
         if isinstance(out, Started):
@@ -262,9 +281,9 @@ class WorkerPool:
         until Ray has restarted it."""
         worker, item, started = call.worker, call.item, min(call.batch_size, len(call.item.specs))
         if isinstance(err, ray.exceptions.RayTaskError):
-            self.idle.append(worker)
+            self._idle.append(worker)
             return Lost(item, err, started if call.batch_size else len(item.specs), worker.node)
-        self._ping(worker, time.monotonic())
+        self._ping(Waking(worker, time.monotonic()))
         if call.batch_size:
             return Lost(replace(item, unstarted_losses=0), err, started, worker.node)
         losses = item.unstarted_losses + 1
@@ -275,16 +294,16 @@ class WorkerPool:
     def _overdue(self) -> list[Event]:
         """Stalled calls (their workers killed, restarted by Ray) and workers that never answered (given up)."""
         now, events = time.monotonic(), []
-        for ref, call in list(self.running.items()):
+        for ref, call in list(self._running.items()):
             if now - call.last > self.stall_seconds:
-                del self.running[ref]
+                del self._running[ref]
                 ray.kill(call.worker.actor, no_restart=False)
                 stalled = Stalled(
                     f"no heartbeat or result for {now - call.last:.0f} s (worker.stall_seconds={self.stall_seconds:g}); its worker was killed"
                 )
                 events.append(self._lost(call, stalled))
-        for ref, (worker, since) in list(self.waking.items()):
-            if now - since > self.RESTART_SECONDS:
-                del self.waking[ref]
-                self._give_up(worker, "no answer")
+        for ref, waking in list(self._waking.items()):
+            if now - waking.since > self.RESTART_SECONDS:
+                del self._waking[ref]
+                self._give_up(waking.worker, "no answer")
         return events

@@ -100,6 +100,11 @@ class Finished:
     vocab_size: int
 
 
+def stream(actor, item: WorkItem):
+    """Run `item` on a CramWorker actor as a streaming call (an ObjectRefGenerator): what `CramWorker.run` yields."""
+    return actor.run.options(num_returns="streaming").remote(item)
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class CramWorker:
     """Out of memory in a batch: the samples not yet returned start again with half the batch size

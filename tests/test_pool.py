@@ -142,7 +142,7 @@ def test_a_task_that_raised_before_started_counts_all_its_samples_and_its_worker
     pool.submit(item("raise_loading", samples=3))
     (lost,) = of(events_until(pool, lambda e: of(e, Lost)), Lost)
     assert isinstance(lost.error, ray.exceptions.RayTaskError) and lost.started == 3
-    assert len(pool.idle) == 1 and not pool.waking, "a task error leaves the worker idle, not restarting"
+    assert pool.has_free() and len(pool.workers()) == 1, "a task error leaves the worker idle, not restarting"
 
 
 def test_the_pool_grows_while_items_are_queued_and_the_request_follows_the_items_left():
