@@ -17,10 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from cram_sweep.capacity import BITS_COLUMNS, capacity_table, restart_table, solved
+from cram_sweep.capacity import BITS_COLUMNS, capacity_table, cosine_matrix, restart_table, solved
 from cram_sweep.markdown import md_table
 from cram_sweep.report import load_results
 
@@ -78,11 +77,9 @@ def per_sample(rows: pd.DataFrame) -> pd.DataFrame:
 def across_samples_cosine(rows: pd.DataFrame) -> float:
     """The mean cosine of the solutions of different samples: what the same sample's restarts compare against."""
     rows = solved("progressive", rows)
-    flat = np.stack([np.asarray(m, dtype=np.float64) for m in rows["memory"]])
-    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
     samples = rows["sample"].to_numpy()
     different = samples[:, None] != samples[None, :]
-    return float((unit @ unit.T)[different].mean())
+    return float(cosine_matrix(list(rows["memory"]))[different].mean())
 
 
 def main() -> int:

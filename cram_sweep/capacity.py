@@ -226,14 +226,18 @@ def growth_columns(columns) -> dict[int, str]:
     return {int(c.removeprefix("best_of_")): c for c in columns if c.startswith("best_of_") and c.removeprefix("best_of_").isdigit()}
 
 
-def mean_pairwise_cosine(memories: list) -> float:
-    """The mean cosine similarity of every pair of solutions (each flattened n_mem x hidden); NaN for fewer than two."""
-    if len(memories) < 2:
-        return math.nan
+def cosine_matrix(memories: list) -> np.ndarray:
+    """The cosine similarity of every two solutions (each flattened n_mem x hidden), in float64."""
     flat = np.stack([np.asarray(m, dtype=np.float64) for m in memories])
     unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
-    similarity = unit @ unit.T
-    return float(similarity[np.triu_indices(len(memories), k=1)].mean())
+    return unit @ unit.T
+
+
+def mean_pairwise_cosine(memories: list) -> float:
+    """The mean cosine similarity of every pair of solutions; NaN for fewer than two."""
+    if len(memories) < 2:
+        return math.nan
+    return float(cosine_matrix(memories)[np.triu_indices(len(memories), k=1)].mean())
 
 
 def solved(method: str, rows: pd.DataFrame) -> pd.DataFrame:
