@@ -90,12 +90,13 @@ def cmd_resume(path: str, overrides) -> int:
 
 
 def print_status(sweep: SweepDir, seconds: bool = False) -> int:
+    from .markdown import fmt_value
     from .report import cell_table
 
     table = cell_table(sweep)
     width = max(len(c) for c in table["cell"])
     for row in table.to_dict("records"):
-        line = f"{row['cell']:<{width}}  done {row['done']:>4}  failed {row['failed']:>3}  pending {row['pending']:>4}  mean acc {row['acc_mean']:.3f}"
+        line = f"{row['cell']:<{width}}  done {row['done']:>4}  failed {row['failed']:>3}  pending {row['pending']:>4}  mean acc {fmt_value(row['acc_mean'], '.3f'):>5}"
         line += f"  horizon {row['horizon_mean']:5.1f} (max {row['horizon_max']:.0f})"
         if seconds:
             line += f"  gain {row['gain_tokens_mean']:6.1f} tok  info gain {row['info_gain_bits_mean']:7.1f} bits  {row['seconds_mean']:.2f} s/sample"

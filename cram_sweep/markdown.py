@@ -35,12 +35,12 @@ def summary_lines(capacity: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _fmt(value, spec: str) -> str:
+def fmt_value(value, spec: str) -> str:
     return "–" if pd.isna(value) else format(value, spec)
 
 
 def _pm(mean, std) -> str:
-    return _fmt(mean, ".1f") if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
+    return fmt_value(mean, ".1f") if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -57,7 +57,7 @@ def _progress_note(cell_rows: pd.DataFrame, samples: int) -> str:
 
 
 def _percent(share) -> str:
-    return _fmt(share * 100, ".1f") + ("" if pd.isna(share) else "%")
+    return fmt_value(share * 100, ".1f") + ("" if pd.isna(share) else "%")
 
 
 def _capacity_markdown(capacity: pd.DataFrame) -> str:
@@ -81,11 +81,11 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
             r.dataset,
             r.n_mem,
             r.method,
-            _fmt(r.max_tokens, ".0f"),
-            f"{_pm(r.horizon_mean, r.horizon_std)} [{_fmt(r.horizon_min, '.0f')}–{_fmt(r.horizon_max, '.0f')}]",
+            fmt_value(r.max_tokens, ".0f"),
+            f"{_pm(r.horizon_mean, r.horizon_std)} [{fmt_value(r.horizon_min, '.0f')}–{fmt_value(r.horizon_max, '.0f')}]",
             _pm(r.gain_tokens_mean, r.gain_tokens_std),
             _pm(r.info_gain_bits_mean, r.info_gain_bits_std),
-            _fmt(r.theoretical_tokens, ".1f"),
+            fmt_value(r.theoretical_tokens, ".1f"),
             _percent(r.utilization),
             f"{r.param} ({r.trained_numbers})",
             _percent(r.utilization_trained),
@@ -116,10 +116,10 @@ def _bits_markdown(capacity: pd.DataFrame) -> str:
             r.n_mem,
             r.method,
             r.param,
-            f"{_pm(r.bits_needed_mean, r.bits_needed_std)} [{_fmt(r.bits_needed_min, '.0f')}–{_fmt(r.bits_needed_max, '.0f')}]",
-            _fmt(r.info_gain_per_stored_bit, ".4f"),
-            _fmt(r.theoretical_tokens, ".1f"),
-            _fmt(r.theoretical_tokens_at_bits, ".1f"),
+            f"{_pm(r.bits_needed_mean, r.bits_needed_std)} [{fmt_value(r.bits_needed_min, '.0f')}–{fmt_value(r.bits_needed_max, '.0f')}]",
+            fmt_value(r.info_gain_per_stored_bit, ".4f"),
+            fmt_value(r.theoretical_tokens, ".1f"),
+            fmt_value(r.theoretical_tokens_at_bits, ".1f"),
             _percent(r.utilization),
             _percent(r.utilization_at_bits),
         ]
@@ -148,9 +148,9 @@ def _restarts_markdown(restarts: pd.DataFrame) -> str:
             f"{label(r['model'], r['dataset'], r['method'], r['n_mem'])} / L={r['length']}",
             f"{r['samples']} × {r['restarts']}",
             r["metric"],
-            *(_fmt(r[key], ".3f" if r["metric"] == "acc" else ".1f") for key in ("best_of_r", "worst_of_r", "restart_std")),
-            _fmt(r["cosine_mean"], ".3f"),
-            *(_fmt(r[c], ".3f" if r["metric"] == "acc" else ".1f") for c in growth.values()),
+            *(fmt_value(r[key], ".3f" if r["metric"] == "acc" else ".1f") for key in ("best_of_r", "worst_of_r", "restart_std")),
+            fmt_value(r["cosine_mean"], ".3f"),
+            *(fmt_value(r[c], ".3f" if r["metric"] == "acc" else ".1f") for c in growth.values()),
         ]
         for r in restarts.to_dict("records")
     ]
@@ -174,10 +174,10 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
             [
                 r.length,
                 r.done,
-                _fmt(r.acc_mean, ".3f"),
-                _fmt(r.gain_tokens_mean, ".1f"),
-                _fmt(r.greedy_exact_share, ".2f"),
-                f"{_fmt(r.horizon_mean, '.1f')} ({_fmt(r.horizon_max, '.0f')})",
+                fmt_value(r.acc_mean, ".3f"),
+                fmt_value(r.gain_tokens_mean, ".1f"),
+                fmt_value(r.greedy_exact_share, ".2f"),
+                f"{fmt_value(r.horizon_mean, '.1f')} ({fmt_value(r.horizon_max, '.0f')})",
                 f"{r.failed} / {r.pending}",
             ]
             for r in group.itertuples()

@@ -199,7 +199,7 @@ def test_progressive_sweep_end_to_end(tmp_path, capsys):
     assert all("horizon_mean" in c.data.metrics and c.data.tags["method"] == "progressive" for c in children)
     assert "horizon_mean/tiny_llama/pydoc/progressive" in parents[0].data.metrics
     status = run_cli("status", str(sweep.path))
-    assert status.stdout.count("horizon") == 2
+    assert status.stdout.count("horizon") == 2 and status.stdout.count("mean acc     –") == 2, "progressive has no accuracy"
     best = max(rows, key=lambda r: r["horizon"])
     assert main(["decode", str(sweep.path), "--cell", best["cell"], "--sample", str(best["sample"])]) == 0
     assert f"horizon {best['horizon']} of {best['length']} tokens: the horizon prefix decodes exactly: yes" in capsys.readouterr().out
