@@ -20,7 +20,6 @@ from .config import SweepConfig, load_sweep_config
 from .errors import UserError
 from .grid import Cell
 from .markdown import report_markdown
-from .plots import plot_accuracy, plot_bits_needed, plot_ce, plot_growth, plot_horizon_vs_bits, plot_horizon_vs_ce, plot_info_gain
 from .store import SweepDir, read_failures, read_results, read_stages
 
 
@@ -92,15 +91,20 @@ def build_report(sweep_dir, records: Optional[SweepRecords] = None) -> Report:
         files.append(out / "restarts.csv")
     (out / "capacity.md").write_text(report_markdown(records.cfg.name, capacity, cell_rows, runs_per_cell(records.cfg), restarts))
     files.append(out / "capacity.md")
+    from . import plots  # matplotlib: paid by a report only, not by `status` or the driver's end-of-sweep table
+
     methods = set(results["method"])
     if "full" in methods:
-        files.append(plot_accuracy(cell_rows, out / "accuracy_vs_length.png"))
+        files.append(plots.plot_accuracy(cell_rows, out / "accuracy_vs_length.png"))
     if "progressive" in methods:
         stages = read_stages(sweep).to_pandas()
         progressive = results[results["method"] == "progressive"]
-        files += [plot_horizon_vs_ce(progressive, out / "horizon_vs_ce.png"), plot_growth(stages, out / "growth.png")]
-    files += [plot_ce(results, out / "ce_with_vs_without.png"), plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
+        files += [plots.plot_horizon_vs_ce(progressive, out / "horizon_vs_ce.png"), plots.plot_growth(stages, out / "growth.png")]
+    files += [plots.plot_ce(results, out / "ce_with_vs_without.png"), plots.plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
     analysed = analysed_rows(results)
     if len(analysed):
-        files += [plot_horizon_vs_bits(analysed, out / "horizon_vs_bits.png"), plot_bits_needed(analysed, out / "bits_needed.png")]
+        files += [
+            plots.plot_horizon_vs_bits(analysed, out / "horizon_vs_bits.png"),
+            plots.plot_bits_needed(analysed, out / "bits_needed.png"),
+        ]
     return Report(capacity=capacity, cells=cell_rows, restarts=restarts, files=files)

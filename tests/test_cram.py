@@ -214,6 +214,9 @@ def test_the_engine_imports_neither_pandas_nor_matplotlib():
     code = "import sys, cram_sweep, cram_sweep.cram, cram_sweep.worker; print(sorted({'pandas', 'matplotlib'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    # The driver and `status` read the cell table through the report module; only writing a report draws.
+    code = "import sys, cram_sweep.cli, cram_sweep.orchestrate, cram_sweep.report; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
     import cram_sweep
 
     assert cram_sweep.load_results.__module__ == "cram_sweep.report"

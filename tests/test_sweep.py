@@ -163,48 +163,6 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path, method):
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
 
 
-def test_progressive_sweep_end_to_end(tmp_path, capsys):
-    """method=progressive through the CLI: horizons in the results, every stage in stages/, the report's horizon
-    table and plots, horizon metrics on the MLflow child and parent runs, status and decode of the horizon."""
-    from cram_sweep.cli import main
-
-    proc = run_cli(
-        "run",
-        "name=prog",
-        f"out_dir={tmp_path}",
-        *TINY,
-        *TINY_PROGRESSIVE,
-        "grid.lengths=[6,12]",
-        "report=true",
-        "worker.progress_seconds=0",
-        "progress_line_seconds=0",
-    )
-    assert "total: 6 done, 0 failed, 0 pending" in proc.stdout
-    assert "stages up to length" in proc.stderr, "progress shows the stage lengths reached"
-    sweep = SweepDir(tmp_path / "prog")
-    rows = read_results(sweep).to_pylist()
-    assert {r["method"] for r in rows} == {"progressive"} and not any(r["predict_first"] for r in rows), (
-        "the shipped default gives the first token"
-    )
-    assert max(r["horizon"] for r in rows) >= 3
-    stages = read_stages(sweep).to_pylist()
-    for row in rows:
-        mine = sorted((s for s in stages if (s["cell"], s["sample"]) == (row["cell"], row["sample"])), key=lambda s: s["stage"])
-        assert len(mine) == row["stages"] and mine[-1]["total_steps"] == row["steps"]
-        assert row["horizon"] == max((s["length"] for s in mine if s["converged"]), default=0)
-    capacity = (sweep.report / "capacity.csv").read_text()
-    assert "progressive" in capacity and "horizon_mean" in capacity
-    assert {"horizon_vs_ce.png", "growth.png", "capacity.md"} <= {p.name for p in sweep.report.iterdir()}
-    parents, children = mlflow_runs(tmp_path)
-    assert all("horizon_mean" in c.data.metrics and c.data.tags["method"] == "progressive" for c in children)
-    assert "horizon_mean/tiny_llama/pydoc/progressive" in parents[0].data.metrics
-    status = run_cli("status", str(sweep.path))
-    assert status.stdout.count("horizon") == 2 and status.stdout.count("mean acc     –") == 2, "progressive has no accuracy"
-    best = max(rows, key=lambda r: r["horizon"])
-    assert main(["decode", str(sweep.path), "--cell", best["cell"], "--sample", str(best["sample"])]) == 0
-    assert f"horizon {best['horizon']} of {best['length']} tokens: the horizon prefix decodes exactly: yes" in capsys.readouterr().out
-
-
 def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path, capsys):
     from cram_sweep.cli import main
 
@@ -242,35 +200,57 @@ def test_print_config():
     assert "samples: 3" in proc.stdout and "tiny_neox:" in proc.stdout and "architecture: gpt_neox" in proc.stdout
 
 
-def test_both_methods_in_one_sweep(tmp_path):
+def test_both_methods_in_one_sweep_end_to_end(tmp_path, capsys):
     """grid.methods=[full,progressive]: one sweep, one MLflow parent and one report compare the protocols, each
-    method with its own optimizer (its conf/method file's, then methods.<name>.optim.* on top)."""
+    method with its own optimizer (its conf/method file's, then methods.<name>.optim.* on top). Progressive's side:
+    horizons in the results, every stage in stages/, the report's horizon table and plots, horizon metrics on the
+    MLflow child and parent runs, status and decode of the horizon."""
+    from cram_sweep.cli import main
+
+    progressive = [f"methods.progressive.{arg}" for arg in TINY_PROGRESSIVE if not arg.startswith("method=")]
     proc = run_cli(
         "run",
         "name=both",
         f"out_dir={tmp_path}",
         *TINY,
         "grid.methods=[full,progressive]",
-        "grid.lengths=[6]",
-        "methods.progressive.method.step=1",
-        "methods.progressive.method.steps_per_stage=40",
-        "methods.progressive.optim.warmup_steps=0",
-        "methods.progressive.optim.init=embed_std",
+        "grid.lengths=[6,12]",
+        *progressive,
         "report=true",
+        "worker.progress_seconds=0",
+        "progress_line_seconds=0",
     )
     sweep = SweepDir(tmp_path / "both")
-    assert "total: 6 done, 0 failed, 0 pending" in proc.stdout
+    assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
+    assert "stages up to length" in proc.stderr, "progress shows the stage lengths reached"
     rows = read_results(sweep).to_pylist()
     assert {(r["cell"], r["method"]) for r in rows} == {
-        ("tiny_llama/pydoc/full/n_mem=2/L=6", "full"),
-        ("tiny_llama/pydoc/progressive/n_mem=2/L=6", "progressive"),
+        (f"tiny_llama/pydoc/{method}/n_mem=2/L={length}", method) for method in ("full", "progressive") for length in (6, 12)
     }
     cfg = load_sweep_config(sweep.config)
     assert (cfg.methods["full"].optim.schedule, cfg.methods["progressive"].optim.schedule) == ("constant", "cosine")
     assert cfg.methods["progressive"].optim.lr == 0.1 and cfg.methods["full"].optim.lr == 0.1, "TINY's optim.lr=0.1 applies to both"
+    assert cfg.methods["progressive"].optim.max_steps == 300 and cfg.methods["full"].optim.max_steps == 150
     capacity = (sweep.report / "capacity.csv").read_text().splitlines()
     assert sorted(line.split(",")[3] for line in capacity[1:]) == ["full", "progressive"]
     assert "full cramming fits" in proc.stdout and "progressive horizon" in proc.stdout, "one line says what each number means"
+    assert {"horizon_vs_ce.png", "growth.png", "capacity.md"} <= {p.name for p in sweep.report.iterdir()}
+
+    progressive_rows = [r for r in rows if r["method"] == "progressive"]
+    assert not any(r["predict_first"] for r in progressive_rows), "the shipped default gives the first token"
+    assert max(r["horizon"] for r in progressive_rows) >= 3
+    stages = read_stages(sweep).to_pylist()
+    for row in progressive_rows:
+        mine = sorted((s for s in stages if (s["cell"], s["sample"]) == (row["cell"], row["sample"])), key=lambda s: s["stage"])
+        assert len(mine) == row["stages"] and mine[-1]["total_steps"] == row["steps"]
+        assert row["horizon"] == max((s["length"] for s in mine if s["converged"]), default=0)
+
     parents, children = mlflow_runs(tmp_path)
-    assert len(parents) == 1 and sorted(c.data.tags["method"] for c in children) == ["full", "progressive"]
+    assert len(parents) == 1 and sorted(c.data.tags["method"] for c in children) == ["full", "full", "progressive", "progressive"]
+    assert all("horizon_mean" in c.data.metrics for c in children if c.data.tags["method"] == "progressive")
     assert {"max_tokens/tiny_llama/pydoc/full", "horizon_mean/tiny_llama/pydoc/progressive"} <= set(parents[0].data.metrics)
+    status = run_cli("status", str(sweep.path)).stdout
+    assert status.count("horizon") == 4 and status.count("mean acc     –") == 2, "progressive has no accuracy"
+    best = max(progressive_rows, key=lambda r: r["horizon"])
+    assert main(["decode", str(sweep.path), "--cell", best["cell"], "--sample", str(best["sample"])]) == 0
+    assert f"horizon {best['horizon']} of {best['length']} tokens: the horizon prefix decodes exactly: yes" in capsys.readouterr().out
