@@ -2,12 +2,14 @@
 best-of-R, and bad input."""
 
 import hashlib
+import json
 import math
 import os
 import signal
 import statistics
 import subprocess
 import time
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -21,10 +23,10 @@ from cram_sweep.cram import SampleSpec, cram
 from cram_sweep.grid import Cell, cells, derived_seed, sample_seed
 from cram_sweep.orchestrate import work_items
 from cram_sweep.report import build_report
-from cram_sweep.store import SweepDir, read_results
+from cram_sweep.store import SweepDir, read_results, read_stages
 from cram_sweep.tracking import report_curves
 
-from .helpers import CLI, ROOT, TINY, assert_same_result, cli_env, result_row, run_cli, seed_mlflow_db, tiny_config
+from .helpers import CLI, ROOT, TINY, TINY_PROGRESSIVE, assert_same_result, cli_env, result_row, run_cli, seed_mlflow_db, tiny_config
 from .test_report import make_sweep
 
 
@@ -61,10 +63,11 @@ def test_fewer_than_one_restart_is_one_line_and_exit_2(tmp_path, capsys, value):
 
 
 @pytest.mark.slow
-def test_kill_mid_sweep_then_resume_leaves_every_sample_restart_once(tmp_path, tiny_llama, capsys):
-    """kill -9 of the driver mid-sweep, then resume: each (cell, sample, restart) stored exactly once, `status` counts
-    samples x restarts, and a restart's row is a single run from that restart's seed."""
-    args = ["run", "name=restarts", f"out_dir={tmp_path}", *TINY, "grid.samples=2", "grid.restarts=3", "batch_size=1"]
+def test_kill_mid_progressive_sweep_then_resume_leaves_every_sample_restart_and_stage_once(tmp_path, tiny_llama, capsys):
+    """kill -9 of the driver mid-sweep (progressive, 2 restarts), then resume: each (cell, sample, restart) stored
+    exactly once with its stages once (a killed sample reran from its start), `status` counts samples x restarts, the
+    same MLflow parent goes on, and a restart's row is a single run from that restart's seed."""
+    args = ["run", "name=restarts", f"out_dir={tmp_path}", *TINY, *TINY_PROGRESSIVE, "grid.samples=2", "grid.restarts=2", "batch_size=1"]
     proc = subprocess.Popen(
         CLI + seed_mlflow_db(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env()
     )
@@ -75,26 +78,33 @@ def test_kill_mid_sweep_then_resume_leaves_every_sample_restart_once(tmp_path, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = read_results(sweep).num_rows
-    assert 0 < before < 12, "the kill must land mid-sweep"
+    assert 0 < before < 8, "the kill must land mid-sweep"
+    parent = json.loads(sweep.tracking.read_text())["parent"]
 
     resumed = run_cli("resume", str(sweep.path), "report=true")
-    assert f"{before} done, {12 - before} to run" in resumed.stdout
+    assert f"{before} done, {8 - before} to run" in resumed.stdout
+    assert f"MLflow parent run: {parent} " in resumed.stdout, "the same parent run goes on"
     raw = ds.dataset(sweep.results).to_table(columns=["cell", "sample", "restart"]).to_pylist()
     keys = [(r["cell"], r["sample"], r["restart"]) for r in raw]
     cfg = load_sweep_config(sweep.config)
-    assert sorted(keys) == sorted((cell.id, s, r) for cell in cells(cfg) for s in range(2) for r in range(3)), "each exactly once"
-    assert run_cli("status", str(sweep.path)).stdout.count("done    6  failed   0  pending    0") == 2
+    assert sorted(keys) == sorted((cell.id, s, r) for cell in cells(cfg) for s in range(2) for r in range(2)), "each exactly once"
+    rows = read_results(sweep).to_pylist()
+    stages = read_stages(sweep).to_pylist()
+    counted = Counter((s["cell"], s["sample"], s["restart"]) for s in stages)
+    assert {(r["cell"], r["sample"], r["restart"]): r["stages"] for r in rows} == counted and min(counted.values()) >= 1
+    assert run_cli("status", str(sweep.path)).stdout.count("done    4  failed   0  pending    0") == 2
     assert (sweep.report / "restarts.csv").is_file()
 
-    row = next(r for r in read_results(sweep).to_pylist() if r["restart"] == 2 and r["length"] == 8)
+    row = next(r for r in rows if r["restart"] == 1 and r["length"] == 8)
     cell = next(c for c in cells(cfg) if c.id == row["cell"])
-    spec = SampleSpec(row["sample"], row["token_ids"], sample_seed(cfg.seed, cell, row["sample"], 2))
-    (alone,) = cram(tiny_llama.model, [spec], 2, cfg.optim, "fp32", analysis=cfg.analysis)
+    spec = SampleSpec(row["sample"], row["token_ids"], sample_seed(cfg.seed, cell, row["sample"], 1))
+    (alone,) = cram(tiny_llama.model, [spec], 2, cfg.optim, "fp32", analysis=cfg.analysis, method=cfg.method)
     assert_same_result(row, alone)
+    assert (row["horizon"], row["stages"]) == (alone.horizon, alone.stages)
     assert row["horizon_at_bits"] == alone.horizon_at_bits and row["bits_needed"] == alone.bits_needed
 
-    assert cli.main(["decode", str(sweep.path), "--cell", row["cell"], "--sample", str(row["sample"]), "--restart", "2"]) == 0
-    assert f"sample {row['sample']} restart 2" in capsys.readouterr().out
+    assert cli.main(["decode", str(sweep.path), "--cell", row["cell"], "--sample", str(row["sample"]), "--restart", "1"]) == 0
+    assert f"sample {row['sample']} restart 1" in capsys.readouterr().out
 
 
 def progressive_sweep(tmp_path, rows, restarts):
