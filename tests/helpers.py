@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -152,6 +153,17 @@ def run_cli(*args, check=True, timeout=300, env=None, **kwargs):
     return proc
 
 
+def kill_mid_sweep(args, sweep, parts: int = 2) -> None:
+    """`cram-sweep` with `args` in a session of its own, SIGKILLed (every process of the session) once `sweep` holds
+    `parts` results files: a driver killed mid-sweep, as kill -9 or a lost node leaves it."""
+    proc = start_cli(args, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(list(sweep.results.glob("part-*.parquet"))) >= parts, f"{parts} results files", timeout=240, proc=proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wait_for(check, what: str, timeout: float = 180, proc=None, log: Path = None):
     """Poll `check()` until it returns a true value; fail with the process's log if it exited first or time ran out."""
     deadline = time.monotonic() + timeout
@@ -174,16 +186,17 @@ def fields(result) -> dict:
     return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
 
 
-def assert_same_result(a, b, atol=1e-3, ce_rel=1e-4):
+def assert_same_result(a, b, atol=1e-3, ce_rel=1e-4, steps_within=0):
     """Two results of one sample agree: same trajectory length and accuracy, CE and vectors within fp rounding.
 
     Another GEMM shape (batch size) or CPU rounds differently, and ~100 steps amplify it: the vectors by ~1e-4.
     The lowest summed CE near convergence sits on the steep side of the softmax and can move 100x more; pass
-    `ce_rel=1e-2` where the trajectory is more sensitive (another CPU, a larger effective step)."""
+    `ce_rel=1e-2` where the trajectory is more sensitive (another CPU, a larger effective step), and `steps_within`
+    where two different computations of one update race to the same accuracy (the step that first reaches it moves)."""
     import torch
 
     a, b = fields(a), fields(b)
-    assert a["steps"] == b["steps"]
+    assert abs(a["steps"] - b["steps"]) <= steps_within, (a["steps"], b["steps"])
     assert a["acc"] == pytest.approx(b["acc"], abs=1e-6, nan_ok=True)  # NaN: a progressive sample without a horizon
     assert a["acc_no_mem"] == pytest.approx(b["acc_no_mem"], abs=1e-6, nan_ok=True)
     assert a["ce_bits"] == pytest.approx(b["ce_bits"], rel=ce_rel, abs=atol)

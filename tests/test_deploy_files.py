@@ -370,7 +370,9 @@ def stubs(tmp_path):
         '[[ " $* " == *" --block "* ]] && exec sleep 30\nexit 0\n',
     )
     _stub(bindir, "ray", auth + record)
-    _stub(bindir, "python", "echo 3\n")  # every Ray node alive
+    # Ray's node count: the head alone until the workers' srun step has started (it runs in the background, and
+    # a busy machine may start it after the first count), then every node
+    _stub(bindir, "python", f"grep -q -- ' --address=' {log} && echo 3 || echo 1\n")
     _stub(bindir, "cram-sweep", auth + record + 'echo "RAY_ADDRESS=$RAY_ADDRESS" >> ' + str(log) + "\nexit ${FAKE_RC:-0}\n")
     env = {"PATH": f"{bindir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
     return env, log

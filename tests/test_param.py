@@ -29,8 +29,9 @@ def test_lowdim_full_cramming_is_the_naive_loop_over_z_w_and_b(tiny_llama):
     for spec in specs:
         naive = naive_cram(tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, k=8)
         # nn.Linear (z @ W.T + b) against bmm rounds differently, and ~100 steps at two tensors per update amplify it:
-        # decisions exactly, the vectors (|x| ~ 20) within 5 % of their scale
-        assert_same_result(engine[spec.sample], naive, atol=1.0, ce_rel=2e-2)
+        # the same accuracy, reached within a few steps of each other (AVX2 kernels: 97 against 94-96 at 1-2 threads),
+        # the vectors (|x| ~ 20) within 5 % of their scale
+        assert_same_result(engine[spec.sample], naive, atol=1.0, ce_rel=2e-2, steps_within=5)
         assert engine[spec.sample].trained_numbers == 2 * 8 + 9 * 64 and engine[spec.sample].param == "lowdim(k=8,train_projection=true)"
 
 

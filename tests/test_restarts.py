@@ -4,11 +4,7 @@ best-of-R, and bad input."""
 import hashlib
 import json
 import math
-import os
-import signal
 import statistics
-import subprocess
-import time
 from collections import Counter
 
 import numpy as np
@@ -26,7 +22,7 @@ from cram_sweep.report import build_report
 from cram_sweep.store import SweepDir, read_results, read_stages
 from cram_sweep.tracking import report_curves
 
-from .helpers import CLI, ROOT, TINY, TINY_PROGRESSIVE, assert_same_result, cli_env, result_row, run_cli, seed_mlflow_db, tiny_config
+from .helpers import TINY, TINY_PROGRESSIVE, assert_same_result, kill_mid_sweep, result_row, run_cli, tiny_config
 from .test_report import make_sweep
 
 
@@ -68,15 +64,8 @@ def test_kill_mid_progressive_sweep_then_resume_leaves_every_sample_restart_and_
     exactly once with its stages once (a killed sample reran from its start), `status` counts samples x restarts, the
     same MLflow parent goes on, and a restart's row is a single run from that restart's seed."""
     args = ["run", "name=restarts", f"out_dir={tmp_path}", *TINY, *TINY_PROGRESSIVE, "grid.samples=2", "grid.restarts=2", "batch_size=1"]
-    proc = subprocess.Popen(
-        CLI + seed_mlflow_db(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env()
-    )
     sweep = SweepDir(tmp_path / "restarts")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(sweep.results.glob("part-*.parquet"))) < 2:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_sweep(args, sweep)
     before = read_results(sweep).num_rows
     assert 0 < before < 8, "the kill must land mid-sweep"
     parent = json.loads(sweep.tracking.read_text())["parent"]

@@ -1,8 +1,5 @@
 """Real local Ray sweeps through the console entry point: store rows, MLflow runs, kill -9 and resume, bad input."""
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -13,7 +10,7 @@ from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.report import cell_table as report_cells
 from cram_sweep.store import SweepDir, read_results, read_stages
 
-from .helpers import TINY, TINY_PROGRESSIVE, cli_env, run_cli, start_cli, tiny_config
+from .helpers import TINY, TINY_PROGRESSIVE, cli_env, kill_mid_sweep, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow  # sweeps in processes of their own
 
@@ -137,13 +134,8 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
         "grid.lengths=[4,8]",
         "batch_size=1",
     ]
-    proc = start_cli(args)
     sweep = SweepDir(tmp_path / "killed")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(sweep.results.glob("part-*.parquet"))) < 2:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_sweep(args, sweep)
     before = read_results(sweep, ["cell", "sample"])
     assert 0 < before.num_rows < 8, "the kill must land mid-sweep"
     parent_before, _ = mlflow_runs(tmp_path)
