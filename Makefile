@@ -32,8 +32,9 @@ run: setup
 	  "expect about 6 minutes on a 2-core CPU in fp32, less where the CPU has fast bf16"
 	$(BIN)/cram-sweep run out_dir=$(OUT) $(DEMO) $(RUN_ARGS)
 
-# Two test modules at a time: most of the suite's wall time is waiting (processes, Ray and servers starting, kills
-# and resumes), so two workers overlap the waits (11.7 -> ~8.5 min on 2 cores). A module stays on one worker.
+# Two test modules at a time, a module on one worker: one overlaps the other's waits (processes, Ray and servers
+# starting, kills and resumes). On an idle 2-core Zen 4: 10 min 14 s, the cores 92 % busy (mostly ~50 CLI processes
+# starting torch, MLflow and Ray); a third worker saves ~30 s and starves the timing-sensitive cluster tests.
 test: setup
 	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
