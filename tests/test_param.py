@@ -95,6 +95,7 @@ def stored_sweep(tmp_path_factory):
     return out / "short"
 
 
+@pytest.mark.slow  # stored_sweep: a sweep in a process of its own
 def test_from_sweep_continues_a_stored_sample_from_its_accuracy(tiny_llama, stored_sweep):
     stored = {r["sample"]: r for r in read_results(SweepDir(stored_sweep)).to_pylist()}
     assert any(not r["converged"] for r in stored.values())
@@ -109,6 +110,7 @@ def test_from_sweep_continues_a_stored_sample_from_its_accuracy(tiny_llama, stor
         assert row.memory == pytest.approx(stored[sample]["memory"], abs=1e-6)
 
 
+@pytest.mark.slow  # stored_sweep: a sweep in a process of its own
 def test_a_from_sweep_sweep_goes_on_where_the_stored_one_stopped(tmp_path, stored_sweep):
     """Through the CLI and the workers: more steps from the stored vectors reach at least the stored accuracy."""
     run_cli(
@@ -120,6 +122,7 @@ def test_a_from_sweep_sweep_goes_on_where_the_stored_one_stopped(tmp_path, store
     assert {r["length"] for r in more} == {8, 10}, "length 10 starts from the stored length 8 (a shorter cap)"
 
 
+@pytest.mark.slow  # stored_sweep: a sweep in a process of its own
 def test_pca_takes_w_and_b_from_the_stored_vectors(tiny_llama, stored_sweep):
     cfg = tiny_config("grid.lengths=[8]", *LOWDIM, "param.k=4", "optim.init=pca", f"optim.init_from={stored_sweep}")
     basis = load_starts(cfg).bases["full", "tiny_llama"]
@@ -202,6 +205,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message):
     assert not any(tmp_path.iterdir()), "nothing written before the error"
 
 
+@pytest.mark.slow  # stored_sweep: a sweep in a process of its own
 def test_a_sample_missing_from_the_init_sweep_is_one_line(tmp_path, capsys, stored_sweep):
     args = [
         "run",
