@@ -8,8 +8,7 @@ Per (model, dataset, n_mem, method):
   utilization is the mean horizon over the theoretical capacity.
 - both: a sample's horizon is the longest prefix its stored vectors reproduce exactly, the most over the
   group's lengths (full: the greedy prefix of the length's best vectors), so the two methods compare.
-A column a method does not define is NaN in its rows (progressive's `max_tokens`, and its cells' `acc_mean`: a
-progressive row's accuracy is that of its horizon stage, >= the threshold by construction, or NaN at horizon 0).
+A column a method does not define is NaN in its rows (progressive's `max_tokens`; its cells' `acc_mean`, cellstate).
 `theoretical_tokens` and `utilization` count the vectors' numbers (n_mem * hidden at 16 bits each), whatever
 was trained; `trained_numbers` (per sample, from `param`) and `utilization_trained` count the numbers that
 were optimized (param=lowdim: n_mem * k, plus the projection where it is trained).
@@ -188,8 +187,7 @@ def capacity_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def cell_frame(states) -> pd.DataFrame:
-    """One row per (cell, state) of cellstate.cell_states, in its order; cells without finished samples have NaN means,
-    progressive cells a NaN `acc_mean`."""
+    """One row per (cell, state) of cellstate.cell_states, in its order; cells without finished samples have NaN means."""
     rows = [
         {
             "model": cell.model,
@@ -199,7 +197,6 @@ def cell_frame(states) -> pd.DataFrame:
             "length": cell.length,
             "cell": cell.id,
             **state,
-            **({"acc_mean": math.nan} if cell.method == "progressive" else {}),
         }
         for cell, state in states
     ]

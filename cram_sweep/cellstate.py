@@ -34,10 +34,11 @@ def runs_per_cell(cfg: SweepConfig) -> int:
     return cfg.grid.samples * cfg.grid.restarts
 
 
-def cell_state(runs: int, done: Sequence[Mapping], failed: Iterable[tuple[int, int]]) -> dict[str, float]:
-    """A cell of `runs` (sample, restart) runs, given its stored rows (`sample`, `restart` and STATE_COLUMNS) and the
+def cell_state(cell: Cell, runs: int, done: Sequence[Mapping], failed: Iterable[tuple[int, int]]) -> dict[str, float]:
+    """`cell` of `runs` (sample, restart) runs, given its stored rows (`sample`, `restart` and STATE_COLUMNS) and the
     (sample, restart) runs with a failed attempt: counts, means over the done rows (NaN when none) and the longest
-    greedy prefix."""
+    greedy prefix. A progressive cell has no mean accuracy (NaN): a progressive row's accuracy is that of its horizon
+    stage, >= the threshold by construction (NaN at horizon 0), so its mean says nothing the horizon does not."""
     done_samples = {(row["sample"], row["restart"]) for row in done}
     failed_samples = set(failed) - done_samples
 
@@ -49,6 +50,7 @@ def cell_state(runs: int, done: Sequence[Mapping], failed: Iterable[tuple[int, i
         "failed": len(failed_samples),
         "pending": max(runs - len(done_samples) - len(failed_samples), 0),
         **{name: mean(key) for name, key in MEANS.items()},
+        **({"acc_mean": math.nan} if cell.method == "progressive" else {}),
         "greedy_prefix_max": max((row["greedy_prefix"] for row in done), default=math.nan),
         "horizon_min": min((row["horizon"] for row in done), default=math.nan),
         "horizon_max": max((row["horizon"] for row in done), default=math.nan),
@@ -70,7 +72,7 @@ def by_cell(results: pa.Table, failures: pa.Table) -> tuple[dict[str, list], dic
 def cell_states(cfg: SweepConfig, results: pa.Table, failures: pa.Table) -> list[tuple[Cell, dict[str, float]]]:
     """Every cell of the grid, in grid order, with its state, from the results and failures stores."""
     done, failed = by_cell(results, failures)
-    return [(cell, cell_state(runs_per_cell(cfg), done.get(cell.id, []), failed.get(cell.id, ()))) for cell in cells(cfg)]
+    return [(cell, cell_state(cell, runs_per_cell(cfg), done.get(cell.id, []), failed.get(cell.id, ()))) for cell in cells(cfg)]
 
 
 def open_failures(results: pa.Table, failures: pa.Table) -> list[dict]:

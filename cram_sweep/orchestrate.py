@@ -116,7 +116,7 @@ class Sweep:
         self.tracker.record(cell, self._state(cell))
 
     def _state(self, cell: Cell) -> dict:
-        return cell_state(runs_per_cell(self.cfg), self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))
+        return cell_state(cell, runs_per_cell(self.cfg), self.done_rows.get(cell.id, []), self.failed_samples.get(cell.id, ()))
 
     def accept(self, finished: Finished) -> None:
         result = finished.result

@@ -47,7 +47,7 @@ def test_restarts_are_specs_of_the_work_items_like_samples():
 
 def test_a_cell_is_done_with_samples_times_restarts_rows():
     rows = [{"sample": s, "restart": r, **dict.fromkeys(STATE_COLUMNS, 1)} for s, r in ((0, 0), (0, 1), (1, 0))]
-    state = cell_state(2 * 2, rows, failed=[(1, 1), (0, 1)])
+    state = cell_state(Cell("tiny_llama", "pydoc", 2, 8), 2 * 2, rows, failed=[(1, 1), (0, 1)])
     assert (state["done"], state["failed"], state["pending"]) == (3, 1, 0)
 
 
