@@ -60,6 +60,8 @@ class SampleColumns:
     fail_acc: float  # accuracy at the first failed stage (full: the accuracy, if not converged; NaN if none failed)
     param: str  # what was trained: direct, or lowdim(k=..,train_projection=..)
     trained_numbers: int  # how many numbers were trained for the sample
+    batch_invariant: bool  # every forward at shapes of the sample's own (layout.py); false: packed with its batch-mates
+    forward_rows: int  # the rows of its forwards (the batch size it ran with; packed: the most)
     roundings: list[str]  # bf16, fp8_e4m3, int<k>...: the roundings the stored vectors were re-scored at ([]: no analysis)
     # per rounding, over the scored text (full: the whole text; progressive: the horizon prefix):
     horizon_at_bits: list[int]  # leading correct greedy predictions, in `horizon`'s units

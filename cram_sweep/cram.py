@@ -1,10 +1,11 @@
 """The cramming loop: optimize `n_mem` input vectors per text so a frozen LM reproduces the text.
 
 Samples share each forward/backward. The loss is the SUM of the samples' mean cross-entropies and AdamW
-(adamw.py) is elementwise with per-row state, so every sample follows the trajectory it would follow alone.
-Texts of different lengths share a batch right-padded: a causal model's earlier positions never see later
-ones, and padded targets are masked out of loss, accuracy and greedy prefix. A finished sample leaves at
-once and the next waiting one takes its slot, if the batch's padding stays within `max_padding`.
+(adamw.py) is elementwise with per-row state, so every sample follows the trajectory it would follow alone. The
+shapes of each forward are the layout's (layout.py): with `batch_invariant` (the default) they depend on the row
+alone, so its numbers are bit-identical whatever its batch-mates. Targets past a row's current target (a progressive
+stage's) are masked out of loss, accuracy and greedy prefix. A finished sample leaves at once and the next waiting
+one takes its slot, as the layout admits it.
 
 What is trained is the parametrization's (param.py: `direct`, the vectors themselves); what a forward means,
 and when a sample ends, is its method's rule (rules.py: full or progressive). `_Batch` holds only the rows:
@@ -27,18 +28,13 @@ from .adamw import AdamRows, RowAdamW
 from .bits import BitsColumns, Scored, analyse
 from .columns import SampleColumns, StageRecord
 from .config import AnalysisConfig, MethodConfig, OptimConfig
+from .layout import MAX_PADDING, Group, Layout
 from .loss import cross_entropy_and_argmax
 from .model import attention_implementation, autocast
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
 from .rules import DONE, NONFINITE, horizon_of, rule_for
 from .stages import StagePlan
-
-# A waiting sample joins only if padded positions stay within this share of the real ones. A constant, not a
-# config key: it trades padded compute against batch fill and leaves results unchanged (benchmarks/batch_fill.py
-# measures it; `cram(max_padding=...)` sets it for them).
-MAX_PADDING = 0.5
-
 
 @dataclass
 class SampleSpec:
@@ -101,21 +97,23 @@ def token_scores(model, memory: Optional[torch.Tensor], text_embeds: torch.Tenso
 
 
 def reduce_scores(ce_tok: torch.Tensor, correct: torch.Tensor, mask: Optional[torch.Tensor] = None):
-    """Per-row mean CE, accuracy and greedy prefix over the targets in `mask` (None: all).
+    """Per-row mean CE, accuracy and greedy prefix over the targets in `mask` (None: all), at the width of `ce_tok`
+    (a reduction's rounding depends on its width: the engine reduces every row at a width of its own).
 
     Greedy decoding from the vectors reproduces the text up to the first wrong teacher-forced prediction
     (until then it sees exactly the teacher-forced inputs), so the greedy prefix is the number of leading
     correct predictions: the greedy check costs nothing beyond the forward."""
-    if mask is None:
-        return ce_tok.mean(dim=1), correct.float().mean(dim=1), leading_matches(correct)
+    mask = torch.ones_like(correct) if mask is None else mask
     count = mask.sum(dim=1)
     ce = torch.where(mask, ce_tok, torch.zeros_like(ce_tok)).sum(dim=1) / count
     return ce, (correct & mask).sum(dim=1) / count, leading_matches(correct & mask)
 
 
-def padded_and_real(lengths: list[int]) -> tuple[int, int]:
-    """Positions of a right-padded batch of texts of these lengths, and how many of them are real."""
-    return max(lengths) * len(lengths), sum(lengths)
+def with_inert_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` rows: inert rows (zero vectors and text) that no loss reads."""
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 @dataclass
@@ -140,15 +138,36 @@ class StepRows(RowState):
 
 @dataclass
 class Scores:
-    """One forward's verdict per row, handed to the rule."""
+    """One step's verdict per row, handed to the rule; each group of the layout puts its rows'."""
 
     ce: torch.Tensor  # (B,) mean CE over the row's targets (nats)
     acc: torch.Tensor  # (B,) teacher-forced accuracy
     prefix: torch.Tensor  # (B,) leading correct predictions
     finite: torch.Tensor  # (B,) the loss is finite
-    ce_tok: torch.Tensor  # (B, P) per-target CE
+    ce_tok: torch.Tensor  # (B, P) per-target CE, zero past a row's group width
     correct: torch.Tensor  # (B, P)
     vectors: torch.Tensor  # (B, n_mem, H) the vectors of this forward (before its update)
+
+    @classmethod
+    def empty(cls, rows: int, targets: int, vectors: torch.Tensor) -> Scores:
+        device = vectors.device
+        return cls(
+            ce=torch.zeros(rows, device=device),
+            acc=torch.zeros(rows, device=device),
+            prefix=torch.zeros(rows, dtype=torch.long, device=device),
+            finite=torch.zeros(rows, dtype=torch.bool, device=device),
+            ce_tok=torch.zeros(rows, targets, device=device),
+            correct=torch.zeros(rows, targets, dtype=torch.bool, device=device),
+            vectors=vectors,
+        )
+
+    @torch.no_grad()
+    def put(self, index: torch.Tensor, ce, acc, prefix, finite, ce_tok, correct) -> None:
+        """The scores of the rows at `index` (copies: no arithmetic, so a row's numbers are its group's)."""
+        for mine, theirs in ((self.ce, ce), (self.acc, acc), (self.prefix, prefix), (self.finite, finite)):
+            mine[index] = theirs.detach()
+        self.ce_tok[index, : ce_tok.shape[1]] = ce_tok.detach()
+        self.correct[index, : correct.shape[1]] = correct
 
 
 class _Batch:
@@ -166,12 +185,14 @@ class _Batch:
         parametrization=Direct,
         analysis: Optional[AnalysisConfig] = None,
         max_rows: int = 1,
+        batch_invariant: bool = True,
+        max_padding: float = MAX_PADDING,
     ):
-        self.model, self.method, self.precision, self.cast_cache = model, method, precision, cast_cache
-        self.analysis, self.max_rows = analysis, max_rows  # max_rows: the batch size, the most rows any forward here takes
+        self.model, self.method, self.precision, self.cast_cache, self.analysis = model, method, precision, cast_cache, analysis
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.rule, self.optim = rule_for(method, optim), optim
+        self.layout = Layout(batch_invariant, max_rows, self.rule.offset, max_padding)  # max_rows: the batch size
         self.param = parametrization(n_mem, self.embed.weight, optim, self.device)
         self.adamw = RowAdamW(optim, self.device)
         self.specs: list[SampleSpec] = []
@@ -185,11 +206,6 @@ class _Batch:
 
     def __len__(self) -> int:
         return len(self.specs)
-
-    def positions(self, extra: Iterable[SampleSpec] = ()) -> tuple[int, int]:
-        """(padded, real) text positions of a step, with `extra` samples added."""
-        o = self.rule.offset
-        return padded_and_real([o + n for n in self.targets] + [self.rule.first_target(len(s.token_ids)) + o for s in extra])
 
     def add(self, specs: list[SampleSpec]) -> None:
         longest = max(len(s.token_ids) for s in specs)
@@ -215,45 +231,64 @@ class _Batch:
 
     @torch.no_grad()
     def _text_alone(self, specs: list[SampleSpec], ids: torch.Tensor, text_embeds: torch.Tensor):
-        """Per-token CE and correctness of each text's tokens 1..L-1 without vectors, right-padded; one forward
-        per length, so a sample's numbers do not depend on its batch-mates' lengths."""
+        """Per-token CE and correctness of each text's tokens 1..L-1 without vectors, right-padded; each length in
+        forwards of its own, so a sample's numbers do not depend on its batch-mates' lengths."""
         width = ids.shape[1] - 1
         ce0_tok = torch.zeros(len(specs), width, device=self.device)
         correct0_tok = torch.zeros(len(specs), width, dtype=torch.bool, device=self.device)
         for length in sorted({len(s.token_ids) for s in specs}):
             rows = torch.tensor([i for i, s in enumerate(specs) if len(s.token_ids) == length], device=self.device)
-            ce_tok, correct = token_scores(
-                self.model, None, text_embeds[rows, :length], ids[rows, 1:length], self.precision, self.cast_cache
-            )
+            ce_tok, correct = self._token_scores(None, text_embeds[rows, :length], ids[rows, 1:length])
             ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
         return ce0_tok, correct0_tok
 
+    def _token_scores(self, vectors: Optional[torch.Tensor], fed: torch.Tensor, targets: torch.Tensor):
+        """`token_scores` of these rows in forwards of at most `layout.rows` rows, each at the layout's row count (inert
+        rows appended where batch-invariant)."""
+        size, ce_parts, correct_parts = self.layout.rows, [], []
+        for start in range(0, fed.shape[0], size):
+            live = min(size, fed.shape[0] - start)
+            rows = self.layout.forward_rows(live)
+            part = [None if t is None else with_inert_rows(t[start : start + size], rows) for t in (vectors, fed, targets)]
+            ce_tok, correct = token_scores(self.model, *part, self.precision, self.cast_cache)
+            ce_parts.append(ce_tok[:live])
+            correct_parts.append(correct[:live])
+        return torch.cat(ce_parts), torch.cat(correct_parts)
+
     def step(self) -> None:
-        """One forward of every row's current target and one update of the rows its rule keeps running."""
-        o, count = self.rule.offset, max(self.targets)
-        fed = self.text.text_embeds[:, : o + count]
-        targets = self.text.ids[:, o : o + count]
-        mask = None if min(self.targets) == count else torch.arange(count, device=self.device)[None] < self.step_rows.targets[:, None]
+        """One forward of every row's current target (a forward per group of the layout) and one update of the rows
+        its rule keeps running."""
         vectors = self.param.vectors(self.params)
-        ce_tok, correct = token_scores(self.model, vectors, fed, targets, self.precision, self.cast_cache)
-        ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
-        loss_rows = ce if self.optim.leading_count == 0 or self.optim.leading_weight == 1 else self._weighted(ce_tok, mask)
-        finite = torch.isfinite(ce)
-        loss = torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum()
+        groups = self.layout.groups([len(s.token_ids) for s in self.specs], self.targets)
+        scores = Scores.empty(len(self), max(g.width for g in groups) - self.rule.offset, vectors.detach())
+        loss = torch.zeros((), device=self.device)
+        for group in groups:
+            loss = loss + self._group_loss(vectors, group, scores)
         for tensor in trained_tensors(self.params):
             tensor.grad = None
         loss.backward()
         with torch.no_grad():
-            active = self.rule.judge(self, Scores(ce, acc, prefix, finite, ce_tok, correct, vectors))
+            active = self.rule.judge(self, scores)
         self.adamw.step(self.params, active)
 
-    def _weighted(self, ce_tok: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _group_loss(self, vectors: torch.Tensor, group: Group, scores: Scores) -> torch.Tensor:
+        """The summed loss of one group's rows, whose scores it writes into `scores` (batch order)."""
+        o, count = self.rule.offset, group.width - self.rule.offset
+        index = torch.tensor(group.rows, device=self.device)
+        fed, targets = self.text.text_embeds[index, : group.width], self.text.ids[index, o : group.width]
+        ce_tok, correct = self._token_scores(vectors[index], fed, targets)
+        mask = torch.arange(count, device=self.device)[None] < self.step_rows.targets[index, None]
+        ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
+        loss_rows = ce if self.optim.leading_count == 0 or self.optim.leading_weight == 1 else self._weighted(ce_tok, mask)
+        finite = torch.isfinite(ce)
+        scores.put(index, ce, acc, prefix, finite, ce_tok, correct)
+        return torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum()
+
+    def _weighted(self, ce_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-row mean CE with the first `optim.leading_count` targets weighing `optim.leading_weight` (the
         reference's leading_token_loss_*: normalized by the count of targets, not by the weights)."""
         position = torch.arange(ce_tok.shape[1], device=self.device)[None]
         weights = torch.where(position < self.optim.leading_count, self.optim.leading_weight, 1.0)
-        if mask is None:
-            return (ce_tok * weights).sum(dim=1) / ce_tok.shape[1]
         return torch.where(mask, ce_tok * weights, torch.zeros_like(ce_tok)).sum(dim=1) / mask.sum(dim=1)
 
     def restore(self, rows: torch.Tensor, params: RowState, adam: AdamRows) -> None:
@@ -294,6 +329,8 @@ class _Batch:
             predict_first=self.rule.offset == 0,
             param=self.param.label,
             trained_numbers=self.param.trained_numbers,
+            batch_invariant=self.layout.batch_invariant,
+            forward_rows=self.layout.rows,
             seconds=self.seconds[i],
             steps=steps,
             memory=memory.cpu().flatten().tolist(),
@@ -304,24 +341,17 @@ class _Batch:
 
     @torch.no_grad()
     def _bits(self, i: int, memory: torch.Tensor, columns: dict, length: int) -> BitsColumns:
-        """Row i's stored vectors re-scored at each rounding of `analysis`: the roundings are the rows of one no-grad
-        forward over the text's first `length` tokens (the rule's `scored_length`; split in forwards of at most
-        `max_rows` rows where the batch is smaller, so it never needs more memory than a step), each scored for its
-        greedy horizon and accuracy over the targets among them."""
+        """Row i's stored vectors re-scored at each rounding of `analysis`: the roundings are the rows of no-grad
+        forwards over the text's first `length` tokens (the rule's `scored_length`), at the layout's row count (so it
+        never needs more memory than a step), each scored for its greedy horizon and accuracy over the targets among
+        them."""
         o = self.rule.offset
         fed, targets = self.text.text_embeds[i, :length], self.text.ids[i, o:length]
 
         def score(vectors: torch.Tensor) -> Scored:
-            scored = Scored([], [])
-            for part in vectors.split(self.max_rows):
-                rows = part.shape[0]
-                ce_tok, correct = token_scores(
-                    self.model, part, fed.expand(rows, -1, -1), targets.expand(rows, -1), self.precision, self.cast_cache
-                )
-                _, acc, prefix = reduce_scores(ce_tok, correct)
-                scored.horizon += [horizon_of(p, o, self.rule.start) for p in prefix.tolist()]
-                scored.acc += acc.tolist()
-            return scored
+            rows = vectors.shape[0]
+            _, acc, prefix = reduce_scores(*self._token_scores(vectors, fed.expand(rows, -1, -1), targets.expand(rows, -1)))
+            return Scored([horizon_of(p, o, self.rule.start) for p in prefix.tolist()], acc.tolist())
 
         return analyse(memory, self.analysis.uniform_bits, score, lambda horizon, acc: self.rule.keeps(columns, horizon, acc))
 
@@ -343,27 +373,32 @@ def cram(
     attention: Optional[str] = None,
     heartbeat_seconds: Optional[float] = None,
     method: Optional[MethodConfig] = None,
-    max_padding: float = MAX_PADDING,
     parametrization=Direct,
     analysis: Optional[AnalysisConfig] = None,
+    batch_invariant: bool = True,
+    max_padding: float = MAX_PADDING,
 ) -> Iterator[Union[SampleResult, Heartbeat]]:
-    """Optimize every sample (texts of any lengths, in the order given; shortest first keeps padding low);
+    """Optimize every sample (texts of any lengths, in the order given; shortest first keeps the batches full);
     yield one `SampleResult` per sample as it finishes. `method`: full cramming when None; `parametrization`:
     what is trained (param.py); `analysis`: what is measured on each finished sample (None: nothing, as
     `analysis.bits=false`: the bits columns are empty).
 
-    Speed options that leave results unchanged (up to float rounding): `batch_size`, `check_every` (steps
-    between host syncs; rows whose stage or sample ended are frozen on the device meanwhile), `cast_cache`
-    (bf16 weight copies), `attention` (the attention implementation; None: as the model was loaded) and
-    `max_padding`. With `heartbeat_seconds`, also yields a `Heartbeat` at most that often, so a caller can
-    show progress within long samples.
+    `batch_invariant` (layout.py): every forward at shapes that depend on its rows alone, so a sample's result is
+    bit-identical whatever its batch-mates (false: packed batches, `max_padding` bounding their padding).
+    Options that change no result: `check_every` (steps between host syncs; rows whose stage or sample ended are
+    frozen on the device meanwhile), `cast_cache` (bf16 weight copies), `attention` (the attention implementation;
+    None: as the model was loaded; another one rounds differently). `batch_size` is the row count of every forward,
+    which changes no result where the kernels do not depend on it (CPUs; docs/determinism.md). With
+    `heartbeat_seconds`, also yields a `Heartbeat` at most that often, so a caller can show progress within long samples.
     """
     waiting = deque(samples)
-    batch = _Batch(model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization, analysis, batch_size)
+    batch = _Batch(
+        model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization, analysis, batch_size, batch_invariant, max_padding
+    )
     last_heartbeat = time.perf_counter()
     with attention_implementation(model, attention):
         while waiting or len(batch):
-            admitted = _admit(batch, waiting, batch_size, max_padding)
+            admitted = _admit(batch, waiting)
             if admitted:
                 batch.add(admitted)
             started = time.perf_counter()
@@ -376,13 +411,17 @@ def cram(
                 yield Heartbeat(live=len(batch), steps=int(batch.step_rows.steps.max()), stage_length=batch.rule.stage_length(batch))
 
 
-def _admit(batch: _Batch, waiting: deque, batch_size: int, max_padding: float) -> list[SampleSpec]:
-    """The waiting samples that take the free slots: in order, while padding stays within `max_padding`
-    (an empty batch always takes the first)."""
+def _admit(batch: _Batch, waiting: deque) -> list[SampleSpec]:
+    """The waiting samples that take the free slots: in order, while the layout admits them (an empty batch always
+    takes the first)."""
+    lengths, targets = [len(s.token_ids) for s in batch.specs], list(batch.targets)
     admitted: list[SampleSpec] = []
-    while waiting and len(batch) + len(admitted) < batch_size:
-        padded, real = batch.positions(admitted + [waiting[0]])
-        if (len(batch) or admitted) and padded > (1 + max_padding) * real:
+    while waiting:
+        length = len(waiting[0].token_ids)
+        target = batch.rule.first_target(length)
+        if not batch.layout.admits(lengths, targets, length, target):
             break
         admitted.append(waiting.popleft())
+        lengths.append(length)
+        targets.append(target)
     return admitted

@@ -5,7 +5,8 @@ temporary name, fsynced and renamed into place (then the directory is fsynced), 
 (pyarrow.dataset skips names starting with '.') never sees half a file. A process killed mid-write
 leaves only a hidden `.tmp`, removed by the next process that takes the sweep's lock. Rows are
 deduplicated by their identity (cell, sample, restart) on read, so a crash between writing a merged file and
-deleting its parts loses and duplicates nothing. A store written before restarts existed reads as restart 0.
+deleting its parts loses and duplicates nothing. A column added later reads, in parts written before it, as what
+those parts held (ADDED_LATER: restart 0, packed batches).
 
 The Parquet schemas are derived from the row dataclasses of columns.py (`ResultRow`, `StageRow`,
 `FailureRow`): a column is added in one place.
@@ -213,15 +214,24 @@ def _read(folder: Path, schema: pa.Schema, columns=None) -> pa.Table:
                 f"{fragment.path} has store schema version {found}, this cram-sweep reads {SCHEMA_VERSION}: "
                 f"use a matching cram-sweep version or move the file out of {folder}"
             )
-    return _restart_zero_where_missing(dataset.to_table(columns=columns))
+    return _fill_columns_added_later(dataset.to_table(columns=columns))
 
 
-def _restart_zero_where_missing(table: pa.Table) -> pa.Table:
-    """Parts written before the restart column existed read it as null: they hold restart 0."""
-    if "restart" not in table.column_names or table["restart"].null_count == 0:
-        return table
-    index = table.column_names.index("restart")
-    return table.set_column(index, "restart", pc.fill_null(table["restart"], 0))
+# Columns added after schema version 2, and what a part written before them held.
+ADDED_LATER = {
+    "restart": 0,  # before restarts: every row was restart 0
+    "batch_invariant": False,  # before layout.py: every batch was packed
+    "forward_rows": 0,  # ... at row counts that varied
+}
+
+
+def _fill_columns_added_later(table: pa.Table) -> pa.Table:
+    """Parts written before a column of ADDED_LATER existed read it as null: they held its value there."""
+    for name, value in ADDED_LATER.items():
+        if name in table.column_names and table[name].null_count:
+            index = table.column_names.index(name)
+            table = table.set_column(index, name, pc.fill_null(table[name], value))
+    return table
 
 
 def _dedup(table: pa.Table, key_columns=IDENTITY) -> pa.Table:

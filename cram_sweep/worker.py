@@ -34,6 +34,7 @@ class WorkerSettings:
     precision: str
     attention: str
     batch_size: Union[int, str]
+    batch_invariant: bool
     device: str
     check_every: int
     progress_seconds: float
@@ -48,6 +49,7 @@ class WorkerSettings:
             cfg.precision,
             cfg.attention,
             cfg.batch_size,
+            cfg.batch_invariant,
             cfg.device,
             cfg.worker.check_every,
             cfg.worker.progress_seconds,
@@ -147,5 +149,6 @@ class CramWorker:
                 method=settings.method,
                 parametrization=parametrization(s.param, item.basis),
                 analysis=s.analysis,
+                batch_invariant=s.batch_invariant,
             ):
                 yield Finished(out, precision, lm.hidden, lm.vocab_size) if isinstance(out, SampleResult) else out

@@ -297,6 +297,8 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "fail_acc": math.nan if acc == 1.0 else acc,
         "param": "direct",
         "trained_numbers": n_mem * hidden,
+        "batch_invariant": True,
+        "forward_rows": 16,
         "roundings": [],
         "horizon_at_bits": [],
         "acc_at_bits": [],

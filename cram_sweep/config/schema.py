@@ -294,6 +294,7 @@ class SweepConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     attention: str = "auto"  # auto | eager | sdpa | any attn_implementation transformers knows
     batch_size: Any = 16  # int, or "auto"
+    batch_invariant: bool = True  # every forward at shapes of its rows' own (layout.py); false: packed, faster, rows feel their batch
     device: str = "auto"  # auto | cpu | cuda
     report: bool = True
     flush_seconds: float = 5.0  # finished samples reach the store and MLflow at least this often
