@@ -34,7 +34,8 @@ def test_batch_does_not_change_a_sample(tiny_llama):
 
 def test_continuous_batching_refills_slots(tiny_llama):
     """A finished sample leaves at once and a waiting one takes its slot while its batch-mate runs on:
-    every step runs a full batch until the last sample has entered."""
+    every step runs a full batch until the last sample has entered. Every forward has the batch size's rows; the
+    live ones are those whose vectors are not the inert rows' zeros."""
     specs = specs_for(tiny_llama, 8, 5)
     by_ids = {tuple(s.token_ids): s.sample for s in specs}
     events = []  # ("enter", samples) when texts join the batch, ("step", batch size) per optimization forward
@@ -43,8 +44,10 @@ def test_continuous_batching_refills_slots(tiny_llama):
         events.append(("enter", [by_ids[tuple(row)] for row in inputs[0].tolist()]))
 
     def on_forward(module, args, kwargs):  # optimization steps run the text plus its 2 vectors
-        if kwargs["inputs_embeds"].shape[1] == 8 + 2:
-            events.append(("step", kwargs["inputs_embeds"].shape[0]))
+        embeds = kwargs["inputs_embeds"]
+        if embeds.shape[1] == 8 + 2:
+            assert embeds.shape[0] == 2, "every forward at the batch size's rows"
+            events.append(("step", int(embeds[:, :2].flatten(1).any(dim=1).sum())))
 
     hooks = [
         tiny_llama.model.get_input_embeddings().register_forward_hook(on_embed),
