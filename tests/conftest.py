@@ -15,6 +15,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """Across batch sizes a row is bit-identical where the CPU's kernels do not depend on a product's row count: measured
+    at one thread (docs/determinism.md), as `make test` runs; at two, a tiny_neox head GEMM of 11 rows and one of 44 round
+    differently."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from cram_sweep.model import load_model

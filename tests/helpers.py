@@ -204,6 +204,22 @@ def assert_same_result(a, b, atol=1e-3, ce_rel=1e-4, steps_within=0):
     assert torch.allclose(torch.tensor(a["memory"]), torch.tensor(b["memory"]), atol=atol)
 
 
+# Columns that measure time, or the batch size a row ran with, not what was computed.
+NOT_COMPUTED = ("seconds", "bits_seconds", "forward_rows")
+
+
+def assert_bit_identical(a, b, ignore=NOT_COMPUTED):
+    """Two results of one sample (engine results or stored rows) agree in every column they share, bit for bit: vectors,
+    steps, CE, stages and the rest (NaN equals NaN), but for the time they took and `ignore`."""
+    a, b = fields(a), fields(b)
+    for name in sorted(set(a) & set(b) - set(ignore)):
+        x, y = a[name], b[name]
+        same = x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+        if name == "stage_records":
+            same = [fields(r) for r in x] == [fields(r) for r in y]
+        assert same, f"{name} differs: {x if not isinstance(x, list) else x[:4]} against {y if not isinstance(y, list) else y[:4]}"
+
+
 def naive_parameters(model, n_mem, init_seed, optim, k=None):
     """What a batch-size-1 loop trains, written independently of param.py: the vectors (k None), or (param=lowdim)
     z at width k and an nn.Linear(k, hidden) seeded as the engine seeds it. Returns (parameters, vectors())."""
