@@ -77,7 +77,14 @@ def cmd_run(overrides, show_config: bool) -> int:
 
 def cmd_resume(path: str, overrides) -> int:
     sweep = SweepDir(path).require()
-    cfg = with_runtime_overrides(load_sweep_config(sweep.config), overrides)
+    stored = load_sweep_config(sweep.config)
+    cfg = with_runtime_overrides(stored, overrides)
+    if cfg.batch_size != stored.batch_size:
+        print(
+            f"warning: batch_size={cfg.batch_size}, the sweep ran {stored.batch_size}: the rows run from now on have another "
+            "row count in every product, which some kernels round differently (forward_rows records it; docs/determinism.md)",
+            file=sys.stderr,
+        )
     from .init_from import load_starts
     from .orchestrate import prepare_tokens
 

@@ -17,9 +17,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture
 def one_thread():
-    """Across batch sizes a row is bit-identical where the CPU's kernels do not depend on a product's row count: measured
-    at one thread (docs/determinism.md), as `make test` runs; at two, a tiny_neox head GEMM of 11 rows and one of 44 round
-    differently."""
+    """One compute thread, as the tests' Ray workers run (cluster.num_cpus=1): an in-process run compared bit for bit
+    with a worker's rows runs at the worker's thread count."""
     import torch
 
     threads = torch.get_num_threads()

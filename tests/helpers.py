@@ -220,6 +220,27 @@ def assert_bit_identical(a, b, ignore=NOT_COMPUTED):
         assert same, f"{name} differs: {x if not isinstance(x, list) else x[:4]} against {y if not isinstance(y, list) else y[:4]}"
 
 
+def uninterrupted_rows(cfg, batch_size: int) -> dict:
+    """(cell, sample) -> the engine's result for every sample of a one-method sweep on a tiny model, run in this process
+    through the sweep's work items without interruption, as a worker runs them (one thread, eager attention)."""
+    from cram_sweep.cram import cram
+    from cram_sweep.model import load_model
+    from cram_sweep.orchestrate import prepare_tokens, work_items
+
+    rows = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for item in work_items(cfg, prepare_tokens(cfg), set()):
+            lm = load_model(item.model, cfg.models[item.model], "cpu")
+            options = dict(attention="eager", method=cfg.method, analysis=cfg.analysis)
+            for row in cram(lm.model, item.specs, item.n_mem, cfg.optim, "fp32", batch_size=batch_size, **options):
+                rows[row.cell, row.sample] = row
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def naive_parameters(model, n_mem, init_seed, optim, k=None):
     """What a batch-size-1 loop trains, written independently of param.py: the vectors (k None), or (param=lowdim)
     z at width k and an nn.Linear(k, hidden) seeded as the engine seeds it. Returns (parameters, vectors())."""

@@ -19,17 +19,13 @@ import psutil
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from cram_sweep import cli, store
 from cram_sweep.config import to_yaml
-from cram_sweep.cram import cram
 from cram_sweep.errors import UserError
-from cram_sweep.model import load_model
-from cram_sweep.orchestrate import prepare_tokens, work_items
 from cram_sweep.store import SweepDir, read_failures, read_results
 
-from .helpers import TINY, assert_same_result, cli_env, result_row, start_cli, tiny_config, wait_for
+from .helpers import TINY, assert_bit_identical, cli_env, result_row, start_cli, tiny_config, uninterrupted_rows, wait_for
 
 # One torch thread per worker: on a loaded 2-core machine two OpenMP threads per worker crawl (spin-waits).
 BASE = [*TINY, "worker.cpus=1"]
@@ -167,18 +163,8 @@ def faulted(tmp_path_factory):
     finally:
         if proc.poll() is None:
             kill_tree(proc)
-    # The un-faulted baseline: the engine on the same samples at the configured batch size (4), in this process.
-    cfg = tiny_config(*FAULTED)
-    lm = load_model("tiny_llama", cfg.models["tiny_llama"], "cpu")
-    baseline = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker (worker.cpus=1); also immune to busy cores
-    try:
-        for item in work_items(cfg, prepare_tokens(cfg), set()):
-            for row in cram(lm.model, item.specs, item.n_mem, cfg.optim, "fp32", batch_size=4):
-                baseline[row.cell, row.sample] = row
-    finally:
-        torch.set_num_threads(threads)
+    # The un-faulted baseline: the engine on the same samples at the batch size the OOM halved to (2), in this process.
+    baseline = uninterrupted_rows(tiny_config(*FAULTED), batch_size=2)
     return {"proc": proc, "text": text, "sweep": sweep, "second": second, "still_running": still_running, "baseline": baseline}
 
 
@@ -189,8 +175,9 @@ def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
     assert "out of memory on tiny_llama/full/n_mem=2 (2 cells): retrying 6 samples with batch_size=2" in text
     rows = stored(sweep)
     assert len(rows) == 5 and raw_count(sweep) == 5
-    for key, row in rows.items():  # batch 2 after the OOM, batch 4 in the baseline: the same trajectories
-        assert_same_result(row, faulted["baseline"][key])
+    for key, row in rows.items():  # batch 2 after the OOM, as the baseline at batch 2: the same rows
+        assert_bit_identical(row, faulted["baseline"][key])
+        assert row["forward_rows"] == 2
     assert not any("oom" in r["error"].lower() or "memory" in r["error"].lower() for r in read_failures(sweep).to_pylist())
 
 
@@ -207,7 +194,7 @@ def test_nan_sample_fails_alone_with_its_reason_and_sweep_exits_1(faulted, capsy
     rows = stored(sweep)
     assert (NAN_CELL, 1) not in rows
     for sample in (0, 2):  # its batch-mates: stored, and exactly what they are without the NaN neighbour
-        assert_same_result(rows[NAN_CELL, sample], faulted["baseline"][NAN_CELL, sample])
+        assert_bit_identical(rows[NAN_CELL, sample], faulted["baseline"][NAN_CELL, sample])
     code, out, err = cli_main(capsys, "status", str(sweep.path))
     assert code == 0 and err == ""
     assert f"failed: {NAN_CELL} sample 1 (attempt 1): loss became non-finite at step 1" in out

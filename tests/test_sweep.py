@@ -10,7 +10,7 @@ from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.report import cell_table as report_cells
 from cram_sweep.store import SweepDir, read_results, read_stages
 
-from .helpers import TINY, TINY_PROGRESSIVE, cli_env, kill_mid_sweep, run_cli, tiny_config
+from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, cli_env, kill_mid_sweep, run_cli, tiny_config, uninterrupted_rows
 
 pytestmark = pytest.mark.slow  # sweeps in processes of their own
 
@@ -124,7 +124,8 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
 
 def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
     """kill -9 mid-sweep, then resume with runtime overrides: each sample once, the same MLflow parent (progressive
-    and restarts: test_restarts)."""
+    and restarts: test_restarts), and every row bit-identical to an uninterrupted run's at the batch size it ran with (1
+    before the kill, 3 after), though it ran beside other samples than there."""
     args = [
         "run",
         "name=killed",
@@ -148,6 +149,12 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
     assert after.num_rows == raw.num_rows == 8, "every sample exactly once"
     parents, _ = mlflow_runs(tmp_path)
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
+    cfg = load_sweep_config(sweep.config)
+    uninterrupted = {rows: uninterrupted_rows(cfg, batch_size=rows) for rows in (1, 3)}
+    stored = read_results(sweep).to_pylist()
+    assert sorted(r["forward_rows"] for r in stored) == sorted([1] * before.num_rows + [3] * (8 - before.num_rows))
+    for row in stored:
+        assert_bit_identical(row, uninterrupted[row["forward_rows"]][row["cell"], row["sample"]])
 
 
 def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path, capsys):
