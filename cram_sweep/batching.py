@@ -21,18 +21,26 @@ log = logging.getLogger("cram_sweep")
 # batch that still does not fit is halved (cram_fitting); users who know better set batch_size themselves.
 GPU_MEMORY_SHARE = 0.8
 MAX_AUTO_BATCH = 512
+# Bytes a sample keeps per position for the backward: per layer and hidden unit, and per vocabulary entry (the logits
+# and their gradient). Fitted to the peak memory of the first H200 run (issue 31: SmolLM2-135M at L=512, Llama-3.2-1B
+# at L=512, Llama-3.1-8B at L=1568, bf16 autocast): 33 and 5.3 fit the 1B and 8B peaks and over-predict the 135M one
+# by 20 %; rounded up.
+BYTES_PER_LAYER_UNIT = 34
+BYTES_PER_VOCAB_ENTRY = 6
 
 
-def auto_batch_size(lm, length: int, n_mem: int) -> int:
-    """CPU: 4 samples per core keeps the matmuls large. GPU: what fits in GPU_MEMORY_SHARE of free memory, by
-    an estimate per sample of the activations kept for the backward (per layer and position, ~40 values of the
-    hidden width) and of the vocabulary projection's logits and their gradient (~12 bytes per vocabulary entry)."""
+def auto_batch_size(lm, length: int, n_mem: int, precision: str = "fp32") -> int:
+    """CPU: 4 samples per core keeps the matmuls large. GPU: what fits in GPU_MEMORY_SHARE of free memory, after the bf16
+    copies of the weights that a bf16 forward casts once (model.autocast), by the fitted bytes per sample and position.
+    Free memory changes from run to run: for bit-identical reruns on CUDA give batch_size as a number
+    (docs/determinism.md)."""
     if lm.device.type != "cuda":
         return 4 * torch.get_num_threads()
     free, _ = torch.cuda.mem_get_info(lm.device)
-    tokens = length + n_mem
+    if precision == "bf16":
+        free -= 2 * lm.n_params
     layers = getattr(lm.model.config, "num_hidden_layers", 32)
-    per_sample = tokens * (lm.hidden * layers * 40 + lm.vocab_size * 12)
+    per_sample = (length + n_mem) * (lm.hidden * layers * BYTES_PER_LAYER_UNIT + lm.vocab_size * BYTES_PER_VOCAB_ENTRY)
     return int(max(1, min(MAX_AUTO_BATCH, GPU_MEMORY_SHARE * free // per_sample)))
 
 

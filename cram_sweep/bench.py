@@ -139,12 +139,13 @@ def paper_sample(model, token_ids: list[int], n_mem: int, steps: int, init_seed:
         opt.step()
 
 
-def resolve_batch_sizes(batch_sizes, lm, length: int, n_mem: int) -> list[int]:
-    """Each batch size as given, `auto` as a sweep would choose it on this device (batching.auto_batch_size)."""
+def resolve_batch_sizes(batch_sizes, lm, length: int, n_mem: int, precisions) -> list[int]:
+    """Each batch size as given, `auto` as a sweep would choose it on this device (batching.auto_batch_size), for the
+    precision that leaves the least room (bf16 keeps a bf16 copy of the weights) among `precisions`."""
     resolved = []
     for batch in batch_sizes:
         if batch == "auto":
-            batch = auto_batch_size(lm, length, n_mem)
+            batch = auto_batch_size(lm, length, n_mem, "bf16" if "bf16" in precisions else "fp32")
             print(f"  batch size auto: {batch}", file=sys.stderr, flush=True)
         resolved.append(batch)
     return list(dict.fromkeys(resolved))
@@ -179,7 +180,7 @@ def bench(
     started = time.perf_counter()
     lm = load_model(model_name, cfg.models[model_name], device)
     load_seconds = time.perf_counter() - started
-    batch_sizes = resolve_batch_sizes(batch_sizes, lm, length, n_mem)
+    batch_sizes = resolve_batch_sizes(batch_sizes, lm, length, n_mem, precisions)
     count = max(max(batch_sizes), paper_samples)
     ids = sample_token_ids(cfg.datasets[dataset], dataset, lm.tokenizer, count, length, cfg.seed)
     cell = Cell(model_name, dataset, n_mem, length)

@@ -36,6 +36,7 @@ from .rows import RowState, per_position
 from .rules import DONE, NONFINITE, horizon_of, rule_for
 from .stages import StagePlan
 
+
 @dataclass
 class SampleSpec:
     sample: int
@@ -393,7 +394,17 @@ def cram(
     """
     waiting = deque(samples)
     batch = _Batch(
-        model, n_mem, optim, method or MethodConfig(), precision, cast_cache, parametrization, analysis, batch_size, batch_invariant, max_padding
+        model,
+        n_mem,
+        optim,
+        method or MethodConfig(),
+        precision,
+        cast_cache,
+        parametrization,
+        analysis,
+        batch_size,
+        batch_invariant,
+        max_padding,
     )
     last_heartbeat = time.perf_counter()
     with attention_implementation(model, attention):

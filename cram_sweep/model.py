@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import struct
 import sys
 import weakref
@@ -201,6 +202,8 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if dev.type == "cuda":
+            deterministic_cuda()
         tokenizer = load_tokenizer(name, cfg)
         model = _build_model(name, cfg, tokenizer, dev).to(dev)
         model.eval().requires_grad_(False)
@@ -209,6 +212,14 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
         family = cfg.family or getattr(model.config, "model_type", "")
         _MODELS[key] = LoadedModel(name, model, tokenizer, family, dev)
     return _MODELS[key]
+
+
+def deterministic_cuda() -> None:
+    """Run-to-run determinism on CUDA (docs/determinism.md): cuBLAS with a fixed workspace (its split reductions are
+    otherwise free to vary; the variable must be set before cuBLAS starts, so before the model is built), and torch's
+    deterministic kernels where it has them (a warning, not an error, where it has none)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def clear_cache() -> None:

@@ -131,7 +131,7 @@ class CramWorker:
         attention = resolve_attention(s.attention, lm.device, longest + item.n_mem)
         batch_size = item.batch_size or s.batch_size
         if batch_size == "auto":
-            batch_size = auto_batch_size(lm, longest, item.n_mem)
+            batch_size = auto_batch_size(lm, longest, item.n_mem, precision)
         check_every = s.check_every or (16 if lm.device.type == "cuda" else 1)
         yield Started(batch_size)
         with faults.injected(lm.model, item.specs):

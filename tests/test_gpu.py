@@ -1,5 +1,6 @@
-"""The CUDA path: the engine against the naive loop, batch independence, fewer host syncs, bf16 vectors,
-`batch_size=auto` and the OOM split, on a real GPU (`make gpu-check`).
+"""The CUDA path: the engine against the naive loop, the promise (bit-identical rows whatever the batch-mates, their
+order, the host syncs, and run to run, at one batch size), bf16 vectors, `batch_size=auto` and the OOM split, on a real
+GPU (`make gpu-check`).
 
 Skipped with the reason where CUDA is missing. CRAM_GPU_TESTS_ON_CPU=1 runs the ones that mean something on a
 CPU there (to work on these tests without a GPU). Imports only what an air-gapped GPU machine has: torch,
@@ -17,7 +18,7 @@ from cram_sweep.cram import SampleSpec, cram, reduce_scores, token_scores
 from cram_sweep.grid import Cell, sample_seed
 from cram_sweep.model import load_model, resolve_attention
 
-from .helpers import assert_same_result, by_sample, naive_cram, specs_for, tiny_config
+from .helpers import assert_bit_identical, assert_same_result, by_sample, naive_cram, specs_for, tiny_config
 
 ON_CPU = os.environ.get("CRAM_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,20 +49,39 @@ def true_fp32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
+# Another GEMM shape is another cuBLAS kernel: on the first H200 run (issue 31; fp32, TF32 off, the tiny models, length
+# 8, n_mem 2) the engine at batch 1 and 3 and the naive loop ended up to 1 step apart, the lowest summed CE up to 0.4 %
+# apart (17.491 against 17.562 bits) and the vectors up to 1.1 % of their norm apart (0.155 of 13.9) after ~80 steps.
+# Held to 2.5x those: a step, 1 % of the CE, 2.5 % of the vectors' norm.
+ACROSS_SHAPES = dict(steps_within=1, ce_rel=1e-2)
+NORM_SHARE = 0.025
+
+
+def assert_within_kernel_rounding(a, b):
+    a, b = (vars(r) if hasattr(r, "__dict__") else r for r in (a, b))
+    atol = NORM_SHARE * max(torch.tensor(a["memory"]).norm().item(), torch.tensor(b["memory"]).norm().item())
+    assert_same_result(a, b, atol=atol, **ACROSS_SHAPES)
+
+
 def test_engine_matches_the_naive_loop_at_fp32(tiny, true_fp32):
     specs = specs_for(tiny, 8, 3)
     engine = by_sample(cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=3, check_every=16))
     for spec in specs:
-        assert_same_result(engine[spec.sample], naive_cram(tiny.model, spec.token_ids, 2, spec.init_seed, OPTIM))
+        assert_within_kernel_rounding(engine[spec.sample], naive_cram(tiny.model, spec.token_ids, 2, spec.init_seed, OPTIM))
 
 
-def test_a_sample_does_not_feel_its_batch(tiny, true_fp32):
-    specs = specs_for(tiny, 8, 5)
-    alone = {s.sample: next(iter(cram(tiny.model, [s], 2, OPTIM, "fp32", batch_size=1))) for s in specs}
-    for batch_size, order in ((2, specs), (5, specs[::-1])):
-        batched = by_sample(cram(tiny.model, order, 2, OPTIM, "fp32", batch_size=batch_size, check_every=16))
-        for sample, row in batched.items():
-            assert_same_result(row, alone[sample])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_sample_does_not_feel_its_batch(tiny, precision):
+    """At one batch size, bit for bit: alone, beside other samples of its cell and of a longer cell, in another order,
+    and run again (TF32 as a sweep runs it). Another batch size: within kernel rounding."""
+    specs = specs_for(tiny, 8, 3, cell="a") + specs_for(tiny, 12, 2, cell="b")
+    alone = {(s.cell, s.sample): next(iter(cram(tiny.model, [s], 2, OPTIM, precision, batch_size=5))) for s in specs}
+    for order in (specs, specs[::-1], specs):
+        batched = {(r.cell, r.sample): r for r in cram(tiny.model, order, 2, OPTIM, precision, batch_size=5, check_every=16)}
+        for key, row in batched.items():
+            assert_bit_identical(row, alone[key])
+    for row in cram(tiny.model, specs, 2, OPTIM, precision, batch_size=2, check_every=16):
+        assert_within_kernel_rounding(row, alone[row.cell, row.sample])
 
 
 def test_host_syncs_every_16_steps_give_the_rows_of_every_step(tiny, true_fp32):
@@ -69,8 +89,7 @@ def test_host_syncs_every_16_steps_give_the_rows_of_every_step(tiny, true_fp32):
     every = by_sample(cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=4, check_every=1))
     sixteen = by_sample(cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=4, check_every=16))
     for sample, row in every.items():
-        assert sixteen[sample].steps == row.steps, "frozen samples do not step on"
-        assert_same_result(sixteen[sample], row)
+        assert_bit_identical(sixteen[sample], row)
 
 
 def test_bf16_rows_vectors_reproduce_their_accuracy(tiny):
@@ -102,7 +121,7 @@ def test_auto_batch_size_runs_and_uses_most_of_the_free_memory():
     torch.cuda.empty_cache()
     free_before, _ = torch.cuda.mem_get_info()
     in_use = torch.cuda.memory_allocated()
-    batch = auto_batch_size(lm, length, 1)
+    batch = auto_batch_size(lm, length, 1, "bf16")
     torch.cuda.reset_peak_memory_stats()
     optim = dataclasses.replace(OPTIM, max_steps=3, patience=3)
     rows = list(
@@ -142,5 +161,6 @@ def test_a_real_cuda_oom_halves_the_batch_and_changes_no_result(true_fp32):
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert sorted(fitted) == list(range(8))
-    for sample, row in alone.items():
-        assert_same_result(fitted[sample], row)
+    for sample, row in alone.items():  # both ran at batch 2 (the OOM halved 8 to 4 to 2), beside other samples
+        assert fitted[sample].forward_rows == 2
+        assert_bit_identical(fitted[sample], row)

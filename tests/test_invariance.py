@@ -17,14 +17,24 @@ from .helpers import TINY_PROGRESSIVE, assert_bit_identical, specs_for, tiny_con
 
 # Short runs: a difference shows from the first step (the packed layout's do, test_packed_batches_give_the_promise_up).
 SHORT = ["optim.max_steps=60", "optim.patience=60", "method.steps_per_stage=20"]
-CASES = [(method, param, precision) for method in ("full", "progressive") for param in ("direct", "lowdim") for precision in ("fp32", "bf16")]
+CASES = [
+    (method, param, precision) for method in ("full", "progressive") for param in ("direct", "lowdim") for precision in ("fp32", "bf16")
+]
 
 
 def run(lm, specs, batch_size, method, param, precision, **options):
     cfg = tiny_config(*(TINY_PROGRESSIVE if method == "progressive" else []), *SHORT)
     param_cfg = ParamConfig(name=param, k=8)
     rows = cram(
-        lm.model, specs, 2, cfg.optim, precision, batch_size=batch_size, method=cfg.method, parametrization=parametrization(param_cfg), **options
+        lm.model,
+        specs,
+        2,
+        cfg.optim,
+        precision,
+        batch_size=batch_size,
+        method=cfg.method,
+        parametrization=parametrization(param_cfg),
+        **options,
     )
     return {(r.cell, r.sample): r for r in rows}
 

@@ -187,7 +187,9 @@ def test_leading_targets_weigh_more_in_the_loss_only(tiny_llama):
     ce_tok = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 0.0]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
     expected = torch.tensor([(3 * 1 + 3 * 2 + 3 + 4) / 4, (3 + 3 + 1) / 3])
-    assert torch.allclose(batch._weighted(ce_tok, mask), expected) and torch.allclose(batch._weighted(ce_tok[:1], torch.ones_like(mask[:1])), expected[:1])
+    assert torch.allclose(batch._weighted(ce_tok, mask), expected) and torch.allclose(
+        batch._weighted(ce_tok[:1], torch.ones_like(mask[:1])), expected[:1]
+    )
     weighted = by_sample(cram(tiny_llama.model, specs_for(tiny_llama, 8, 2), 2, cfg.optim, "fp32", batch_size=2))
     plain = by_sample(cram(tiny_llama.model, specs_for(tiny_llama, 8, 2), 2, tiny_config().optim, "fp32", batch_size=2))
     assert any(weighted[s].memory != plain[s].memory for s in plain), "the loss changed the trajectory"
