@@ -28,6 +28,8 @@ from cram_sweep.grid import Cell, sample_seed
 from cram_sweep.markdown import md_table
 from cram_sweep.model import load_model, resolve_attention
 
+HEADER = ["precision", "batch", "scenario", "fixed shapes (sample-steps/s)", "packed (sample-steps/s)", "fixed / packed"]
+
 
 def specs(lm, cfg, dataset: str, length: int, count: int, cell: str) -> list[SampleSpec]:
     ids = sample_token_ids(cfg.datasets[dataset], dataset, lm.tokenizer, count, length, cfg.seed)
@@ -80,19 +82,10 @@ def main() -> None:
                 rates = {
                     invariant: sample_steps_per_second(lm, samples, cfg, method, precision, batch, invariant) for invariant in (True, False)
                 }
-                table.append(
-                    {
-                        "precision": precision,
-                        "batch": batch,
-                        "scenario": name,
-                        "fixed shapes (sample-steps/s)": f"{rates[True]:.2f}",
-                        "packed (sample-steps/s)": f"{rates[False]:.2f}",
-                        "fixed / packed": f"{rates[True] / rates[False]:.2f}",
-                    }
-                )
-                print(md_table([table[-1]]).splitlines()[-1], flush=True)
+                table.append([precision, batch, name, f"{rates[True]:.2f}", f"{rates[False]:.2f}", f"{rates[True] / rates[False]:.2f}"])
+                print(md_table(HEADER, table[-1:]).splitlines()[-1], flush=True)
     print()
-    print(md_table(table))
+    print(md_table(HEADER, table))
 
 
 if __name__ == "__main__":
