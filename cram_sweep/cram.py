@@ -29,7 +29,7 @@ from .bits import BitsColumns, Scored, analyse
 from .columns import SampleColumns, StageRecord
 from .config import AnalysisConfig, MethodConfig, OptimConfig
 from .layout import MAX_PADDING, Group, Layout
-from .loss import cross_entropy_and_argmax
+from .loss import cross_entropy_and_argmax, linear_head
 from .model import attention_implementation, autocast
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
@@ -89,12 +89,15 @@ def token_scores(model, memory: Optional[torch.Tensor], text_embeds: torch.Tenso
     memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P)."""
     inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
     count = targets.shape[1]
-    # logits of exactly the predicting positions: no (B, T, V) slice in the backward
     predicting = torch.arange(inputs.shape[1] - count - 1, inputs.shape[1] - 1, device=inputs.device)
     with autocast(model, precision, cast_cache):
-        logits = model(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits
-    ce, argmax = cross_entropy_and_argmax(logits.flatten(0, 1), targets.flatten())
-    return ce.view_as(targets), argmax.view_as(targets) == targets
+        head = linear_head(model)
+        if head is None:  # logits of exactly the predicting positions: no (B, T, V) slice in the backward
+            states, weight = model(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits, None
+        else:
+            states, weight = model.base_model(inputs_embeds=inputs, use_cache=False).last_hidden_state[:, predicting], head.weight
+        ce, argmax = cross_entropy_and_argmax(states, weight, targets)
+    return ce, argmax == targets
 
 
 def reduce_scores(ce_tok: torch.Tensor, correct: torch.Tensor, mask: Optional[torch.Tensor] = None):

@@ -75,7 +75,7 @@ def injected(model, specs):
             if x is not None and x.shape[0] > limit:
                 raise torch.OutOfMemoryError(f"injected out of memory: a batch of {x.shape[0]} > {limit} samples")
 
-        handles.append(model.register_forward_pre_hook(oom, with_kwargs=True))
+        handles.append(model.base_model.register_forward_pre_hook(oom, with_kwargs=True))
     if "sleep_in_item" in found and not restarted():
         seconds = float(found["sleep_in_item"][0])
 
@@ -83,7 +83,7 @@ def injected(model, specs):
             sleeper.remove()
             time.sleep(seconds)
 
-        sleeper = model.register_forward_pre_hook(hang)
+        sleeper = model.base_model.register_forward_pre_hook(hang)
         handles.append(sleeper)
     try:
         yield

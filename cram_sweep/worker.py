@@ -34,6 +34,7 @@ class WorkerSettings:
     precision: str
     attention: str
     batch_size: Union[int, str]
+    cell_samples: int  # a cell's rows (grid.samples x grid.restarts): the most a batch takes (layout.py)
     batch_invariant: bool
     device: str
     check_every: int
@@ -49,6 +50,7 @@ class WorkerSettings:
             cfg.precision,
             cfg.attention,
             cfg.batch_size,
+            cfg.grid.samples * cfg.grid.restarts,
             cfg.batch_invariant,
             cfg.device,
             cfg.worker.check_every,
@@ -132,6 +134,9 @@ class CramWorker:
         batch_size = item.batch_size or s.batch_size
         if batch_size == "auto":
             batch_size = auto_batch_size(lm, longest, item.n_mem, precision)
+        # Rows are grouped by length, so a batch never holds more rows of one group than a cell has samples: beyond,
+        # every forward would carry inert rows. A function of the settings, so a resume keeps the row count.
+        batch_size = min(batch_size, s.cell_samples)
         check_every = s.check_every or (16 if lm.device.type == "cuda" else 1)
         yield Started(batch_size)
         with faults.injected(lm.model, item.specs):

@@ -53,7 +53,7 @@ def test_continuous_batching_refills_slots(tiny_llama):
 
     hooks = [
         tiny_llama.model.get_input_embeddings().register_forward_hook(on_embed),
-        tiny_llama.model.register_forward_pre_hook(on_forward, with_kwargs=True),
+        tiny_llama.model.base_model.register_forward_pre_hook(on_forward, with_kwargs=True),
     ]
     try:
         rows = list(cram(tiny_llama.model, specs, 2, OPTIM, "fp32", batch_size=2))
@@ -105,7 +105,9 @@ def test_bf16_autocast_keeps_fp32_vectors_and_restores_the_weights(tiny_llama):
     originals = [m.weight for m in linears]
     inputs_dtypes, weight_dtypes = set(), set()
     hooks = [
-        model.register_forward_pre_hook(lambda mod, args, kwargs: inputs_dtypes.add(kwargs["inputs_embeds"].dtype), with_kwargs=True),
+        model.base_model.register_forward_pre_hook(
+            lambda mod, args, kwargs: inputs_dtypes.add(kwargs["inputs_embeds"].dtype), with_kwargs=True
+        ),
         linears[0].register_forward_pre_hook(lambda mod, args: weight_dtypes.add(mod.weight.dtype)),
     ]
     try:

@@ -131,7 +131,7 @@ FAULTED = [
     "worker.cpus=1",
     "grid.lengths=[4,8]",
     "grid.samples=3",
-    "batch_size=4",
+    "batch_size=3",
     "analysis.bits=false",
 ]  # the bits forward has a row per rounding: it would trip the batch fault
 NAN_CELL = "tiny_llama/pydoc/full/n_mem=2/L=8"
@@ -139,7 +139,7 @@ NAN_CELL = "tiny_llama/pydoc/full/n_mem=2/L=8"
 
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory):
-    """One sweep with an injected OOM (any forward with more than 2 samples) and a NaN sample (sample 1 of L=8).
+    """One sweep with an injected OOM (any forward with more than 1 sample) and a NaN sample (sample 1 of L=8).
 
     While it runs, a second `resume` and a second `run` on the same directory are tried in this process.
     """
@@ -147,7 +147,7 @@ def faulted(tmp_path_factory):
     args = ["name=faulted", f"out_dir={out}", *TINY, *FAULTED]
     log = out / "run.log"
     sweep = SweepDir(out / "faulted")
-    proc = start(["run", *args], log, fault="oom_above_batch:2,nan_sample:L=8:1")
+    proc = start(["run", *args], log, fault="oom_above_batch:1,nan_sample:L=8:1")
     second = {}
     try:
         wait_for(
@@ -163,8 +163,8 @@ def faulted(tmp_path_factory):
     finally:
         if proc.poll() is None:
             kill_tree(proc)
-    # The un-faulted baseline: the engine on the same samples at the batch size the OOM halved to (2), in this process.
-    baseline = uninterrupted_rows(tiny_config(*FAULTED), batch_size=2)
+    # The un-faulted baseline: the engine on the same samples at the batch size the OOM halved to (1), in this process.
+    baseline = uninterrupted_rows(tiny_config(*FAULTED), batch_size=1)
     return {"proc": proc, "text": text, "sweep": sweep, "second": second, "still_running": still_running, "baseline": baseline}
 
 
@@ -172,12 +172,12 @@ def faulted(tmp_path_factory):
 def test_oom_in_a_batch_halves_it_and_results_are_identical(faulted):
     text, sweep = faulted["text"], faulted["sweep"]
     # the worker's own warning, forwarded by Ray: one work item holds both cells (same model and n_mem)
-    assert "out of memory on tiny_llama/full/n_mem=2 (2 cells): retrying 6 samples with batch_size=2" in text
+    assert "out of memory on tiny_llama/full/n_mem=2 (2 cells): retrying 6 samples with batch_size=1" in text
     rows = stored(sweep)
     assert len(rows) == 5 and raw_count(sweep) == 5
-    for key, row in rows.items():  # batch 2 after the OOM, as the baseline at batch 2: the same rows
+    for key, row in rows.items():  # batch 1 after the OOM, as the baseline at batch 1: the same rows
         assert_bit_identical(row, faulted["baseline"][key])
-        assert row["forward_rows"] == 2
+        assert row["forward_rows"] == 1
     assert not any("oom" in r["error"].lower() or "memory" in r["error"].lower() for r in read_failures(sweep).to_pylist())
 
 
