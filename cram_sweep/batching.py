@@ -37,7 +37,7 @@ def auto_batch_size(lm, length: int, n_mem: int, precision: str = "fp32") -> int
     if lm.device.type != "cuda":
         return 4 * torch.get_num_threads()
     free, _ = torch.cuda.mem_get_info(lm.device)
-    if precision == "bf16":
+    if precision == "bf16":  # bf16-weights holds no second copy
         free -= 2 * lm.n_params
     layers = getattr(lm.model.config, "num_hidden_layers", 32)
     per_sample = (length + n_mem) * (lm.hidden * layers * BYTES_PER_LAYER_UNIT + lm.vocab_size * BYTES_PER_VOCAB_ENTRY)

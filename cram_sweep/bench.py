@@ -6,8 +6,9 @@ Measurements alternate in rounds (paper, engine, paper, engine, ...) and each ro
 shared machine's drift between minutes reaches the paper's loop and the engine alike.
 
 Rows: the paper's loop (batch size 1, full logits, one AdamW per sample) with and without its two model
-loads per sample, then the engine at each precision and batch size. One step costs about
-4 * P * B * (L + n_mem) FLOPs (forward, plus backward to the inputs only).
+loads per sample, then the engine at each precision and batch size, compiled where `compile` says (a warm-up compiles
+every shape before the rounds: `compile_s` is what that took). One step costs about 4 * P * B * (L + n_mem) FLOPs
+(forward, plus backward to the inputs only); `mfu` divides the achieved FLOP/s by the device's dense peak.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 
 from .batching import auto_batch_size
 from .config import compose_config
-from .cram import SampleSpec, cram
+from .cram import Heartbeat, SampleResult, SampleSpec, cram
 from .data import sample_token_ids
 from .grid import Cell, sample_seed
-from .model import autocast, clear_cache, load_model, resolve_attention, resolve_device
+from .model import BF16_FORWARD, autocast, clear_cache, load_model, resolve_attention, resolve_compile, resolve_device
+from .roundings import BF16
 
 # Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.
 # Matched by substring of the device name, in this order (A100 before A10).
@@ -53,6 +55,7 @@ class BenchRow:
     sample_steps: float
     peak_mem_gb: float
     flops: float
+    compile_seconds: float = 0.0  # the engine's warm-up steps that compiled a graph
 
     @property
     def sample_steps_per_s(self) -> float:
@@ -87,7 +90,8 @@ class BenchRow:
             "x_steps_vs_paper": round(sample_steps / base_steps, 2),
             "peak_mem_gb": round(self.peak_mem_gb, 2),
             "gflop_s": round(achieved / 1e9, 1),
-            "mfu": round(achieved / device_peaks[self.precision], 3) if device_peaks else "",
+            "mfu": round(achieved / device_peaks[BF16 if self.precision in BF16_FORWARD else self.precision], 3) if device_peaks else "",
+            "compile_s": round(self.compile_seconds, 1),
         }
 
 
@@ -172,6 +176,7 @@ def bench(
     rounds=3,
     device="auto",
     out: Optional[str] = None,
+    compile_setting="auto",
 ) -> list[dict]:
     cfg = compose_config(
         [f"grid.models=[{model_name}]", f"grid.datasets=[{dataset}]", f"optim.max_steps={steps}", f"optim.patience={steps}"]
@@ -187,7 +192,13 @@ def bench(
     specs = [SampleSpec(i, ids[i], sample_seed(cfg.seed, cell, i)) for i in range(count)]
     flops_per_sample_step = 4 * lm.n_params * (length + n_mem)
     attention = resolve_attention("auto", dev, length + n_mem)
+    compile_mode = resolve_compile(compile_setting, dev)
     rows: dict[tuple[str, str, int], BenchRow] = {}
+    compile_seconds: dict[tuple[str, int], float] = {}
+
+    def model_for(precision: str):
+        """The model as a sweep at `precision` holds it (bf16-weights: in bf16; loaded again when that changes)."""
+        return load_model(model_name, cfg.models[model_name], device, precision).model
 
     def measured(row: BenchRow, when: str) -> None:
         key = (row.method, row.precision, row.batch_size)
@@ -208,9 +219,9 @@ def bench(
                 t0 = time.perf_counter()
                 for _ in range(2 if reloads else 0):  # the reference reloads the model (and tokenizer) twice per sample
                     clear_cache()
-                    lm = load_model(model_name, cfg.models[model_name], device)
+                    lm = load_model(model_name, cfg.models[model_name], device, precision)
                 t1 = time.perf_counter()
-                paper_sample(lm.model, spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
+                paper_sample(model_for(precision), spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
                 _sync(dev)
                 t2 = time.perf_counter()
                 seconds, step_seconds = seconds + t2 - t0, step_seconds + t2 - t1
@@ -230,12 +241,23 @@ def bench(
     def engine(precision: str, batch: int, optim=cfg.optim) -> BenchRow:
         with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
-            done = list(
+            out = list(
                 cram(
-                    lm.model, specs[:batch], n_mem, optim, precision, batch, check_every=1 if dev.type == "cpu" else 16, attention=attention
+                    model_for(precision),
+                    specs[:batch],
+                    n_mem,
+                    optim,
+                    precision,
+                    batch,
+                    check_every=1 if dev.type == "cpu" else 16,
+                    attention=attention,
+                    heartbeat_seconds=0,
+                    compile_mode=compile_mode,
                 )
             )
             _sync(dev)
+        done = [r for r in out if isinstance(r, SampleResult)]
+        compiled = max((b.compile_seconds for b in out if isinstance(b, Heartbeat)), default=0.0)
         sample_steps = sum(r.steps for r in done)
         step_seconds = sum(r.seconds for r in done)  # each sample's share of the batch steps' time
         return BenchRow(
@@ -248,13 +270,15 @@ def bench(
             sample_steps,
             mem.gb,
             flops_per_sample_step * sample_steps,
+            compile_seconds.setdefault((precision, batch), compiled),
         )
 
     for precision in precisions:
         measured(paper_loop(precision, reloads=True), "with reloads")
-    for precision in precisions:  # warm-up of the model as the rounds use it
-        paper_sample(lm.model, specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)
-        engine(precision, max(batch_sizes), replace(cfg.optim, max_steps=2))
+    for precision in precisions:  # warm-up of the model as the rounds use it; compiles every shape the rounds meet
+        paper_sample(model_for(precision), specs[0].token_ids, n_mem, 2, 0, precision, cfg.optim)
+        for batch in batch_sizes:
+            engine(precision, batch, replace(cfg.optim, max_steps=2, patience=2))
     for round_index in range(rounds):
         for precision in precisions:
             measured(paper_loop(precision, reloads=False), f"round {round_index + 1}/{rounds}")
@@ -272,7 +296,8 @@ def bench(
     header = (
         f"model {model_name} ({lm.n_params / 1e6:.1f}M params), length {length}, n_mem {n_mem}, {steps} steps/sample, {rounds} rounds, "
         f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}, "
-        f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}"
+        f"model load {load_seconds:.1f} s; attention: paper loop {lm.model.config._attn_implementation}, engine {attention}; "
+        f"engine compiled: {compile_mode or 'no'}"
     )
     print(header)
     print_table(table)
@@ -307,5 +332,6 @@ def bench_command(args) -> int:
         args.rounds,
         args.device,
         args.out,
+        args.compile,
     )
     return 0

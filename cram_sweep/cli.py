@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--paper-samples", type=int, default=2, help="samples run by the paper's loop (with reloads: 1)")
     bench.add_argument("--rounds", type=int, default=3, help="alternations of the paper's loop and the engine, summed per row")
     bench.add_argument("--device", default="auto")
+    bench.add_argument(
+        "--compile",
+        type=lambda s: {"true": True, "false": False}.get(s, s),
+        default="auto",
+        choices=["auto", True, False, "reduce-overhead"],
+        help="torch.compile the engine's forwards: auto (on CUDA), true, false, reduce-overhead (CUDA graphs)",
+    )
     bench.add_argument("--out", default="outputs/bench.csv", help="CSV file for the table")
     return parser
 

@@ -30,7 +30,7 @@ from .columns import SampleColumns, StageRecord
 from .config import AnalysisConfig, MethodConfig, OptimConfig
 from .layout import MAX_PADDING, Group, Layout
 from .loss import cross_entropy_and_argmax, linear_head
-from .model import attention_implementation, autocast
+from .model import attention_implementation, autocast, compiled, graphs_compiled
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
 from .rules import DONE, NONFINITE, horizon_of, rule_for
@@ -68,12 +68,13 @@ class SampleResult(SampleColumns):
 
 @dataclass
 class Heartbeat:
-    """Progress within long samples: `live` samples in the batch, the most `steps` any has run and
-    (progressive) the longest stage any is at."""
+    """Progress within long samples: `live` samples in the batch, the most `steps` any has run, (progressive) the
+    longest stage any is at, and the seconds spent in steps that compiled."""
 
     live: int
     steps: int
     stage_length: int = 0
+    compile_seconds: float = 0.0  # the steps that compiled a graph took so far (compile on)
 
 
 def leading_matches(correct: torch.Tensor) -> torch.Tensor:
@@ -82,20 +83,31 @@ def leading_matches(correct: torch.Tensor) -> torch.Tensor:
     return correct.long().cumprod(dim=1).sum(dim=1)
 
 
-def token_scores(model, memory: Optional[torch.Tensor], text_embeds: torch.Tensor, targets: torch.Tensor, precision: str, cast_cache=True):
+def token_scores(
+    model,
+    memory: Optional[torch.Tensor],
+    text_embeds: torch.Tensor,
+    targets: torch.Tensor,
+    precision: str,
+    cast_cache=True,
+    compile_mode: Optional[str] = None,
+):
     """Per-token CE and correctness (B, P) of the P = targets.shape[1] predictions made by the P positions
     before the last input position (the last text position predicts nothing).
 
-    memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P)."""
+    memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P). `compile_mode`: the model's
+    network runs compiled (model.compiled), else eagerly."""
     inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
     count = targets.shape[1]
     predicting = torch.arange(inputs.shape[1] - count - 1, inputs.shape[1] - 1, device=inputs.device)
     with autocast(model, precision, cast_cache):
         head = linear_head(model)
+        network = model if head is None else model.base_model
+        network = network if compile_mode is None else compiled(network, compile_mode)
         if head is None:  # logits of exactly the predicting positions: no (B, T, V) slice in the backward
-            states, weight = model(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits, None
+            states, weight = network(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits, None
         else:
-            states, weight = model.base_model(inputs_embeds=inputs, use_cache=False).last_hidden_state[:, predicting], head.weight
+            states, weight = network(inputs_embeds=inputs, use_cache=False).last_hidden_state[:, predicting], head.weight
         ce, argmax = cross_entropy_and_argmax(states, weight, targets)
     return ce, argmax == targets
 
@@ -191,8 +203,10 @@ class _Batch:
         max_rows: int = 1,
         batch_invariant: bool = True,
         max_padding: float = MAX_PADDING,
+        compile_mode: Optional[str] = None,
     ):
         self.model, self.method, self.precision, self.cast_cache, self.analysis = model, method, precision, cast_cache, analysis
+        self.compile_mode = compile_mode  # the optimization forwards only: the others meet a shape once or a few times
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.rule, self.optim = rule_for(method, optim), optim
@@ -246,7 +260,7 @@ class _Batch:
             ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
         return ce0_tok, correct0_tok
 
-    def _token_scores(self, vectors: Optional[torch.Tensor], fed: torch.Tensor, targets: torch.Tensor):
+    def _token_scores(self, vectors: Optional[torch.Tensor], fed: torch.Tensor, targets: torch.Tensor, compile_mode=None):
         """`token_scores` of these rows in forwards of at most `layout.rows` rows, each at the layout's row count (inert
         rows appended where batch-invariant)."""
         size, ce_parts, correct_parts = self.layout.rows, [], []
@@ -254,7 +268,7 @@ class _Batch:
             live = min(size, fed.shape[0] - start)
             rows = self.layout.forward_rows(live)
             part = [None if t is None else with_inert_rows(t[start : start + size], rows) for t in (vectors, fed, targets)]
-            ce_tok, correct = token_scores(self.model, *part, self.precision, self.cast_cache)
+            ce_tok, correct = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode)
             ce_parts.append(ce_tok[:live])
             correct_parts.append(correct[:live])
         return torch.cat(ce_parts), torch.cat(correct_parts)
@@ -280,7 +294,7 @@ class _Batch:
         o, count = self.rule.offset, group.width - self.rule.offset
         index = torch.tensor(group.rows, device=self.device)
         fed, targets = self.text.text_embeds[index, : group.width], self.text.ids[index, o : group.width]
-        ce_tok, correct = self._token_scores(vectors[index], fed, targets)
+        ce_tok, correct = self._token_scores(vectors[index], fed, targets, self.compile_mode)
         mask = torch.arange(count, device=self.device)[None] < self.step_rows.targets[index, None]
         ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
         loss_rows = ce if self.optim.leading_count == 0 or self.optim.leading_weight == 1 else self._weighted(ce_tok, mask)
@@ -381,6 +395,7 @@ def cram(
     analysis: Optional[AnalysisConfig] = None,
     batch_invariant: bool = True,
     max_padding: float = MAX_PADDING,
+    compile_mode: Optional[str] = None,
 ) -> Iterator[Union[SampleResult, Heartbeat]]:
     """Optimize every sample (texts of any lengths, in the order given; shortest first keeps the batches full);
     yield one `SampleResult` per sample as it finishes. `method`: full cramming when None; `parametrization`:
@@ -390,10 +405,11 @@ def cram(
     `batch_invariant` (layout.py): every forward at shapes that depend on its rows alone, so a sample's result is
     bit-identical whatever its batch-mates (false: packed batches, `max_padding` bounding their padding).
     Options that change no result: `check_every` (steps between host syncs; rows whose stage or sample ended are
-    frozen on the device meanwhile), `cast_cache` (bf16 weight copies), `attention` (the attention implementation;
-    None: as the model was loaded; another one rounds differently). `batch_size` is the row count of every forward,
-    which changes no result where the kernels do not depend on it (CPUs; docs/determinism.md). With
-    `heartbeat_seconds`, also yields a `Heartbeat` at most that often, so a caller can show progress within long samples.
+    frozen on the device meanwhile), `cast_cache` (bf16 weight copies). Options that change only rounding:
+    `batch_size` (the row count of every forward: docs/determinism.md), `attention` (the attention implementation;
+    None: as the model was loaded) and `compile_mode` (torch.compile's mode for the optimization forwards, model.py;
+    None: eager). With `heartbeat_seconds`, also yields a `Heartbeat` at most that often, so a caller can show
+    progress within long samples.
     """
     waiting = deque(samples)
     batch = _Batch(
@@ -408,21 +424,27 @@ def cram(
         batch_size,
         batch_invariant,
         max_padding,
+        compile_mode,
     )
-    last_heartbeat = time.perf_counter()
+    last_heartbeat, compile_seconds = time.perf_counter(), 0.0
     with attention_implementation(model, attention):
         while waiting or len(batch):
             admitted = _admit(batch, waiting)
             if admitted:
                 batch.add(admitted)
-            started = time.perf_counter()
+            started, graphs = time.perf_counter(), compile_mode and graphs_compiled()
             for _ in range(check_every):
                 batch.step()
-            batch.add_seconds(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if compile_mode and graphs_compiled() > graphs:
+                compile_seconds += seconds  # a step that compiled: not the samples' time
+            else:
+                batch.add_seconds(seconds)
             yield from batch.take_finished()
             if heartbeat_seconds is not None and len(batch) and time.perf_counter() - last_heartbeat >= heartbeat_seconds:
                 last_heartbeat = time.perf_counter()
-                yield Heartbeat(live=len(batch), steps=int(batch.step_rows.steps.max()), stage_length=batch.rule.stage_length(batch))
+                steps = int(batch.step_rows.steps.max())
+                yield Heartbeat(len(batch), steps, batch.rule.stage_length(batch), compile_seconds)
 
 
 def _admit(batch: _Batch, waiting: deque) -> list[SampleSpec]:

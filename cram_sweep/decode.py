@@ -7,6 +7,7 @@ import torch
 from .config import load_sweep_config
 from .cram import leading_matches
 from .errors import UserError
+from .grid import method_settings
 from .model import attention_implementation, autocast, load_model, resolve_attention
 from .store import SweepDir, read_results
 
@@ -63,13 +64,12 @@ def select_row(table, args) -> dict:
     return restart.iloc[0].to_dict()
 
 
-def decode_row(lm, row: dict, attention: str = "auto") -> tuple[list[int], int]:
-    """The greedy tokens after the given ones (the first text token, none with `predict_first`), and how many
-    match the text before the first error.
+def decode_row(lm, row: dict, given: int, attention: str = "auto") -> tuple[list[int], int]:
+    """The greedy tokens after the `given` ones (the method's: the prefix, else the first text token, else none with
+    `predict_first`), and how many match the text before the first error: the stored `greedy_prefix`.
 
     Runs with the precision and attention implementation the sweep optimized with."""
     ids = torch.tensor(row["token_ids"], device=lm.device)
-    given = 0 if row["predict_first"] else 1
     memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
     with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids) + row["n_mem"])):
         decoded = greedy_decode(lm.model, memory, ids[None, :given], len(ids) - given, row["precision"])
@@ -81,10 +81,11 @@ def decode_command(args) -> int:
     sweep = SweepDir(args.sweep_dir).require()
     row = select_row(read_results(sweep).to_pandas(), args)
     cfg = load_sweep_config(sweep.config)
-    lm = load_model(row["model"], cfg.models[row["model"]], cfg.device)
-    decoded, prefix = decode_row(lm, row, cfg.attention)
+    lm = load_model(row["model"], cfg.models[row["model"]], cfg.device, row["precision"])
+    method = method_settings(cfg)[row["method"]].method
+    given = method.given
+    decoded, prefix = decode_row(lm, row, given, cfg.attention)
     ids, tok = list(row["token_ids"]), lm.tokenizer
-    given = 0 if row["predict_first"] else 1
     reproduced = given + prefix  # text tokens reproduced, the given one included
     restart = f" restart {row['restart']}" if row["restart"] else ""
     print(f"cell {row['cell']} sample {row['sample']}{restart} ({row['method']}): acc {row['acc']:.4f}, precision {row['precision']}")
@@ -101,6 +102,6 @@ def decode_command(args) -> int:
         f" (stored: greedy_prefix {row['greedy_prefix']}, greedy_exact {row['greedy_exact']})"
     )
     if row["method"] == "progressive":
-        ok = row["horizon"] > 0 and reproduced >= row["horizon"]
+        ok = row["horizon"] > 0 and reproduced - method.counted_from >= row["horizon"]  # horizons count after the prefix
         print(f"horizon {row['horizon']} of {len(ids)} tokens: the horizon prefix decodes exactly: {'yes' if ok else 'no'}")
     return 0

@@ -25,6 +25,9 @@ from .errors import UserError, one_line
 # What transformers raises for a missing, unreadable or malformed model (a GGUF that is not a model: struct.error).
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, struct.error)
 BF16_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
+# The precisions whose forward runs under bf16 autocast: `bf16` keeps the frozen weights in fp32 (a bf16 copy of each
+# Linear's is cast once), `bf16-weights` holds the whole model in bf16 and nothing else (half the memory).
+BF16_FORWARD = ("bf16", "bf16-weights")
 _MODELS: dict[str, LoadedModel] = {}
 _TOKENIZERS: dict[str, object] = {}
 _CONTEXTS: dict[str, int] = {}
@@ -78,7 +81,7 @@ def resolve_precision(precision: str, family: str, device: torch.device) -> str:
 
 def slow_bf16_warning(precision: str, device: str) -> Optional[str]:
     """One line when bf16 is asked for on a CPU without bf16 instructions, where autocast emulates it."""
-    if precision != "bf16" or resolve_device(device).type != "cpu" or has_fast_bf16(torch.device("cpu")):
+    if precision not in BF16_FORWARD or resolve_device(device).type != "cpu" or has_fast_bf16(torch.device("cpu")):
         return None
     return (
         "precision=bf16 on a CPU without bf16 instructions (no avx512_bf16 or AMX) runs about 25x slower than fp32 "
@@ -193,10 +196,12 @@ def _build_model(name: str, cfg: ModelConfig, tokenizer, dev: torch.device) -> t
         raise UserError(f"model {name}: cannot load a causal LM from {path!r} ({one_line(err, 200)}): fix models.{name}") from None
 
 
-def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel:
-    """The frozen model in eval mode, fp32 weights, on `device`; loaded once per process."""
+def load_model(name: str, cfg: ModelConfig, device: str = "auto", precision: str = "fp32") -> LoadedModel:
+    """The frozen model in eval mode on `device`, its weights in fp32 (bf16 with `precision=bf16-weights`); loaded once
+    per process."""
     dev = resolve_device(device)
-    key = _cache_key(name, cfg) + str(dev)
+    dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
+    key = _cache_key(name, cfg) + str(dev) + str(dtype)
     if key not in _MODELS:
         _MODELS.clear()  # one model per worker: sweeps run model by model, and GPU memory is for batches
         from transformers.utils import logging as hf_logging
@@ -205,7 +210,7 @@ def load_model(name: str, cfg: ModelConfig, device: str = "auto") -> LoadedModel
         if dev.type == "cuda":
             deterministic_cuda()
         tokenizer = load_tokenizer(name, cfg)
-        model = _build_model(name, cfg, tokenizer, dev).to(dev)
+        model = _build_model(name, cfg, tokenizer, dev).to(dev, dtype)
         model.eval().requires_grad_(False)
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (precision=fp32, the fp32 CE) on tensor cores
@@ -244,6 +249,38 @@ def model_context(name: str, cfg: ModelConfig) -> int:
     return _CONTEXTS[key]
 
 
+# Graphs torch.compile keeps per compiled module: one per input shape, and the fixed-shape layout (layout.py) gives one
+# shape per text length of a work item (torch's default of 8 would fall back to eager on a longer length grid).
+COMPILED_SHAPES = 64
+COMPILE_MODES = {True: "default", "reduce-overhead": "reduce-overhead"}  # compile=true | reduce-overhead (CUDA graphs)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def resolve_compile(compile_setting, device: torch.device):
+    """`compile=auto`: on CUDA (where launches and elementwise kernels are a step's time); the mode, or None: eager."""
+    if compile_setting == "auto":
+        compile_setting = device.type == "cuda"
+    return COMPILE_MODES.get(compile_setting)
+
+
+def compiled(module: torch.nn.Module, mode: str):
+    """`module` through torch.compile (inductor, static shapes), built once per module: it compiles a graph the first
+    time it meets an input shape (and grad mode), then reuses it."""
+    if module not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILED_SHAPES)
+        _COMPILED[module] = torch.compile(module, dynamic=False, mode=mode)
+    return _COMPILED[module]
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (its counters)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 _BF16_LINEAR_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -254,7 +291,7 @@ def autocast(model, precision: str, cast_cache: bool = True):
     Autocast re-casts frozen (requires_grad=False) fp32 weights on every call; with `cast_cache` each
     Linear's weight is cast once and kept, which gives the same numbers without the per-step casts.
     """
-    if precision != "bf16":
+    if precision not in BF16_FORWARD:
         yield
         return
     device_type = model.get_input_embeddings().weight.device.type

@@ -180,7 +180,7 @@ class Sweep:
                     progress.sample_done(result.cell, len(self.failed), result.horizon if result.method == "progressive" else None)
                 elif isinstance(event, Beat):
                     beat = event.heartbeat
-                    progress.heartbeat(event.item.label, beat.live, beat.steps, len(self.failed), beat.stage_length)
+                    progress.heartbeat(event.item.label, beat.live, beat.steps, len(self.failed), beat.stage_length, beat.compile_seconds)
                 elif isinstance(event, Lost):
                     for item in self.retry(event):
                         pool.submit(item)

@@ -30,11 +30,13 @@ class Progress:
         else:
             self._line()
 
-    def heartbeat(self, label: str, live: int, steps: int, failed: int, stage_length: int = 0) -> None:
-        """`stage_length`: the longest stage a running progressive sample has reached."""
+    def heartbeat(self, label: str, live: int, steps: int, failed: int, stage_length: int = 0, compile_seconds: float = 0.0) -> None:
+        """`stage_length`: the longest stage a running progressive sample has reached; `compile_seconds`: the item's steps
+        that compiled a graph (compile on)."""
         self.failed = failed
         stage = f", stages up to length {stage_length}" if stage_length else ""
-        self.running = f"{label} {live} running, step {steps}/{self.max_steps}{stage}"
+        compiling = f", compiled in {compile_seconds:.0f} s" if compile_seconds else ""
+        self.running = f"{label} {live} running, step {steps}/{self.max_steps}{stage}{compiling}"
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.running} failed={failed}")
         else:

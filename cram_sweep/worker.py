@@ -20,7 +20,7 @@ from .batching import auto_batch_size, cram_fitting
 from .config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, SweepConfig
 from .cram import Heartbeat, SampleResult, SampleSpec
 from .grid import method_settings
-from .model import load_model, resolve_attention, resolve_precision
+from .model import load_model, resolve_attention, resolve_compile, resolve_precision
 from .param import Basis, parametrization
 
 
@@ -36,6 +36,7 @@ class WorkerSettings:
     batch_size: Union[int, str]
     cell_samples: int  # a cell's rows (grid.samples x grid.restarts): the most a batch takes (layout.py)
     batch_invariant: bool
+    compile: Union[bool, str]
     device: str
     check_every: int
     progress_seconds: float
@@ -52,6 +53,7 @@ class WorkerSettings:
             cfg.batch_size,
             cfg.grid.samples * cfg.grid.restarts,
             cfg.batch_invariant,
+            cfg.compile,
             cfg.device,
             cfg.worker.check_every,
             cfg.worker.progress_seconds,
@@ -127,7 +129,7 @@ class CramWorker:
     def run(self, item: WorkItem) -> Iterator[Union[Started, Finished, Heartbeat]]:
         s = self.settings
         settings = s.methods[item.method]
-        lm = load_model(item.model, s.models[item.model], s.device)
+        lm = load_model(item.model, s.models[item.model], s.device, s.precision)
         precision = resolve_precision(s.precision, lm.family, lm.device)
         longest = max(len(spec.token_ids) for spec in item.specs)
         attention = resolve_attention(s.attention, lm.device, longest + item.n_mem)
@@ -155,5 +157,6 @@ class CramWorker:
                 parametrization=parametrization(s.param, item.basis),
                 analysis=s.analysis,
                 batch_invariant=s.batch_invariant,
+                compile_mode=resolve_compile(s.compile, lm.device),
             ):
                 yield Finished(out, precision, lm.hidden, lm.vocab_size) if isinstance(out, SampleResult) else out

@@ -257,3 +257,24 @@ def test_a_parametrization_with_two_tensors_runs_through_the_engine_unchanged(ti
                 )
             assert acc.item() == pytest.approx(row.acc, abs=1e-6)
     assert max(r.acc if method == "full" else r.horizon for r in batched.values()) > 0
+
+
+def test_bf16_weights_hold_the_model_in_bf16_and_its_rows_reproduce_their_accuracy(tiny_llama):
+    """precision=bf16-weights: no fp32 copy of the frozen model (half its memory); the vectors stay fp32 and the
+    forward runs under bf16 autocast as with precision=bf16, whose Linear weights are the same bf16 numbers. What
+    differs: the embeddings and norm weights are rounded to bf16 too, so the no-vector CE moves by bf16 rounding."""
+    from cram_sweep.model import load_model
+
+    lm = load_model("tiny_llama", CFG.models["tiny_llama"], "cpu", "bf16-weights")
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    specs = specs_for(lm, 8, 3)
+    rows = by_sample(cram(lm.model, specs, 2, OPTIM, "bf16-weights", batch_size=3))
+    autocast_rows = by_sample(cram(tiny_llama.model, specs, 2, OPTIM, "bf16", batch_size=3))
+    for sample, row in rows.items():
+        assert row.ce_no_mem_bits == pytest.approx(autocast_rows[sample].ce_no_mem_bits, rel=2e-2)
+        ids = torch.tensor(row.token_ids)[None]
+        memory = torch.tensor(row.memory).view(1, 2, -1)
+        assert memory.dtype == torch.float32
+        with torch.no_grad():
+            scores = token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "bf16-weights")
+        assert reduce_scores(*scores)[1].item() == pytest.approx(row.acc, abs=1e-6)

@@ -291,10 +291,11 @@ class SweepConfig:
     name: str = MISSING
     out_dir: str = "outputs"
     seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16 | bf16-weights
     attention: str = "auto"  # auto | eager | sdpa | any attn_implementation transformers knows
     batch_size: Any = 16  # int, or "auto"
     batch_invariant: bool = True  # every forward at shapes of its rows' own (layout.py); false: packed, faster, rows feel their batch
+    compile: Any = "auto"  # auto (on CUDA) | true | false | reduce-overhead (CUDA graphs): torch.compile the optimization forwards
     device: str = "auto"  # auto | cpu | cuda
     report: bool = True
     flush_seconds: float = 5.0  # finished samples reach the store and MLflow at least this often
@@ -312,11 +313,18 @@ class SweepConfig:
     methods: dict[str, MethodSettings] = field(default_factory=dict)  # by method.name, composed from grid.methods
 
     def __post_init__(self):
-        _require(self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision}: choose auto, fp32 or bf16")
+        _require(
+            self.precision in ("auto", "fp32", "bf16", "bf16-weights"),
+            f"precision={self.precision}: choose auto, fp32, bf16 or bf16-weights (the model held in bf16, no fp32 copy)",
+        )
         _require(
             self.attention in ATTENTION_IMPLEMENTATIONS, f"attention={self.attention}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
         _require(self.device in ("auto", "cpu", "cuda"), f"device={self.device}: choose auto, cpu or cuda")
+        _require(
+            self.compile in ("auto", True, False, "reduce-overhead"),
+            f"compile={self.compile}: choose auto (on CUDA), true, false or reduce-overhead (compiled with CUDA graphs)",
+        )
         _require(
             self.batch_size == "auto"
             or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size >= 1),

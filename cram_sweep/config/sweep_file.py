@@ -32,7 +32,20 @@ def load_sweep_config(path: Path) -> SweepConfig:
 
 
 # Keys whose change would change results: a sweep directory refuses a config that differs in them.
-RESULT_KEYS = ("seed", "precision", "batch_invariant", "grid", "optim", "method", "methods", "param", "analysis", "models", "datasets")
+RESULT_KEYS = (
+    "seed",
+    "precision",
+    "batch_invariant",
+    "compile",
+    "grid",
+    "optim",
+    "method",
+    "methods",
+    "param",
+    "analysis",
+    "models",
+    "datasets",
+)
 
 
 def result_config(cfg: SweepConfig) -> str:
