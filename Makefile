@@ -62,11 +62,14 @@ gpu-wheels: setup
 	$(PY) -m pip wheel -q --no-deps -w $(WHEELS) $$($(PY) -m pip freeze | grep -iE '^(omegaconf|hydra-core|antlr4-python3-runtime|gguf)==')
 	@ls $(WHEELS)
 
-# On a GPU machine, from the repo root: install cram-sweep and the carried wheels into its Python ($(GPU_PY)),
-# run the `gpu` tests, then bench the SmolLM2-135M and Llama-3.2-1B shapes; everything lands in $(GPU_OUT).
+# On a GPU machine, from the repo root: install cram-sweep and the carried wheels into its Python ($(GPU_PY)), run the
+# `gpu` tests, then bench the shapes of issue 32, compiled (compile=auto: on CUDA), one round each (each under 2
+# minutes on an H200 by design, not yet measured): SmolLM2-135M at L=64 with CUDA graphs at batch 1, 16 and 256 (its
+# paper loop in fp32 and bf16), Llama-3.2-1B at L=64 and L=512 and Llama-3.1-8B at L=1568 at batch auto, the 8B with
+# its weights in bf16 beside autocast. Everything lands in $(GPU_OUT).
 GPU_PY ?= python3
 GPU_OUT ?= outputs/gpu-check
-BENCH_GPU = $(GPU_PY) -m cram_sweep.cli bench --device cuda --dataset random --length 64 --rounds 1 --paper-samples 2
+BENCH_GPU = $(GPU_PY) -m cram_sweep.cli bench --device cuda --dataset random --rounds 1 --paper-samples 1
 gpu-check:
 	@$(GPU_PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || \
 	  { echo "error: make gpu-check needs a CUDA GPU, and $(GPU_PY) sees none (no torch, or torch.cuda.is_available() is False): run it on a GPU machine" >&2; exit 1; }
@@ -75,10 +78,14 @@ gpu-check:
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
 	$(GPU_PY) -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")' | tee $(GPU_OUT)/device.txt
 	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee $(GPU_OUT)/gpu-tests.txt
-	set -o pipefail; $(BENCH_GPU) --model shape_smollm2_135m --steps 40 --batch-sizes 1,16,64,256,auto --precisions fp32,bf16 \
-	  --out $(GPU_OUT)/bench-shape_smollm2_135m.csv 2>&1 | tee $(GPU_OUT)/bench-shape_smollm2_135m.txt
-	set -o pipefail; $(BENCH_GPU) --model shape_llama_3_2_1b --steps 20 --batch-sizes 1,8,32,auto --precisions bf16 \
-	  --out $(GPU_OUT)/bench-shape_llama_3_2_1b.csv 2>&1 | tee $(GPU_OUT)/bench-shape_llama_3_2_1b.txt
+	set -o pipefail; $(BENCH_GPU) --model shape_smollm2_135m --length 64 --steps 40 --batch-sizes 1,16,256 --precisions fp32,bf16 \
+	  --compile reduce-overhead --out $(GPU_OUT)/bench-135m-L64.csv 2>&1 | tee $(GPU_OUT)/bench-135m-L64.txt
+	set -o pipefail; $(BENCH_GPU) --model shape_llama_3_2_1b --length 64 --steps 20 --batch-sizes auto --precisions bf16 \
+	  --out $(GPU_OUT)/bench-1b-L64.csv 2>&1 | tee $(GPU_OUT)/bench-1b-L64.txt
+	set -o pipefail; $(BENCH_GPU) --model shape_llama_3_2_1b --length 512 --steps 10 --batch-sizes auto --precisions bf16 \
+	  --out $(GPU_OUT)/bench-1b-L512.csv 2>&1 | tee $(GPU_OUT)/bench-1b-L512.txt
+	set -o pipefail; $(BENCH_GPU) --model shape_llama_3_1_8b --length 1568 --steps 4 --batch-sizes auto --precisions bf16,bf16-weights \
+	  --out $(GPU_OUT)/bench-8b-L1568.csv 2>&1 | tee $(GPU_OUT)/bench-8b-L1568.txt
 	@echo "gpu-check: tables in $(GPU_OUT)"
 
 clean:

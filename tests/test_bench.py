@@ -3,6 +3,7 @@ and with the measurements it printed (no assertion on the timings themselves).""
 
 import csv
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +12,7 @@ from cram_sweep.cli import main
 from cram_sweep.config import compose_config
 from cram_sweep.model import load_model
 
-COLUMNS = ["method", "precision", "batch", "sample_steps_per_s", "samples_per_hour", "x_steps_vs_paper", "peak_mem_gb", "gflop_s", "mfu"]
+COLUMNS = ["method", "precision", "batch", "sample_steps_per_s", "samples_per_hour", "x_steps_vs_paper", "peak_mem_gb", "gflop_s", "mfu", "compile_s"]
 # One progress line per measurement: `  round 1/2: engine, fp32, batch 2: 123.456 sample-steps/s, 7890.1 samples/hour`.
 MEASUREMENT = re.compile(
     r"^  (?:with reloads|round \d+/\d+): (.+), (\w+), batch (\d+): ([\d.]+) sample-steps/s, ([\d.]+) samples/hour$", re.M
@@ -88,6 +89,7 @@ def test_bench_prints_and_writes_the_table(tmp_path, capsys):
         assert float(row["x_steps_vs_paper"]) == pytest.approx(steps_per_s / baseline, abs=0.006), row
         assert float(row["gflop_s"]) == pytest.approx(steps_per_s * flops_per_step / 1e9, abs=0.051), row
         assert float(row["peak_mem_gb"]) > 0 and row["mfu"] == "", row  # no peak FLOP/s known for a CPU
+        assert row["compile_s"] == "0.0", row  # compile=auto: eager on a CPU
         # (no relation between a row's wall and step time is asserted: it depends on the machine's load, a timed test)
 
 
@@ -104,3 +106,5 @@ def test_mfu_is_against_the_peak_of_the_rows_precision():
     row = engine.as_dict(paper, peaks)
     assert row["mfu"] == 0.8 and row["x_steps_vs_paper"] == 16.0 and row["gflop_s"] == 791200.0  # of 989 bf16
     assert engine.as_dict(paper, None)["mfu"] == ""
+    weights = replace(engine, precision="bf16-weights", compile_seconds=42.0).as_dict(paper, peaks)
+    assert weights["mfu"] == 0.8 and weights["compile_s"] == 42.0  # bf16 weights: the bf16 peak

@@ -17,7 +17,12 @@ from .helpers import TINY_PROGRESSIVE, specs_for, tiny_config
 @pytest.mark.parametrize("param", ["direct", "lowdim"])
 @pytest.mark.parametrize("method", ["full", "progressive"])
 def test_decoding_a_stored_row_gives_its_greedy_prefix(tiny_llama, method, param, prefix_tokens):
-    cfg = tiny_config(*(TINY_PROGRESSIVE if method == "progressive" else []), f"method.prefix_tokens={prefix_tokens}", "optim.max_steps=80")
+    cfg = tiny_config(
+        *(TINY_PROGRESSIVE if method == "progressive" else []),
+        f"method.prefix_tokens={prefix_tokens}",
+        "optim.max_steps=80",
+        "grid.lengths=[10]",
+    )
     specs = specs_for(tiny_llama, 10, 2)
     rows = cram(
         tiny_llama.model,
