@@ -12,7 +12,18 @@ from cram_sweep.cli import main
 from cram_sweep.config import compose_config
 from cram_sweep.model import load_model
 
-COLUMNS = ["method", "precision", "batch", "sample_steps_per_s", "samples_per_hour", "x_steps_vs_paper", "peak_mem_gb", "gflop_s", "mfu", "compile_s"]
+COLUMNS = [
+    "method",
+    "precision",
+    "batch",
+    "sample_steps_per_s",
+    "samples_per_hour",
+    "x_steps_vs_paper",
+    "peak_mem_gb",
+    "gflop_s",
+    "mfu",
+    "compile_s",
+]
 # One progress line per measurement: `  round 1/2: engine, fp32, batch 2: 123.456 sample-steps/s, 7890.1 samples/hour`.
 MEASUREMENT = re.compile(
     r"^  (?:with reloads|round \d+/\d+): (.+), (\w+), batch (\d+): ([\d.]+) sample-steps/s, ([\d.]+) samples/hour$", re.M
