@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,19 @@ def _check_models(cfg) -> None:
             ) from None
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """`out_dir` can hold a sweep directory: it is a directory (or can be made one) that this user can write in."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"out_dir={out_dir} is a file, not a directory: give out_dir=DIR, a directory to hold the sweep")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"out_dir={out_dir} cannot be created ({err.strerror}): give out_dir=DIR somewhere you can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={out_dir} is not writable by this user: give out_dir=DIR somewhere you can write, or fix its permissions")
+
+
 def _finish(cfg, sweep: SweepDir, tokens, starts) -> int:
     from .orchestrate import run_sweep
 
@@ -61,6 +75,7 @@ def cmd_run(overrides, show_config: bool) -> int:
     from .init_from import load_starts
     from .orchestrate import prepare_tokens
 
+    _check_out_dir(cfg.out_dir)
     _check_models(cfg)
     tokens, starts = prepare_tokens(cfg), load_starts(cfg)
     sweep = SweepDir(Path(cfg.out_dir) / cfg.name)

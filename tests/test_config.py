@@ -109,3 +109,24 @@ def test_make_runs_demo_composes_into_both_methods():
     cfg = compose_config(shlex.split(demo))
     assert sorted(cfg.methods) == ["full", "progressive"] and cfg.grid.models == ["smollm2"]
     assert cfg.methods["full"].optim.lr == 0.1 and cfg.methods["progressive"].method.step == 4
+
+
+@pytest.mark.parametrize(
+    "out_dir, message",
+    [
+        ("{file}", "is a file, not a directory: give out_dir=DIR"),
+        ("/proc/cram-sweep-test", "cannot be created"),
+        ("{file}/below", "cannot be created (Not a directory)"),
+    ],
+)
+def test_an_out_dir_that_cannot_hold_a_sweep_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, out_dir, message):
+    from cram_sweep.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    out_dir = out_dir.format(file=afile)
+    code = main(["run", "name=x", f"out_dir={out_dir}", "grid.models=[tiny_llama]", "grid.lengths=[4]", "grid.samples=1"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert afile.read_text() == "not a directory"

@@ -53,14 +53,24 @@ def test_a_row_does_not_feel_its_batch_mates_nor_its_place(tiny_llama, method, p
 
 
 def test_packed_batches_give_the_promise_up_and_say_so(tiny_llama):
-    """batch_invariant=false packs rows of several lengths into one padded forward: the rows feel their batch-mates
-    (the reason for the default), and record that they ran so."""
-    cell = specs_for(tiny_llama, 8, 3, cell="a")
-    mixed = [*cell, *specs_for(tiny_llama, 12, 3, cell="b")]
-    alone = run(tiny_llama, cell, 6, "full", "direct", "bf16", batch_invariant=False)
-    packed = run(tiny_llama, mixed, 6, "full", "direct", "bf16", batch_invariant=False)
-    assert all(not row.batch_invariant for row in packed.values())
-    assert any(packed[key].memory != row.memory for key, row in alone.items())
+    """batch_invariant=false packs rows of several lengths into one forward padded to the longest: a row's shapes, hence
+    its rounding, follow its batch-mates (the reason for the default), and its row says it ran so. Fixed shapes run a
+    forward per length."""
+    mixed = [*specs_for(tiny_llama, 8, 3, cell="a"), *specs_for(tiny_llama, 12, 3, cell="b")]
+    shapes = []  # (rows, positions) of each optimization forward
+    hook = tiny_llama.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[:2]) if kwargs["inputs_embeds"].requires_grad else None,
+        with_kwargs=True,
+    )
+    try:
+        packed = run(tiny_llama, mixed, 6, "full", "direct", "fp32", batch_invariant=False)
+        packed_shapes, shapes[:] = list(shapes), []
+        fixed = run(tiny_llama, mixed, 6, "full", "direct", "fp32")
+    finally:
+        hook.remove()
+    assert packed_shapes[0] == (6, 12 + 2), "packed: the short rows run at the long rows' width"
+    assert shapes[:2] == [(6, 8 + 2), (6, 12 + 2)] and {width for _, width in shapes} == {8 + 2, 12 + 2}, "fixed: a forward per length"
+    assert all(not row.batch_invariant for row in packed.values()) and all(row.batch_invariant for row in fixed.values())
 
 
 @pytest.mark.slow
