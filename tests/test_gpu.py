@@ -73,15 +73,22 @@ def test_engine_matches_the_naive_loop_at_fp32(tiny, true_fp32):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_sample_does_not_feel_its_batch(tiny, precision):
     """At one batch size, bit for bit: alone, beside other samples of its cell and of a longer cell, in another order,
-    and run again (TF32 as a sweep runs it). Another batch size: within kernel rounding."""
+    and run again (TF32 as a sweep runs it)."""
     specs = specs_for(tiny, 8, 3, cell="a") + specs_for(tiny, 12, 2, cell="b")
     alone = {(s.cell, s.sample): next(iter(cram(tiny.model, [s], 2, OPTIM, precision, batch_size=5))) for s in specs}
     for order in (specs, specs[::-1], specs):
         batched = {(r.cell, r.sample): r for r in cram(tiny.model, order, 2, OPTIM, precision, batch_size=5, check_every=16)}
         for key, row in batched.items():
             assert_bit_identical(row, alone[key])
-    for row in cram(tiny.model, specs, 2, OPTIM, precision, batch_size=2, check_every=16):
-        assert_within_kernel_rounding(row, alone[row.cell, row.sample])
+
+
+def test_another_batch_size_is_within_kernel_rounding(tiny, true_fp32):
+    """Another batch size is another row count in every product, another cuBLAS kernel: the tolerance of the H200
+    table (fp32, TF32 off, as it was measured)."""
+    specs = specs_for(tiny, 8, 3)
+    alone = {s.sample: next(iter(cram(tiny.model, [s], 2, OPTIM, "fp32", batch_size=1))) for s in specs}
+    for row in cram(tiny.model, specs, 2, OPTIM, "fp32", batch_size=3, check_every=16):
+        assert_within_kernel_rounding(row, alone[row.sample])
 
 
 def test_host_syncs_every_16_steps_give_the_rows_of_every_step(tiny, true_fp32):
