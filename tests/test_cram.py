@@ -256,7 +256,15 @@ def test_a_parametrization_with_two_tensors_runs_through_the_engine_unchanged(ti
                     *token_scores(tiny_llama.model, memory, tiny_llama.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
                 )
             assert acc.item() == pytest.approx(row.acc, abs=1e-6)
-    assert max(r.acc if method == "full" else r.horizon for r in batched.values()) > 0
+    # it learns as `direct` does: every sample well above its no-vector accuracy of 0, most of its text reproduced
+    assert all(r.acc_no_mem == 0 and r.acc >= 0.8 and r.horizon >= 3 for r in batched.values()), [
+        (r.acc, r.horizon) for r in batched.values()
+    ]
+    assert (
+        any(r.acc == 1.0 and r.greedy_exact for r in batched.values())
+        if method == "full"
+        else max(r.horizon for r in batched.values()) == 8
+    )
 
 
 def test_bf16_weights_hold_the_model_in_bf16_and_its_rows_reproduce_their_accuracy(tiny_llama):

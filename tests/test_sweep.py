@@ -190,8 +190,19 @@ def test_resume_refuses_overrides_that_change_results(tmp_path, capsys, override
 
 
 def test_print_config():
+    """`--cfg job` prints the composed config as YAML, overrides applied, the models' files composed in, and runs nothing."""
+    import dataclasses
+
+    import yaml
+
+    from cram_sweep.config import SweepConfig
+
     proc = run_cli("run", "--cfg", "job", "grid.samples=3", "grid.models=[tiny_neox]")
-    assert "samples: 3" in proc.stdout and "tiny_neox:" in proc.stdout and "architecture: gpt_neox" in proc.stdout
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["grid"]["samples"] == 3 and printed["grid"]["models"] == ["tiny_neox"]
+    assert printed["models"]["tiny_neox"]["architecture"] == "gpt_neox" and printed["models"]["tiny_neox"]["source"] == "random"
+    assert {f.name for f in dataclasses.fields(SweepConfig)} <= set(printed), "every key of the sweep config"
+    assert "sweep directory" not in proc.stdout
 
 
 def test_both_methods_in_one_sweep_end_to_end(tmp_path, capsys):

@@ -74,9 +74,16 @@ def test_run_ids_round_trip_through_tracking_json(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tracking.json"], "written atomically, no temporary file left"
 
 
-def test_run_ids_default_to_no_cells():
-    assert RunIds(uri="sqlite:///x.db", experiment="1", parent="p").cells == {}
-    assert RunIds(uri="u", experiment="1", parent="p").cells is not RunIds(uri="u", experiment="1", parent="p").cells
+def test_a_tracking_file_without_cells_or_uri_loads_with_none_and_each_its_own(tmp_path):
+    """tracking.json from before child runs and URIs were kept: no cells yet, and two loads never share the cells they
+    will add (a mutable default would)."""
+    path = tmp_path / "tracking.json"
+    path.write_text(json.dumps({"experiment": "1", "parent": "p"}))
+    first, second = RunIds.load(path), RunIds.load(path)
+    assert (first.uri, first.experiment, first.parent, first.cells) == ("", "1", "p", {})
+    first.cells["m/pydoc/full/n_mem=1/L=8"] = "c1"
+    assert second.cells == {} and RunIds(uri="u", experiment="1", parent="p").cells == {}
+    assert RunIds.load(tmp_path / "missing.json") is None
 
 
 class FakeClient:
