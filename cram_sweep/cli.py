@@ -90,11 +90,19 @@ def cmd_run(overrides, show_config: bool) -> int:
         return _finish(cfg, sweep, tokens, starts)
 
 
+def _rows(cfg):
+    """The row count a sweep's workers run (layout.batch_rows), or `auto`."""
+    from .grid import rows_per_length
+    from .layout import batch_rows
+
+    return cfg.batch_size if cfg.batch_size == "auto" else batch_rows(cfg.batch_size, rows_per_length(cfg), cfg.batch_invariant)
+
+
 def cmd_resume(path: str, overrides) -> int:
     sweep = SweepDir(path).require()
     stored = load_sweep_config(sweep.config)
     cfg = with_runtime_overrides(stored, overrides)
-    if cfg.batch_size != stored.batch_size:
+    if _rows(cfg) != _rows(stored):
         print(
             f"warning: batch_size={cfg.batch_size}, the sweep ran {stored.batch_size}: the rows run from now on have another "
             "row count in every product, which some kernels round differently (forward_rows records it; docs/determinism.md)",

@@ -61,3 +61,8 @@ def sample_seed(seed: int, cell: Cell, sample: int, restart: int = 0) -> int:
     digest = hashlib.sha256(f"{seed}|{cell.text_id}|{sample}".encode()).digest()
     first = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
     return first if restart == 0 else derived_seed(first, f"restart={restart}")
+
+
+def rows_per_length(cfg: SweepConfig) -> int:
+    """The most rows of one text length a work item holds: a length's cells over the datasets, times samples and restarts."""
+    return cfg.grid.samples * cfg.grid.restarts * len(cfg.grid.datasets)

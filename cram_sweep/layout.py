@@ -30,6 +30,12 @@ MAX_WIDTHS = 2
 MAX_PADDING = 0.5
 
 
+def batch_rows(batch_size: int, rows_per_length: int, batch_invariant: bool) -> int:
+    """The rows a worker's batch runs: batch-invariant, never more than the grid puts at one length in a work item
+    (`rows_per_length`): beyond, every forward would carry inert rows. A function of the settings, so a resume keeps it."""
+    return min(batch_size, rows_per_length) if batch_invariant else batch_size
+
+
 @dataclass(frozen=True)
 class Group:
     """One forward of a step: the batch rows it runs (in batch order) and the text positions it feeds."""

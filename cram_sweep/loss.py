@@ -9,8 +9,8 @@ model's own head gives the logits and only the reduction is chunked, in cache.
 
 Chunks are whole sample rows, or pieces of one row's positions where one row's logits exceed a chunk; every chunk of
 a forward has the same shape (the rows per chunk divide the batch's rows), so a row's numbers do not depend on which
-chunk, or slot, it falls in (layout.py). Models whose head is more than a bias-free linear map (a logit soft-cap)
-give their logits, and only the reduction is chunked.
+chunk, or slot, it falls in (layout.py). Models whose logits are more than a bias-free linear map (a logit scale or
+soft-cap) give their logits, and only the reduction is chunked.
 """
 
 from __future__ import annotations
@@ -25,15 +25,17 @@ import torch
 CHUNK_ELEMENTS = {"cpu": 1 << 20}
 DEFAULT_CHUNK_ELEMENTS = 1 << 27
 FUSED_HEAD_DEVICES = {"cuda"}
+# Families whose logits are exactly the head's product of the last hidden states (no logit scale or soft-cap, as
+# Granite, Cohere and Gemma 2 apply): others give their logits from the model.
+FUSED_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
 
 
 def linear_head(model) -> Optional[torch.nn.Linear]:
-    """The model's output head where the loss fuses it (on FUSED_HEAD_DEVICES, where its logits are just that linear map
-    of the last hidden states), else None: the model gives its logits."""
+    """The model's output head where the loss fuses it (on FUSED_HEAD_DEVICES, a family of FUSED_HEAD_FAMILIES, a
+    bias-free linear head), else None: the model gives its logits."""
     head = model.get_output_embeddings()
-    plain = isinstance(head, torch.nn.Linear) and head.bias is None
-    fused = plain and head.weight.device.type in FUSED_HEAD_DEVICES
-    return head if fused and getattr(model.config, "final_logit_softcapping", None) is None else None
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model.config, "model_type", "") in FUSED_HEAD_FAMILIES
+    return head if plain and head.weight.device.type in FUSED_HEAD_DEVICES else None
 
 
 def chunk_shape(rows: int, positions: int, vocab: int, device_type: str) -> tuple[int, int]:
@@ -51,10 +53,12 @@ def cross_entropy_and_argmax(states: torch.Tensor, weight: Optional[torch.Tensor
     (weight None: `states` are the logits) against `targets` (B, P). Under autocast the head's product runs in its
     dtype, as the model's own head would."""
     device_type = states.device.type
-    if torch.is_autocast_enabled(device_type):
+    if weight is None:  # the model's logits, reduced in their own dtype's fp32 upcast
+        dtype = states.dtype
+    elif torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
-        dtype = states.dtype if weight is None else weight.dtype
+        dtype = weight.dtype
     vocab = states.shape[-1] if weight is None else weight.shape[0]
     shape = chunk_shape(states.shape[0], states.shape[1], vocab, device_type)
     with torch.autocast(device_type, enabled=False):

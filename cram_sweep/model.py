@@ -249,9 +249,10 @@ def model_context(name: str, cfg: ModelConfig) -> int:
     return _CONTEXTS[key]
 
 
-# Graphs torch.compile keeps per compiled module: one per input shape, and the fixed-shape layout (layout.py) gives one
-# shape per text length of a work item (torch's default of 8 would fall back to eager on a longer length grid).
-COMPILED_SHAPES = 64
+# Graphs torch.compile keeps per compiled module: one per input shape; the fixed-shape layout (layout.py) gives one per
+# (row count, n_mem + text length) a worker meets. Past it dynamo would run new shapes eagerly, silently rounding them
+# otherwise than a compiled run: that is an error instead.
+COMPILED_SHAPES = 256
 COMPILE_MODES = {True: "default", "reduce-overhead": "reduce-overhead"}  # compile=true | reduce-overhead (CUDA graphs)
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -269,7 +270,12 @@ def compiled(module: torch.nn.Module, mode: str):
     if module not in _COMPILED:
         import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILED_SHAPES)
+        config = torch._dynamo.config
+        config.cache_size_limit = max(config.cache_size_limit, COMPILED_SHAPES)
+        config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 4 * COMPILED_SHAPES)
+        for fail_on_limit in ("fail_on_cache_limit_hit", "fail_on_recompile_limit_hit"):  # its name in torch 2.4 / later
+            if hasattr(config, fail_on_limit):
+                setattr(config, fail_on_limit, True)
         _COMPILED[module] = torch.compile(module, dynamic=False, mode=mode)
     return _COMPILED[module]
 

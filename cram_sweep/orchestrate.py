@@ -23,8 +23,9 @@ from .config import SweepConfig
 from .cram import SampleSpec
 from .data import sample_token_ids
 from .errors import UserError, one_line
-from .grid import Cell, cells, method_settings, sample_seed
+from .grid import Cell, cells, method_settings, rows_per_length, sample_seed
 from .init_from import Starts
+from .layout import batch_rows
 from .model import load_tokenizer, model_context, slow_bf16_warning
 from .pool import Beat, Grew, Lost, Retired, Row, Stalled, Stranded, WorkerPool
 from .progress import Progress
@@ -213,8 +214,10 @@ class Sweep:
         retry = [spec for spec in item.specs if spec.key not in failed]
         batch_size = item.batch_size
         current = item.batch_size or self.cfg.batch_size
+        if isinstance(current, int):  # the rows the worker ran (layout.batch_rows)
+            current = batch_rows(current, rows_per_length(self.cfg), self.cfg.batch_invariant)
         if isinstance(err, ray.exceptions.OutOfMemoryError) and isinstance(current, int) and current > 1:
-            batch_size = current // 2  # Ray's memory monitor killed the worker: retry with a smaller batch (same results)
+            batch_size = current // 2  # Ray's memory monitor killed the worker: a smaller batch (forward_rows records it)
         what = f"stalled ({err})" if isinstance(err, Stalled) else f"failed ({type(err).__name__})"
         log.warning(
             "work item of %s %s on node %s: retrying %d samples (%d had started: an attempt each; %d had not), %d recorded failed",

@@ -19,7 +19,8 @@ from . import faults
 from .batching import auto_batch_size, cram_fitting
 from .config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, SweepConfig
 from .cram import Heartbeat, SampleResult, SampleSpec
-from .grid import method_settings
+from .grid import method_settings, rows_per_length
+from .layout import batch_rows
 from .model import load_model, resolve_attention, resolve_compile, resolve_precision
 from .param import Basis, parametrization
 
@@ -34,7 +35,7 @@ class WorkerSettings:
     precision: str
     attention: str
     batch_size: Union[int, str]
-    cell_samples: int  # a cell's rows (grid.samples x grid.restarts): the most a batch takes (layout.py)
+    rows_per_length: int  # the most rows of one length a work item holds (grid.rows_per_length)
     batch_invariant: bool
     compile: Union[bool, str]
     device: str
@@ -51,7 +52,7 @@ class WorkerSettings:
             cfg.precision,
             cfg.attention,
             cfg.batch_size,
-            cfg.grid.samples * cfg.grid.restarts,
+            rows_per_length(cfg),
             cfg.batch_invariant,
             cfg.compile,
             cfg.device,
@@ -136,9 +137,7 @@ class CramWorker:
         batch_size = item.batch_size or s.batch_size
         if batch_size == "auto":
             batch_size = auto_batch_size(lm, longest, item.n_mem, precision)
-        # Rows are grouped by length, so a batch never holds more rows of one group than a cell has samples: beyond,
-        # every forward would carry inert rows. A function of the settings, so a resume keeps the row count.
-        batch_size = min(batch_size, s.cell_samples)
+        batch_size = batch_rows(batch_size, s.rows_per_length, s.batch_invariant)
         check_every = s.check_every or (16 if lm.device.type == "cuda" else 1)
         yield Started(batch_size)
         with faults.injected(lm.model, item.specs):

@@ -91,3 +91,14 @@ def test_smollm2_bf16_progressive_horizon_does_not_move_with_the_batch():
 
     alone, batched = rows(4, specs[2:3]), rows(4, specs)
     assert_bit_identical(batched[2], alone[2])
+
+
+def test_a_worker_runs_no_more_rows_than_a_work_item_holds_at_one_length():
+    """Rows are grouped by length: past what the grid puts at one length in a work item, every forward would carry
+    inert rows. Packed batches keep the batch size."""
+    from cram_sweep.grid import rows_per_length
+    from cram_sweep.layout import batch_rows
+
+    cfg = tiny_config("grid.samples=3", "grid.restarts=2", "grid.datasets=[pydoc,random]", "batch_size=16")
+    assert rows_per_length(cfg) == 12
+    assert (batch_rows(16, 12, True), batch_rows(16, 12, False), batch_rows(4, 12, True)) == (12, 16, 4)
