@@ -24,13 +24,13 @@ import time
 from collections import deque
 
 from cram_sweep.config import compose_config, load_sweep_config
-from cram_sweep.cram import SampleResult, cram
+from cram_sweep.engine.cram import SampleResult, cram
+from cram_sweep.engine.layout import Layout
+from cram_sweep.engine.model import load_model
 from cram_sweep.errors import UserError
-from cram_sweep.layout import Layout
-from cram_sweep.model import load_model
-from cram_sweep.orchestrate import prepare_tokens, samples_per_item, work_items
-from cram_sweep.report import load_results
-from cram_sweep.store import SweepDir
+from cram_sweep.report.build import load_results
+from cram_sweep.results.store import SweepDir
+from cram_sweep.sweep.orchestrate import prepare_tokens, samples_per_item, work_items
 
 MAKE_RUN = ["grid.lengths=[8,16,32]", "grid.samples=4", "optim.max_steps=150", "optim.patience=100", "batch_size=4", "precision=fp32"]
 CLAIRVOYANT = "clairvoyant: packed, steps known, longest first"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cram_sweep.capacity import BITS_COLUMNS, capacity_table, cosine_matrix, restart_table, solved
-from cram_sweep.markdown import md_table
-from cram_sweep.report import load_results
+from cram_sweep.report.build import load_results
+from cram_sweep.report.capacity import BITS_COLUMNS, capacity_table, cosine_matrix, restart_table, solved
+from cram_sweep.report.markdown import md_table
 
 COMMON = ["grid.models=[smollm2]", "grid.datasets=[pydoc]", "method=progressive", "method.growth=geometric", "report=true"]
 ARMS = {

@@ -20,11 +20,11 @@ import time
 
 import pandas as pd
 
-from cram_sweep.capacity import max_tokens
 from cram_sweep.config import compose_config
-from cram_sweep.cram import Heartbeat, SampleResult, cram
-from cram_sweep.model import load_model
-from cram_sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.engine.cram import Heartbeat, SampleResult, cram
+from cram_sweep.engine.model import load_model
+from cram_sweep.report.capacity import max_tokens
+from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
 
 
 def run(overrides: list[str], batch_size: int) -> tuple[list[SampleResult], float]:

@@ -23,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from cram_sweep import store
-from cram_sweep.bits import BitsColumns
 from cram_sweep.config import compose_config, to_yaml
-from cram_sweep.cram import SampleResult
-from cram_sweep.grid import cells
-from cram_sweep.orchestrate import Sweep
-from cram_sweep.tracking import Tracker
-from cram_sweep.worker import Finished
+from cram_sweep.engine.bits import BitsColumns
+from cram_sweep.engine.cram import SampleResult
+from cram_sweep.results import store
+from cram_sweep.sweep.grid import cells
+from cram_sweep.sweep.orchestrate import Sweep
+from cram_sweep.sweep.worker import Finished
+from cram_sweep.tracking.tracker import Tracker
 
 
 def config(out_dir: Path, name: str, n_cells: int, samples: int, tracking_uri: str):

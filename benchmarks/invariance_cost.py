@@ -22,11 +22,11 @@ import time
 import torch
 
 from cram_sweep.config import compose_config
-from cram_sweep.cram import SampleSpec, cram
 from cram_sweep.data import sample_token_ids
-from cram_sweep.grid import Cell, sample_seed
-from cram_sweep.markdown import md_table
-from cram_sweep.model import load_model, resolve_attention
+from cram_sweep.engine.cram import SampleSpec, cram
+from cram_sweep.engine.model import load_model, resolve_attention
+from cram_sweep.report.markdown import md_table
+from cram_sweep.sweep.grid import Cell, sample_seed
 
 HEADER = ["precision", "batch", "scenario", "fixed shapes (sample-steps/s)", "packed (sample-steps/s)", "fixed / packed"]
 

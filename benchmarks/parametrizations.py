@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cram_sweep.markdown import md_table
-from cram_sweep.report import load_results
+from cram_sweep.report.build import load_results
+from cram_sweep.report.markdown import md_table
 
 PROGRESSIVE = ["method=progressive", "method.growth=geometric", "method.backoff=bisect"]
 LOWDIM = ["param=lowdim"]

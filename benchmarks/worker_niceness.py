@@ -15,10 +15,10 @@ import time
 
 import ray
 
-from cram_sweep.cluster import QUIET
 from cram_sweep.config import compose_config
-from cram_sweep.orchestrate import prepare_tokens, work_items
-from cram_sweep.worker import CramWorker, Finished, WorkerSettings, stream
+from cram_sweep.sweep.cluster import QUIET
+from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.sweep.worker import CramWorker, Finished, WorkerSettings, stream
 
 
 def spin() -> None:

@@ -12,7 +12,7 @@ __all__ = ["load_results", "load_capacity"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import report
+        from .report import build
 
-        return getattr(report, name)
+        return getattr(build, name)
     raise AttributeError(f"module 'cram_sweep' has no attribute {name!r}")

@@ -25,13 +25,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .batching import auto_batch_size
 from .config import compose_config
-from .cram import SampleSpec, cram
 from .data import sample_token_ids
-from .grid import Cell, sample_seed
-from .model import BF16_FORWARD, autocast, clear_cache, graphs_compiled, load_model, resolve_attention, resolve_compile, resolve_device
-from .roundings import BF16
+from .engine.batching import auto_batch_size
+from .engine.cram import SampleSpec, cram
+from .engine.model import (
+    BF16_FORWARD,
+    autocast,
+    clear_cache,
+    graphs_compiled,
+    load_model,
+    resolve_attention,
+    resolve_compile,
+    resolve_device,
+)
+from .engine.roundings import BF16
+from .sweep.grid import Cell, sample_seed
 
 # Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.
 # Matched by substring of the device name, in this order (A100 before A10).

@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import interrupt
 from .config import compose, load_sweep_config, result_config, to_sweep_config, to_yaml, with_runtime_overrides
 from .errors import StoreError, UserError, one_line
 from .redact import redact, redact_record
-from .store import SweepDir, write_atomically
+from .results.store import SweepDir, write_atomically
+from .sweep import interrupt
 
 
 def _write_config(sweep: SweepDir, cfg) -> None:
@@ -26,7 +26,7 @@ def _write_config(sweep: SweepDir, cfg) -> None:
 
 def _check_models(cfg) -> None:
     """Read every model's config and tokenizer before any work: a broken path or file is bad input (exit 2)."""
-    from .model import load_tokenizer, model_context
+    from .engine.model import load_tokenizer, model_context
 
     for name in cfg.grid.models:
         try:
@@ -55,7 +55,7 @@ def _check_out_dir(out_dir: str) -> None:
 
 
 def _finish(cfg, sweep: SweepDir, tokens, starts) -> int:
-    from .orchestrate import run_sweep
+    from .sweep.orchestrate import run_sweep
 
     code = run_sweep(cfg, sweep, tokens, starts)
     print_status(sweep, seconds=True)
@@ -72,8 +72,8 @@ def cmd_run(overrides, show_config: bool) -> int:
         print(redact(to_yaml(node)), end="")
         return 0
     cfg = to_sweep_config(node)
-    from .init_from import load_starts
-    from .orchestrate import prepare_tokens
+    from .results.init_from import load_starts
+    from .sweep.orchestrate import prepare_tokens
 
     _check_out_dir(cfg.out_dir)
     _check_models(cfg)
@@ -92,8 +92,8 @@ def cmd_run(overrides, show_config: bool) -> int:
 
 def _rows(cfg):
     """The row count a sweep's workers run (layout.batch_rows), or `auto`."""
-    from .grid import rows_per_length
-    from .layout import batch_rows
+    from .engine.layout import batch_rows
+    from .sweep.grid import rows_per_length
 
     return cfg.batch_size if cfg.batch_size == "auto" else batch_rows(cfg.batch_size, rows_per_length(cfg), cfg.batch_invariant)
 
@@ -108,8 +108,8 @@ def cmd_resume(path: str, overrides) -> int:
             "row count in every product, which some kernels round differently (forward_rows records it; docs/determinism.md)",
             file=sys.stderr,
         )
-    from .init_from import load_starts
-    from .orchestrate import prepare_tokens
+    from .results.init_from import load_starts
+    from .sweep.orchestrate import prepare_tokens
 
     _check_models(cfg)
     tokens, starts = prepare_tokens(cfg), load_starts(cfg)
@@ -120,8 +120,8 @@ def cmd_resume(path: str, overrides) -> int:
 
 
 def print_status(sweep: SweepDir, seconds: bool = False) -> int:
-    from .markdown import fmt_value
-    from .report import cell_table
+    from .report.build import cell_table
+    from .report.markdown import fmt_value
 
     table = cell_table(sweep)
     width = max(len(c) for c in table["cell"])
@@ -137,8 +137,8 @@ def print_status(sweep: SweepDir, seconds: bool = False) -> int:
 
 
 def cmd_status(path: str) -> int:
-    from .cellstate import open_failures
-    from .store import read_failures, read_results
+    from .results.cellstate import open_failures
+    from .results.store import read_failures, read_results
 
     sweep = SweepDir(path).require()
     print_status(sweep)
@@ -151,9 +151,9 @@ def cmd_status(path: str) -> int:
 def publish_report(sweep: SweepDir, cfg) -> None:
     """Write the report, re-sync the cells' MLflow metrics from the store and log the report to the sweep's
     parent run (MLflow failing loses no file). `cfg` is the sweep's config as this process holds it (real URIs)."""
-    from .markdown import summary_lines
-    from .report import SweepRecords, build_report
-    from .tracking import Tracker, log_report
+    from .report.build import SweepRecords, build_report
+    from .report.markdown import summary_lines
+    from .tracking.tracker import Tracker, log_report
 
     records = SweepRecords.read(sweep, cfg)  # cfg: name and grid as in sweep.yaml (resume overrides change neither)
     report = build_report(sweep, records)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         if args.command == "report":
             return cmd_report(args.sweep_dir)
         if args.command == "decode":
-            from .decode import decode_command
+            from .report.decode import decode_command
 
             return decode_command(args)
         from .bench import bench_command

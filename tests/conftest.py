@@ -29,14 +29,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from cram_sweep.model import load_model
+    from cram_sweep.engine.model import load_model
 
     return load_model("tiny_llama", tiny_config().models["tiny_llama"], "cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_neox():
-    from cram_sweep.model import load_model
+    from cram_sweep.engine.model import load_model
 
     return load_model("tiny_neox", tiny_config("grid.models=[tiny_neox]").models["tiny_neox"], "cpu")
 

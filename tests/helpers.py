@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from cram_sweep.config import compose_config
-from cram_sweep.grid import Cell
-from cram_sweep.param import initial_vectors
-from cram_sweep.rows import RowState
-from cram_sweep.store import FailureRow, ResultRow
+from cram_sweep.engine.param import initial_vectors
+from cram_sweep.engine.rows import RowState
+from cram_sweep.results.store import FailureRow, ResultRow
+from cram_sweep.sweep.grid import Cell
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cram_sweep.cli"]
@@ -67,9 +67,9 @@ def _dataset_config(dataset: str):
 def specs_for(lm, length, count, n_mem=2, dataset="pydoc", cell="", seed_n_mem=None):
     """The first `count` samples of `dataset` at `length` tokens for model `lm`, seeded as a sweep seeds them
     (cell `lm.name/dataset/n_mem/length`, or `seed_n_mem`'s), all named `cell`."""
-    from cram_sweep.cram import SampleSpec
     from cram_sweep.data import sample_token_ids
-    from cram_sweep.grid import sample_seed
+    from cram_sweep.engine.cram import SampleSpec
+    from cram_sweep.sweep.grid import sample_seed
 
     ids = sample_token_ids(_dataset_config(dataset), dataset, lm.tokenizer, count, length, seed=0)
     seeded = Cell(lm.name, dataset, n_mem if seed_n_mem is None else seed_n_mem, length)
@@ -223,9 +223,9 @@ def assert_bit_identical(a, b, ignore=NOT_COMPUTED):
 def uninterrupted_rows(cfg, batch_size: int) -> dict:
     """(cell, sample) -> the engine's result for every sample of a one-method sweep on a tiny model, run in this process
     through the sweep's work items without interruption, as a worker runs them (one thread, eager attention)."""
-    from cram_sweep.cram import cram
-    from cram_sweep.model import load_model
-    from cram_sweep.orchestrate import prepare_tokens, work_items
+    from cram_sweep.engine.cram import cram
+    from cram_sweep.engine.model import load_model
+    from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
 
     rows = {}
     threads = torch.get_num_threads()
@@ -244,7 +244,7 @@ def uninterrupted_rows(cfg, batch_size: int) -> dict:
 def naive_parameters(model, n_mem, init_seed, optim, k=None):
     """What a batch-size-1 loop trains, written independently of param.py: the vectors (k None), or (param=lowdim)
     z at width k and an nn.Linear(k, hidden) seeded as the engine seeds it. Returns (parameters, vectors())."""
-    from cram_sweep.param import derived_seed
+    from cram_sweep.engine.param import derived_seed
 
     embed = model.get_input_embeddings()
     width = embed.weight.shape[1] if k is None else k

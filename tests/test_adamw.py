@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cram_sweep.adamw import RowAdamW, learning_rates
+from cram_sweep.engine.adamw import RowAdamW, learning_rates
 
 from .helpers import TINY_PROGRESSIVE, TwoTensors, cosine_lambda, tiny_config
 

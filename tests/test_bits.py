@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from cram_sweep import cli
-from cram_sweep.bits import BitsColumns, Scored, analyse, round_vectors, uniform
-from cram_sweep.columns import SampleColumns
 from cram_sweep.config import AnalysisConfig
-from cram_sweep.cram import cram, reduce_scores, token_scores
-from cram_sweep.grid import Cell
-from cram_sweep.report import build_report
-from cram_sweep.roundings import FULL_WIDTH, bits_needed, rounding_names
-from cram_sweep.rules import horizon_of
-from cram_sweep.tracking import report_curves
+from cram_sweep.engine.bits import BitsColumns, Scored, analyse, round_vectors, uniform
+from cram_sweep.engine.cram import cram, reduce_scores, token_scores
+from cram_sweep.engine.roundings import FULL_WIDTH, bits_needed, rounding_names
+from cram_sweep.methods.rules import horizon_of
+from cram_sweep.report.build import build_report
+from cram_sweep.results.columns import SampleColumns
+from cram_sweep.sweep.grid import Cell
+from cram_sweep.tracking.tracker import report_curves
 
 from .helpers import TINY, TINY_PROGRESSIVE, result_row, specs_for, tiny_config
 from .test_report import make_sweep

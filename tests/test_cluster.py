@@ -11,9 +11,9 @@ import time
 import psutil
 import pytest
 
-from cram_sweep import cluster
-from cram_sweep.cluster import Node
 from cram_sweep.errors import UserError
+from cram_sweep.sweep import cluster
+from cram_sweep.sweep.cluster import Node
 
 from .helpers import TINY, seed_mlflow_db, session_pids, start_cli, tiny_config, wait_for
 

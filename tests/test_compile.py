@@ -4,8 +4,8 @@ per shape; the fixed-shape layout means no recompile in steady state whatever th
 import pytest
 import torch
 
-from cram_sweep.cram import Heartbeat, SampleResult, cram
-from cram_sweep.model import graphs_compiled, resolve_compile
+from cram_sweep.engine.cram import Heartbeat, SampleResult, cram
+from cram_sweep.engine.model import graphs_compiled, resolve_compile
 
 from .helpers import assert_bit_identical, assert_same_result, by_sample, specs_for, tiny_config
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cram_sweep.cram import Heartbeat, SampleResult, cram, leading_matches, reduce_scores, token_scores
-from cram_sweep.decode import greedy_decode
+from cram_sweep.engine.cram import Heartbeat, SampleResult, cram, leading_matches, reduce_scores, token_scores
+from cram_sweep.report.decode import greedy_decode
 
 from .helpers import assert_bit_identical, assert_same_result, by_sample, naive_cram, specs_for, tiny_config
 
@@ -219,15 +219,15 @@ def test_the_engine_imports_neither_pandas_nor_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, cram_sweep, cram_sweep.cram, cram_sweep.worker; print(sorted({'pandas', 'matplotlib'} & set(sys.modules)))"
+    code = "import sys, cram_sweep, cram_sweep.engine.cram, cram_sweep.sweep.worker; print(sorted({'pandas', 'matplotlib'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     # The driver and `status` read the cell table through the report module; only writing a report draws.
-    code = "import sys, cram_sweep.cli, cram_sweep.orchestrate, cram_sweep.report; print('matplotlib' in sys.modules)"
+    code = "import sys, cram_sweep.cli, cram_sweep.sweep.orchestrate, cram_sweep.report.build; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
     import cram_sweep
 
-    assert cram_sweep.load_results.__module__ == "cram_sweep.report"
+    assert cram_sweep.load_results.__module__ == "cram_sweep.report.build"
 
 
 @pytest.mark.parametrize("method", ["full", "progressive"])
@@ -271,7 +271,7 @@ def test_bf16_weights_hold_the_model_in_bf16_and_its_rows_reproduce_their_accura
     """precision=bf16-weights: no fp32 copy of the frozen model (half its memory); the vectors stay fp32 and the
     forward runs under bf16 autocast as with precision=bf16, whose Linear weights are the same bf16 numbers. What
     differs: the embeddings and norm weights are rounded to bf16 too, so the no-vector CE moves by bf16 rounding."""
-    from cram_sweep.model import load_model
+    from cram_sweep.engine.model import load_model
 
     lm = load_model("tiny_llama", CFG.models["tiny_llama"], "cpu", "bf16-weights")
     assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from cram_sweep.config import ParamConfig
-from cram_sweep.cram import cram
-from cram_sweep.decode import decode_row
-from cram_sweep.param import parametrization
+from cram_sweep.engine.cram import cram
+from cram_sweep.engine.param import parametrization
+from cram_sweep.report.decode import decode_row
 
 from .helpers import TINY_PROGRESSIVE, specs_for, tiny_config
 

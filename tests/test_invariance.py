@@ -10,8 +10,8 @@ product, which some kernels round differently (test_cram.test_batch_does_not_cha
 import pytest
 
 from cram_sweep.config import ParamConfig
-from cram_sweep.cram import cram
-from cram_sweep.param import parametrization
+from cram_sweep.engine.cram import cram
+from cram_sweep.engine.param import parametrization
 
 from .helpers import TINY_PROGRESSIVE, assert_bit_identical, specs_for, tiny_config
 
@@ -77,8 +77,8 @@ def test_packed_batches_give_the_promise_up_and_say_so(tiny_llama):
 def test_smollm2_bf16_progressive_horizon_does_not_move_with_the_batch():
     """docs/beyond.md's case: SmolLM2, pydoc, bf16, progressive at cap 24 with 30 steps a stage; sample 2 alone and
     beside 3 others ended 0.012 apart when the padded width followed the batch-mates' stages."""
-    from cram_sweep.grid import Cell, sample_seed
-    from cram_sweep.model import load_model
+    from cram_sweep.engine.model import load_model
+    from cram_sweep.sweep.grid import Cell, sample_seed
 
     cfg = tiny_config("grid.models=[smollm2]", "method=progressive", "method.steps_per_stage=30", "method.step=8", "optim.max_steps=120")
     lm = load_model("smollm2", cfg.models["smollm2"], "cpu")
@@ -96,8 +96,8 @@ def test_smollm2_bf16_progressive_horizon_does_not_move_with_the_batch():
 def test_a_worker_runs_no_more_rows_than_a_work_item_holds_at_one_length():
     """Rows are grouped by length: past what the grid puts at one length in a work item, every forward would carry
     inert rows. Packed batches keep the batch size."""
-    from cram_sweep.grid import rows_per_length
-    from cram_sweep.layout import batch_rows
+    from cram_sweep.engine.layout import batch_rows
+    from cram_sweep.sweep.grid import rows_per_length
 
     cfg = tiny_config("grid.samples=3", "grid.restarts=2", "grid.datasets=[pydoc,random]", "batch_size=16")
     assert rows_per_length(cfg) == 12

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_sweep import loss
-from cram_sweep.loss import chunk_shape, cross_entropy_and_argmax
+from cram_sweep.engine import loss
+from cram_sweep.engine.loss import chunk_shape, cross_entropy_and_argmax
 
 ROWS, POSITIONS, HIDDEN, VOCAB = 6, 5, 16, 500
 
@@ -76,7 +76,7 @@ def test_every_chunk_has_one_shape():
 def test_the_fused_head_gives_the_engines_rows_of_the_models_head(tiny_llama, precision, monkeypatch):
     """The GPU's path (the head fused into the loss) on this CPU: the rows of the model's own head, within the rounding
     of other product shapes."""
-    from cram_sweep.cram import cram
+    from cram_sweep.engine.cram import cram
 
     from .helpers import assert_same_result, by_sample, specs_for, tiny_config
 

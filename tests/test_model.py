@@ -2,7 +2,7 @@
 
 import pytest
 
-from cram_sweep import model
+from cram_sweep.engine import model
 
 
 @pytest.mark.parametrize("fast_bf16", [False, True])

@@ -7,10 +7,10 @@ import torch
 
 from cram_sweep import cli
 from cram_sweep.config import ParamConfig
-from cram_sweep.cram import _Batch, cram
-from cram_sweep.init_from import load_starts
-from cram_sweep.param import LowDim, parametrization
-from cram_sweep.store import SweepDir, read_results
+from cram_sweep.engine.cram import _Batch, cram
+from cram_sweep.engine.param import LowDim, parametrization
+from cram_sweep.results.init_from import load_starts
+from cram_sweep.results.store import SweepDir, read_results
 
 from .helpers import (
     TINY,
@@ -147,7 +147,7 @@ def test_pca_takes_w_and_b_from_the_stored_vectors(tiny_llama, stored_sweep):
 
 @pytest.mark.parametrize("method", ["full", "progressive"])
 def test_no_prefix_token_is_ever_a_target(tiny_llama, monkeypatch, method):
-    from cram_sweep import cram as engine
+    from cram_sweep.engine import cram as engine
 
     prefix = 3
     cfg = tiny_config(*(TINY_PROGRESSIVE if method == "progressive" else []), f"method.prefix_tokens={prefix}", "grid.lengths=[10]")

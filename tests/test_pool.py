@@ -12,13 +12,13 @@ from collections import deque
 import pytest
 import ray
 
-from cram_sweep.cram import SampleResult, SampleSpec
-from cram_sweep.faults import restarted
-from cram_sweep.orchestrate import Sweep
-from cram_sweep.pool import Beat, Grew, Lost, Retired, Row, Stranded, Worker, WorkerPool
-from cram_sweep.store import SweepDir
-from cram_sweep.tracking import Tracker
-from cram_sweep.worker import Finished, Placement, Started, WorkItem
+from cram_sweep.engine.cram import SampleResult, SampleSpec
+from cram_sweep.results.store import SweepDir
+from cram_sweep.sweep.faults import restarted
+from cram_sweep.sweep.orchestrate import Sweep
+from cram_sweep.sweep.pool import Beat, Grew, Lost, Retired, Row, Stranded, Worker, WorkerPool
+from cram_sweep.sweep.worker import Finished, Placement, Started, WorkItem
+from cram_sweep.tracking.tracker import Tracker
 
 from .helpers import tiny_config
 

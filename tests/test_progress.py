@@ -6,7 +6,7 @@ import os
 import struct
 import termios
 
-from cram_sweep.progress import Progress
+from cram_sweep.sweep.progress import Progress
 
 
 def test_without_a_terminal_progress_is_plain_lines_at_an_interval():

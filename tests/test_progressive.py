@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_sweep.cram import _Batch, cram, token_scores
-from cram_sweep.decode import greedy_decode
+from cram_sweep.engine.cram import _Batch, cram, token_scores
+from cram_sweep.report.decode import greedy_decode
 
 from .helpers import TINY_PROGRESSIVE, assert_bit_identical, cosine_lambda, naive_parameters, tiny_config
 from .helpers import specs_for as shared_specs_for

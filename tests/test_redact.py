@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cram_sweep import cli, tracking
+from cram_sweep import cli
 from cram_sweep.errors import UserError
 from cram_sweep.redact import MASK, is_redacted, redact, redact_record
-from cram_sweep.store import SweepDir
+from cram_sweep.results.store import SweepDir
+from cram_sweep.tracking import tracker as tracking
 
 from .helpers import TINY, cli_env, free_port, run_cli, seed_mlflow_db, tiny_config, wait_for
 

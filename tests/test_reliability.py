@@ -20,10 +20,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cram_sweep import cli, store
+from cram_sweep import cli
 from cram_sweep.config import to_yaml
 from cram_sweep.errors import UserError
-from cram_sweep.store import SweepDir, read_failures, read_results
+from cram_sweep.results import store
+from cram_sweep.results.store import SweepDir, read_failures, read_results
 
 from .helpers import TINY, assert_bit_identical, cli_env, result_row, start_cli, tiny_config, uninterrupted_rows, wait_for
 

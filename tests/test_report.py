@@ -8,13 +8,15 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from cram_sweep import cli, report, tracking
-from cram_sweep.capacity import BITS_COLUMNS, CAPACITY_COLUMNS
+from cram_sweep import cli
 from cram_sweep.config import load_sweep_config
 from cram_sweep.errors import UserError
-from cram_sweep.grid import Cell
-from cram_sweep.report import build_report, cell_table, load_capacity
-from cram_sweep.store import SweepDir, write_failures, write_results
+from cram_sweep.report import build as report
+from cram_sweep.report.build import build_report, cell_table, load_capacity
+from cram_sweep.report.capacity import BITS_COLUMNS, CAPACITY_COLUMNS
+from cram_sweep.results.store import SweepDir, write_failures, write_results
+from cram_sweep.sweep.grid import Cell
+from cram_sweep.tracking import tracker as tracking
 
 from .helpers import failure_row, result_row
 

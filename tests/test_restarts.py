@@ -13,14 +13,14 @@ import pyarrow.dataset as ds
 import pytest
 
 from cram_sweep import cli
-from cram_sweep.cellstate import STATE_COLUMNS, cell_state
 from cram_sweep.config import load_sweep_config
-from cram_sweep.cram import SampleSpec, cram
-from cram_sweep.grid import Cell, cells, derived_seed, sample_seed
-from cram_sweep.orchestrate import work_items
-from cram_sweep.report import build_report
-from cram_sweep.store import SweepDir, read_results, read_stages
-from cram_sweep.tracking import report_curves
+from cram_sweep.engine.cram import SampleSpec, cram
+from cram_sweep.report.build import build_report
+from cram_sweep.results.cellstate import STATE_COLUMNS, cell_state
+from cram_sweep.results.store import SweepDir, read_results, read_stages
+from cram_sweep.sweep.grid import Cell, cells, derived_seed, sample_seed
+from cram_sweep.sweep.orchestrate import work_items
+from cram_sweep.tracking.tracker import report_curves
 
 from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, kill_mid_sweep, result_row, run_cli, tiny_config
 from .test_report import make_sweep

@@ -38,7 +38,7 @@ import pytest
 
 from cram_sweep.config import compose_config
 from cram_sweep.data import sample_texts
-from cram_sweep.store import SweepDir, read_results
+from cram_sweep.results.store import SweepDir, read_results
 
 from .helpers import ROOT, TINY, cli_env, free_port, port_open, run_cli, session_pids, start_cli, wait_for
 
@@ -202,7 +202,7 @@ def latest_cram_workers(address: str) -> dict:
 def test_ray_cluster_sweep_runs_on_both_nodes(mlflow_booting, ray_cluster, tmp_path):
     """`cram-sweep run cluster=ray cluster.address=...` on pydoc and on the pg19 fixture (second halves of its chunks)."""
     # (mlflow_booting: the MLflow server of the later tests boots meanwhile)
-    from cram_sweep.model import load_tokenizer
+    from cram_sweep.engine.model import load_tokenizer
 
     proc = run_cli(
         "run",
@@ -276,8 +276,8 @@ def test_pg19_loader_reads_the_other_local_formats(tmp_path):
 
 def test_ray_cluster_unreachable_is_one_clear_error(monkeypatch):
     """ray.init alone retries an address where nothing listens for many minutes."""
-    from cram_sweep.cluster import connect_ray
     from cram_sweep.errors import UserError
+    from cram_sweep.sweep.cluster import connect_ray
 
     address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)  # no cluster.address: RAY_ADDRESS is used
@@ -416,7 +416,7 @@ def test_a_node_that_joins_mid_sweep_runs_samples_within_30_s(scaled_sweep, ray_
 
 @pytest.mark.slow
 def test_a_node_killed_mid_sweep_loses_nothing_and_charges_only_the_samples_that_ran_on_it(scaled_sweep):
-    from cram_sweep.store import read_failures
+    from cram_sweep.results.store import read_failures
 
     seen, sweep = scaled_sweep, scaled_sweep["sweep"]
     assert seen["code"] == 0, seen["text"][-4000:]
@@ -448,7 +448,7 @@ def test_the_autoscaler_is_asked_for_the_work_left_and_released_at_the_end(scale
 def test_a_stalled_item_is_killed_and_retried_with_its_reason_in_failures(tmp_path):
     """A worker that hangs in a forward but stays alive (sleep_in_item): killed after worker.stall_seconds, its
     samples retried on the restarted worker; the two that had started record the reason."""
-    from cram_sweep.store import read_failures
+    from cram_sweep.results.store import read_failures
 
     args = ["run", "name=stall", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "worker.stall_seconds=8", "worker.progress_seconds=1"]
     run = TimedRun(args, env=cli_env(CRAM_SWEEP_FAULT="sleep_in_item:600"))
@@ -672,7 +672,7 @@ def test_mlflow_refusing_at_start_is_one_clear_error(tmp_path):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from cram_sweep.errors import UserError
-    from cram_sweep.tracking import Tracker
+    from cram_sweep.tracking.tracker import Tracker
 
     class Refuse(BaseHTTPRequestHandler):
         def do_GET(self):

@@ -3,10 +3,10 @@
 import pytest
 
 from cram_sweep.config import compose_config
-from cram_sweep.cram import SampleSpec, cram
 from cram_sweep.data import sample_token_ids
-from cram_sweep.grid import Cell, sample_seed
-from cram_sweep.model import load_model, resolve_attention, resolve_precision
+from cram_sweep.engine.cram import SampleSpec, cram
+from cram_sweep.engine.model import load_model, resolve_attention, resolve_precision
+from cram_sweep.sweep.grid import Cell, sample_seed
 
 pytestmark = pytest.mark.slow
 

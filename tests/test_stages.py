@@ -2,9 +2,9 @@
 
 import pytest
 
-from cram_sweep.columns import StageRecord
 from cram_sweep.config import MethodConfig
-from cram_sweep.stages import StagePlan
+from cram_sweep.methods.stages import StagePlan
+from cram_sweep.results.columns import StageRecord
 
 
 def visit(method: MethodConfig, cap: int, fits_up_to: int, budget_stages: int = 100) -> tuple[list, StagePlan]:

@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cram_sweep.config import load_sweep_config, to_yaml
-from cram_sweep.report import cell_table as report_cells
-from cram_sweep.store import SweepDir, read_results, read_stages
+from cram_sweep.report.build import cell_table as report_cells
+from cram_sweep.results.store import SweepDir, read_results, read_stages
 
 from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, cli_env, kill_mid_sweep, run_cli, tiny_config, uninterrupted_rows
 

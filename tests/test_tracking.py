@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from cram_sweep.config import compose_config
-from cram_sweep.grid import Cell
-from cram_sweep.store import SweepDir
-from cram_sweep.tracking import MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS, Backoff, RunIds, Tracker
+from cram_sweep.results.store import SweepDir
+from cram_sweep.sweep.grid import Cell
+from cram_sweep.tracking.tracker import MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS, Backoff, RunIds, Tracker
 
 NOW = 1000.0  # a time.monotonic() value
 

@@ -1,5 +1,5 @@
 """The sweep's config: `schema` (the dataclasses), `compose` (Hydra composition and the checks across sections)
-and `sweep_file` (sweep.yaml and what a resume may change). The grid it spans is `cram_sweep.grid`."""
+and `sweep_file` (sweep.yaml and what a resume may change). The grid it spans is `cram_sweep.sweep.grid`."""
 
 from .compose import CONF_DIR, available, compose, compose_config, register, to_sweep_config, validate
 from .schema import (

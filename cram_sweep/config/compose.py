@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError, one_line
-from ..grid import method_settings
+from ..sweep.grid import method_settings
 from .schema import (
     ClusterConfig,
     DatasetConfig,

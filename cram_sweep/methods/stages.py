@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .columns import StageRecord
-from .config import MethodConfig
+from ..config import MethodConfig
+from ..results.columns import StageRecord
 
 
 @dataclass

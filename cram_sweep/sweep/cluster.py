@@ -28,9 +28,9 @@ from typing import Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..config import SweepConfig, WorkerConfig
+from ..errors import UserError, one_line
 from . import interrupt
-from .config import SweepConfig, WorkerConfig
-from .errors import UserError, one_line
 from .pool import Worker
 from .worker import CramWorker, WorkerSettings
 

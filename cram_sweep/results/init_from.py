@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import SweepConfig
-from .errors import UserError
-from .grid import Cell, cells, method_settings
-from .param import Basis
+from ..config import SweepConfig
+from ..engine.param import Basis
+from ..errors import UserError
+from ..sweep.grid import Cell, cells, method_settings
 
 STORED_COLUMNS = ["model", "dataset", "n_mem", "length", "sample", "restart", "method", "memory"]
 

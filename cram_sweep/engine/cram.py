@@ -24,17 +24,17 @@ from typing import Optional, Union
 
 import torch
 
+from ..config import AnalysisConfig, MethodConfig, OptimConfig
+from ..methods.rules import DONE, NONFINITE, horizon_of, rule_for
+from ..methods.stages import StagePlan
+from ..results.columns import SampleColumns, StageRecord
 from .adamw import AdamRows, RowAdamW
 from .bits import BitsColumns, Scored, analyse
-from .columns import SampleColumns, StageRecord
-from .config import AnalysisConfig, MethodConfig, OptimConfig
 from .layout import MAX_PADDING, Group, Layout
 from .loss import cross_entropy_and_argmax, linear_head
 from .model import attention_implementation, autocast, compiled, graphs_compiled
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
-from .rules import DONE, NONFINITE, horizon_of, rule_for
-from .stages import StagePlan
 
 
 @dataclass

@@ -14,13 +14,13 @@ from typing import Optional
 import pandas as pd
 import pyarrow as pa
 
+from ..config import SweepConfig, load_sweep_config
+from ..errors import UserError
+from ..results.cellstate import cell_states, runs_per_cell
+from ..results.store import SweepDir, read_failures, read_results, read_stages
+from ..sweep.grid import Cell
 from .capacity import analysed_rows, capacity_table, cell_frame, restart_table
-from .cellstate import cell_states, runs_per_cell
-from .config import SweepConfig, load_sweep_config
-from .errors import UserError
-from .grid import Cell
 from .markdown import report_markdown
-from .store import SweepDir, read_failures, read_results, read_stages
 
 
 @dataclass

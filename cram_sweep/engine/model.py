@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from .config import ModelConfig
-from .errors import UserError, one_line
+from ..config import ModelConfig
+from ..errors import UserError, one_line
 
 # What transformers raises for a missing, unreadable or malformed model (a GGUF that is not a model: struct.error).
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, struct.error)
@@ -127,7 +127,7 @@ def pydoc_bpe_tokenizer(vocab_size: int, add_bos: bool):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import pydoc_prose
+    from ..data import pydoc_prose
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -40,7 +40,7 @@ from typing import Optional, Protocol, Union
 
 import ray
 
-from .cram import Heartbeat, SampleSpec
+from ..engine.cram import Heartbeat, SampleSpec
 from .worker import Finished, Started, WorkItem, stream
 
 log = logging.getLogger("cram_sweep")

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from .config import SweepConfig
-from .grid import Cell, cells
+from ..config import SweepConfig
+from ..sweep.grid import Cell, cells
 from .store import IDENTITY
 
 # The result columns the state reads.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..engine.roundings import FULL_WIDTH
 from .capacity import CELL_GROUP, FIT, growth_columns, label
-from .roundings import FULL_WIDTH
 
 
 def summary_lines(capacity: pd.DataFrame) -> list[str]:

@@ -15,21 +15,22 @@ from typing import Optional
 
 import ray
 
-from . import interrupt, store
-from .cellstate import STATE_COLUMNS, by_cell, cell_state, runs_per_cell
+from ..config import SweepConfig
+from ..data import sample_token_ids
+from ..engine.cram import SampleSpec
+from ..engine.layout import batch_rows
+from ..engine.model import load_tokenizer, model_context, slow_bf16_warning
+from ..errors import UserError, one_line
+from ..results import store
+from ..results.cellstate import STATE_COLUMNS, by_cell, cell_state, runs_per_cell
+from ..results.columns import CellColumns, FailureRow, ResultRow, StageRow
+from ..results.init_from import Starts
+from ..tracking.tracker import Tracker
+from . import interrupt
 from .cluster import Scaler, connect_ray
-from .columns import CellColumns, FailureRow, ResultRow, StageRow
-from .config import SweepConfig
-from .cram import SampleSpec
-from .data import sample_token_ids
-from .errors import UserError, one_line
 from .grid import Cell, cells, method_settings, rows_per_length, sample_seed
-from .init_from import Starts
-from .layout import batch_rows
-from .model import load_tokenizer, model_context, slow_bf16_warning
 from .pool import Beat, Grew, Lost, Retired, Row, Stalled, Stranded, WorkerPool
 from .progress import Progress
-from .tracking import Tracker
 from .worker import Finished, WorkItem
 
 log = logging.getLogger("cram_sweep")

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..engine.roundings import FP8, FULL_WIDTH, width
 from .capacity import CELL_GROUP, FIT, GROUP, label
-from .roundings import FP8, FULL_WIDTH, width
 
 
 def _colours(keys) -> dict:

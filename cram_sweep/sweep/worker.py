@@ -15,14 +15,14 @@ from typing import Optional, Union
 import ray
 import torch
 
+from ..config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, SweepConfig
+from ..engine.batching import auto_batch_size, cram_fitting
+from ..engine.cram import Heartbeat, SampleResult, SampleSpec
+from ..engine.layout import batch_rows
+from ..engine.model import load_model, resolve_attention, resolve_compile, resolve_precision
+from ..engine.param import Basis, parametrization
 from . import faults
-from .batching import auto_batch_size, cram_fitting
-from .config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, SweepConfig
-from .cram import Heartbeat, SampleResult, SampleSpec
 from .grid import method_settings, rows_per_length
-from .layout import batch_rows
-from .model import load_model, resolve_attention, resolve_compile, resolve_precision
-from .param import Basis, parametrization
 
 
 @dataclass

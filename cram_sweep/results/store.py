@@ -31,9 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import faults
+from ..errors import StoreError, UserError, one_line
+from ..sweep import faults
 from .columns import FailureRow, ResultRow, StageRow
-from .errors import StoreError, UserError, one_line
 
 SCHEMA_VERSION = "2"
 _VERSION_KEY = b"cram_sweep_schema"

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from .config import OptimConfig, ParamConfig
-from .grid import derived_seed
+from ..config import OptimConfig, ParamConfig
+from ..sweep.grid import derived_seed
 from .rows import RowState
 
 PCA_COEFFICIENT_SCALE = 0.1  # the reference's PretrainedPCAParametrization init

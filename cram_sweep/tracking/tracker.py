@@ -21,12 +21,12 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .capacity import curve_columns, growth_columns
-from .config import SweepConfig
-from .errors import UserError, one_line
-from .grid import Cell
-from .redact import is_redacted, redact
-from .store import SweepDir, write_atomically
+from ..config import SweepConfig
+from ..errors import UserError, one_line
+from ..redact import is_redacted, redact
+from ..report.capacity import curve_columns, growth_columns
+from ..results.store import SweepDir, write_atomically
+from ..sweep.grid import Cell
 
 log = logging.getLogger("cram_sweep")
 

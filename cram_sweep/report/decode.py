@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .config import load_sweep_config
-from .cram import leading_matches
-from .errors import UserError
-from .grid import method_settings
-from .model import attention_implementation, autocast, load_model, resolve_attention
-from .store import SweepDir, read_results
+from ..config import load_sweep_config
+from ..engine.cram import leading_matches
+from ..engine.model import attention_implementation, autocast, load_model, resolve_attention
+from ..errors import UserError
+from ..results.store import SweepDir, read_results
+from ..sweep.grid import method_settings
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .config.schema import MethodSettings, SweepConfig
+from ..config.schema import MethodSettings, SweepConfig
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .adamw import AdamRows, RowAdamW
-from .columns import StageRecord
-from .config import MethodConfig, OptimConfig
-from .rows import RowState, per_position
+from ..config import MethodConfig, OptimConfig
+from ..engine.adamw import AdamRows, RowAdamW
+from ..engine.rows import RowState, per_position
+from ..results.columns import StageRecord
 from .stages import StagePlan
 
 if TYPE_CHECKING:
-    from .cram import Scores, _Batch
+    from ..engine.cram import Scores, _Batch
 
 LN2 = math.log(2.0)
 ACC_TOLERANCE = 1e-6  # below one token's share of any text's accuracy: the same count of correct targets, float rounding aside

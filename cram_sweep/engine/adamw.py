@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import OptimConfig
+from ..config import OptimConfig
 from .rows import RowState
 
 EPS = 1e-8
