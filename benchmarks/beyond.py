@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from cram_sweep.methods import method
 from cram_sweep.report.build import load_results
-from cram_sweep.report.capacity import BITS_COLUMNS, capacity_table, cosine_matrix, restart_table, solved
+from cram_sweep.report.capacity import BITS_COLUMNS, capacity_table, cosine_matrix, restart_table
 from cram_sweep.report.markdown import md_table
 
 COMMON = ["grid.models=[smollm2]", "grid.datasets=[pydoc]", "method=progressive", "method.growth=geometric", "report=true"]
@@ -76,7 +77,7 @@ def per_sample(rows: pd.DataFrame) -> pd.DataFrame:
 
 def across_samples_cosine(rows: pd.DataFrame) -> float:
     """The mean cosine of the solutions of different samples: what the same sample's restarts compare against."""
-    rows = solved("progressive", rows)
+    rows = method("progressive").solved(rows)
     samples = rows["sample"].to_numpy()
     different = samples[:, None] != samples[None, :]
     return float(cosine_matrix(list(rows["memory"]))[different].mean())

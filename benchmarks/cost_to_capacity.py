@@ -23,7 +23,7 @@ import pandas as pd
 from cram_sweep.config import compose_config
 from cram_sweep.engine.cram import Heartbeat, SampleResult, cram
 from cram_sweep.engine.model import load_model
-from cram_sweep.report.capacity import max_tokens
+from cram_sweep.methods.base import max_tokens
 from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
 
 

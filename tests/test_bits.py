@@ -10,9 +10,10 @@ import torch
 from cram_sweep import cli
 from cram_sweep.config import AnalysisConfig
 from cram_sweep.engine.bits import BitsColumns, Scored, analyse, round_vectors, uniform
-from cram_sweep.engine.cram import cram, reduce_scores, token_scores
+from cram_sweep.engine.cram import cram
 from cram_sweep.engine.roundings import FULL_WIDTH, bits_needed, rounding_names
-from cram_sweep.methods.rules import horizon_of
+from cram_sweep.engine.scores import reduce_scores, token_scores
+from cram_sweep.methods.base import horizon_of
 from cram_sweep.report.build import build_report
 from cram_sweep.results.columns import SampleColumns
 from cram_sweep.sweep.grid import Cell
@@ -100,14 +101,14 @@ def test_the_analysis_changes_no_other_column_and_bf16_keeps_the_horizon(tiny_ll
     for on, none, no in zip(run["on"], run["none"], run["off"]):
         assert {k: getattr(on, k) for k in others} == {k: getattr(none, k) for k in others}, "analysis on changes no other column"
         assert {k: getattr(none, k) for k in BITS} == {k: getattr(no, k) for k in BITS} == off
-    analysed = [row for row in run["on"] if row.horizon or not cfg.method.progressive]
+    analysed = [row for row in run["on"] if row.horizon or cfg.method.name != "progressive"]
     assert analysed and all({k: getattr(row, k) for k in BITS} == off for row in run["on"] if row not in analysed)
     for row in analysed:
-        scored = row.horizon if cfg.method.progressive else len(row.token_ids)
+        scored = row.horizon if (cfg.method.name == "progressive") else len(row.token_ids)
         at = dict(zip(row.roundings, zip(row.horizon_at_bits, row.acc_at_bits)))
         assert row.roundings == rounding_names(ANALYSIS.uniform_bits)
         assert at["bf16"][0] == unrounded_horizon(tiny_llama, row, scored, cfg.method.given) >= row.horizon, "bf16 keeps the horizon"
-        if cfg.method.progressive:
+        if cfg.method.name == "progressive":
             assert at["bf16"] == (row.horizon, 1.0) and max(row.horizon_at_bits) == row.horizon, "scored up to the horizon"
             kept = [h >= row.horizon for h in row.horizon_at_bits]
         else:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cram_sweep.engine.cram import Heartbeat, SampleResult, cram, leading_matches, reduce_scores, token_scores
+from cram_sweep.engine.cram import Heartbeat, SampleResult, cram
+from cram_sweep.engine.scores import leading_matches, reduce_scores, token_scores
 from cram_sweep.report.decode import greedy_decode
 
 from .helpers import assert_bit_identical, assert_same_result, by_sample, naive_cram, specs_for, tiny_config

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from cram_sweep.engine.batching import auto_batch_size, cram_fitting
-from cram_sweep.engine.cram import SampleSpec, cram, reduce_scores, token_scores
+from cram_sweep.engine.cram import SampleSpec, cram
 from cram_sweep.engine.model import load_model, resolve_attention
+from cram_sweep.engine.scores import reduce_scores, token_scores
 from cram_sweep.sweep.grid import Cell, sample_seed
 
 from .helpers import assert_bit_identical, assert_same_result, by_sample, naive_cram, specs_for, tiny_config

@@ -7,8 +7,10 @@ import torch
 
 from cram_sweep import cli
 from cram_sweep.config import ParamConfig
-from cram_sweep.engine.cram import _Batch, cram
+from cram_sweep.engine.batch import Batch
+from cram_sweep.engine.cram import cram
 from cram_sweep.engine.param import LowDim, parametrization
+from cram_sweep.engine.scores import weighted_ce
 from cram_sweep.results.init_from import load_starts
 from cram_sweep.results.store import SweepDir, read_results
 
@@ -71,7 +73,7 @@ def test_lowdim_samples_do_not_feel_their_batch(tiny_llama, train_projection):
 
 def test_a_frozen_projection_trains_n_mem_times_k_numbers_and_never_moves(tiny_llama):
     cfg = tiny_config(*LOWDIM, "param.train_projection=false")
-    batch = _Batch(tiny_llama.model, 2, cfg.optim, cfg.method, "fp32", cast_cache=False, parametrization=lowdim(cfg))
+    batch = Batch(tiny_llama.model, 2, cfg.optim, cfg.method, "fp32", cast_cache=False, parametrization=lowdim(cfg))
     batch.add(specs_for(tiny_llama, 8, 2))
     z, projection, bias = (t.detach().clone() for t in batch.params.tensors())
     for _ in range(5):
@@ -147,7 +149,7 @@ def test_pca_takes_w_and_b_from_the_stored_vectors(tiny_llama, stored_sweep):
 
 @pytest.mark.parametrize("method", ["full", "progressive"])
 def test_no_prefix_token_is_ever_a_target(tiny_llama, monkeypatch, method):
-    from cram_sweep.engine import cram as engine
+    from cram_sweep.engine import batch as engine
 
     prefix = 3
     cfg = tiny_config(*(TINY_PROGRESSIVE if method == "progressive" else []), f"method.prefix_tokens={prefix}", "grid.lengths=[10]")
@@ -183,12 +185,11 @@ def test_a_zero_prefix_changes_nothing(tiny_llama):
 
 def test_leading_targets_weigh_more_in_the_loss_only(tiny_llama):
     cfg = tiny_config("optim.leading_weight=3.0", "optim.leading_count=2")
-    batch = _Batch(tiny_llama.model, 2, cfg.optim, cfg.method, "fp32", cast_cache=False)
     ce_tok = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 0.0]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
     expected = torch.tensor([(3 * 1 + 3 * 2 + 3 + 4) / 4, (3 + 3 + 1) / 3])
-    assert torch.allclose(batch._weighted(ce_tok, mask), expected) and torch.allclose(
-        batch._weighted(ce_tok[:1], torch.ones_like(mask[:1])), expected[:1]
+    assert torch.allclose(weighted_ce(ce_tok, mask, cfg.optim), expected) and torch.allclose(
+        weighted_ce(ce_tok[:1], torch.ones_like(mask[:1]), cfg.optim), expected[:1]
     )
     weighted = by_sample(cram(tiny_llama.model, specs_for(tiny_llama, 8, 2), 2, cfg.optim, "fp32", batch_size=2))
     plain = by_sample(cram(tiny_llama.model, specs_for(tiny_llama, 8, 2), 2, tiny_config().optim, "fp32", batch_size=2))

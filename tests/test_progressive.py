@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_sweep.engine.cram import _Batch, cram, token_scores
+from cram_sweep.engine.batch import Batch
+from cram_sweep.engine.cram import cram
+from cram_sweep.engine.scores import token_scores
 from cram_sweep.report.decode import greedy_decode
 
 from .helpers import TINY_PROGRESSIVE, assert_bit_identical, cosine_lambda, naive_parameters, tiny_config
@@ -165,12 +167,12 @@ def test_right_padding_changes_nothing(tiny_llama):
 
 
 def test_the_engines_restore_brings_back_a_rows_tensors_moments_and_schedule_position(tiny_llama):
-    """_Batch.restore, as a geometric back-off calls it: the restored row gets the snapshot's trainable tensors,
+    """Batch.restore, as a geometric back-off calls it: the restored row gets the snapshot's trainable tensors,
     moments and step count; the other row keeps its own."""
     cfg = progressive_config(
         "method.steps_per_stage=100", "method.min_length=8", "grid.lengths=[8]", "optim.lr=1e-4", "optim.min_lr=0"
     )  # no stage ends in 13 steps
-    batch = _Batch(tiny_llama.model, 1, cfg.optim, cfg.method, "fp32", cast_cache=False)
+    batch = Batch(tiny_llama.model, 1, cfg.optim, cfg.method, "fp32", cast_cache=False)
     batch.add(specs_for(tiny_llama, 8, 2))
     for _ in range(5):
         batch.step()

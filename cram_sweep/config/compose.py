@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError, one_line
+from ..methods import registered
 from ..sweep.grid import method_settings
 from .schema import (
     ClusterConfig,
@@ -122,7 +123,9 @@ def compose(overrides: list[str]) -> DictConfig:
         return OmegaConf.merge(node, OmegaConf.from_dotlist([o.lstrip("+") for o in methods_overrides]))
     except OmegaConfBaseException as err:
         cause = one_line(err, 200).split(" full_key:")[0]
-        raise UserError(f"{' '.join(methods_overrides)}: {cause} (write methods.<full|progressive>.<method|optim>.KEY=VALUE)") from None
+        raise UserError(
+            f"{' '.join(methods_overrides)}: {cause} (write methods.<{'|'.join(registered())}>.<method|optim>.KEY=VALUE)"
+        ) from None
 
 
 def compose_config(overrides: list[str]) -> SweepConfig:
@@ -172,10 +175,9 @@ def validate(cfg: SweepConfig) -> None:
     for settings in method_settings(cfg).values():
         method, optim = settings.method, settings.optim
         key = f"methods.{method.name}." if cfg.grid.methods else ""
-        if method.progressive and method.min_length + method.counted_from > shortest:
-            raise UserError(
-                f"{key}method.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({shortest}): lower it or raise the lengths"
-            )
+        wrong = registered()[method.name].check_lengths(method, shortest)
+        if wrong:
+            raise UserError(key + wrong)
         if method.prefix_tokens >= shortest:
             raise UserError(
                 f"{key}method.prefix_tokens={method.prefix_tokens} leaves nothing to predict at the shortest length in grid.lengths "

@@ -129,7 +129,6 @@ class OptimConfig:
         )
 
 
-METHODS = ("full", "progressive")
 GROWTHS = ("linear", "geometric")
 BACKOFFS = ("bisect", "linear")
 
@@ -140,7 +139,7 @@ class MethodConfig:
     cell's length. progressive (Tarasov et al.): the cell's length is a cap; stages grow the target prefix
     from `min_length` and the horizon is the longest stage that converged."""
 
-    name: str = "full"  # full | progressive
+    name: str = "full"  # a method of cram_sweep/methods/ (full | progressive)
     predict_first: bool = False  # the last vector predicts the first text token (all of a stage's tokens are targets)
     growth: str = "linear"  # progressive: linear (+step per converged stage) | geometric (double, then back off)
     backoff: str = "bisect"  # geometric: bisect | linear (+1 from the longest converged stage)
@@ -151,25 +150,16 @@ class MethodConfig:
     prefix_tokens: int = 0  # the text's first P tokens are fed plainly after the vectors and never predicted
 
     def __post_init__(self):
-        _require(self.name in METHODS, f"method.name={self.name}: choose method=full or method=progressive")
         _require(self.growth in GROWTHS, f"method.growth={self.growth}: choose {' or '.join(GROWTHS)}")
         _require(self.backoff in BACKOFFS, f"method.backoff={self.backoff}: choose {' or '.join(BACKOFFS)}")
         for key in ("min_length", "step", "steps_per_stage"):
             _require(getattr(self, key) >= 1, f"method.{key}={getattr(self, key)}: must be >= 1")
         _require(0 < self.threshold <= 1, f"method.threshold={self.threshold}: must be in (0, 1]")
         _require(self.prefix_tokens >= 0, f"method.prefix_tokens={self.prefix_tokens}: must be >= 0")
-        _require(
-            self.name == "full" or self.predict_first or self.min_length >= 2,
-            f"method.min_length={self.min_length} with predict_first=false: a stage needs a token to predict, set method.min_length >= 2",
-        )
-        _require(
-            self.name == "progressive" or not self.predict_first,
-            "method.predict_first=true needs method=progressive (full cramming gives the first token, as Kuratov et al.)",
-        )
+        from ..methods import method  # the methods import this module
 
-    @property
-    def progressive(self) -> bool:
-        return self.name == "progressive"
+        wrong = method(self.name).check(self)
+        _require(wrong is None, wrong)
 
     @property
     def given(self) -> int:

@@ -47,7 +47,7 @@ class Group:
 @dataclass(frozen=True)
 class Layout:
     """`rows`: the batch size, the most rows any forward takes (and, batch-invariant, exactly the rows every forward
-    takes); `offset`: text tokens fed before the first target (rules.offset)."""
+    takes); `offset`: text tokens fed before the first target (the rule's offset)."""
 
     batch_invariant: bool
     rows: int

@@ -1,7 +1,7 @@
 """What is optimized: a parametrization owns each sample's trainable tensors (a `RowState` of its own type) and
 computes from them the (B, n_mem, hidden) vectors fed to the model.
 
-The engine (cram.py), its rules (rules.py) and the optimizer (adamw.py) see only this interface:
+The engine (batch.py), the methods' rules (methods/) and the optimizer (adamw.py) see only this interface:
 - `init(specs)`: the rows of new samples, each a function of its sample alone (its seed, or the stored vectors it
   continues), as leaf tensors; those that require grad are trained, the others held fixed;
 - `vectors(params)`: the vectors, differentiable in every trained tensor;

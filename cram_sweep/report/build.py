@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from ..config import SweepConfig, load_sweep_config
 from ..errors import UserError
+from ..methods import method
 from ..results.cellstate import cell_states, runs_per_cell
-from ..results.store import SweepDir, read_failures, read_results, read_stages
+from ..results.store import SweepDir, read_failures, read_results
 from ..sweep.grid import Cell
 from .capacity import analysed_rows, capacity_table, cell_frame, restart_table
 from .markdown import report_markdown
@@ -93,13 +94,8 @@ def build_report(sweep_dir, records: Optional[SweepRecords] = None) -> Report:
     files.append(out / "capacity.md")
     from . import plots  # matplotlib: paid by a report only, not by `status` or the driver's end-of-sweep table
 
-    methods = set(results["method"])
-    if "full" in methods:
-        files.append(plots.plot_accuracy(cell_rows, out / "accuracy_vs_length.png"))
-    if "progressive" in methods:
-        stages = read_stages(sweep).to_pandas()
-        progressive = results[results["method"] == "progressive"]
-        files += [plots.plot_horizon_vs_ce(progressive, out / "horizon_vs_ce.png"), plots.plot_growth(stages, out / "growth.png")]
+    for name in sorted(set(results["method"])):
+        files += method(name).plots(results, cell_rows, sweep, out)
     files += [plots.plot_ce(results, out / "ce_with_vs_without.png"), plots.plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
     analysed = analysed_rows(results)
     if len(analysed):

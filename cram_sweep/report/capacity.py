@@ -1,12 +1,10 @@
 """The capacity definitions: pure functions of the results and the cell states, nothing read or written here.
 
-Per (model, dataset, n_mem, method):
-- full (the design's "The method"): `max_tokens` is the largest length whose mean accuracy is >= FIT;
-  gain and information gain are averaged over the samples that did not fit (acc <= FIT) across all
-  lengths; utilization is that mean gain over the theoretical capacity n_mem * hidden * 16 / log2(vocab_size).
-- progressive: gain and information gain at each sample's horizon, averaged over the samples;
-  utilization is the mean horizon over the theoretical capacity.
-- both: a sample's horizon is the longest prefix its stored vectors reproduce exactly, the most over the
+Per (model, dataset, n_mem, method), the method (methods/) says which rows its gain, information gain and bits are
+averaged over (`scored_rows`), what its vectors reached (`reached`: full, the mean gain; progressive, the mean
+horizon) and its `max_tokens` (full: the largest length whose mean accuracy is >= FIT); utilization is what was
+reached over the theoretical capacity n_mem * hidden * 16 / log2(vocab_size).
+- every method: a sample's horizon is the longest prefix its stored vectors reproduce exactly, the most over the
   group's lengths (full: the greedy prefix of the length's best vectors), so the two methods compare.
 A column a method does not define is NaN in its rows (progressive's `max_tokens`; its cells' `acc_mean`, cellstate).
 `theoretical_tokens` and `utilization` count the vectors' numbers (n_mem * hidden at 16 bits each), whatever
@@ -31,7 +29,9 @@ import math
 import numpy as np
 import pandas as pd
 
-FIT = 0.99
+from ..methods import method as method_named
+from ..methods.base import longest_rows
+
 GROUP = ["model", "dataset", "n_mem"]
 CELL_GROUP = ["model", "dataset", "method", "n_mem"]  # the cells of one curve: they differ in length alone
 BITS_COLUMNS = [
@@ -83,7 +83,7 @@ CELL_COLUMNS = [
     "seconds_mean",
 ]
 # The capacity columns tracking logs as curves over n_mem (the paper's capacity-vs-vectors figure), for every method;
-# METHOD_CURVE_COLUMNS adds those a single method defines.
+# a method adds its own (Method.curve_columns).
 CURVE_COLUMNS = (
     "horizon_mean",
     "horizon_std",
@@ -96,13 +96,11 @@ CURVE_COLUMNS = (
     "info_gain_per_stored_bit",
     "utilization_at_bits",
 )
-METHOD_CURVE_COLUMNS = {"full": ("max_tokens",)}
-RUN = ["sample", "restart"]  # one optimization of a cell: its rows differ in nothing else
 
 
 def curve_columns(method: str) -> tuple[str, ...]:
     """The capacity columns logged as curves for a row of `method`: CURVE_COLUMNS, then the method's own."""
-    return CURVE_COLUMNS + METHOD_CURVE_COLUMNS.get(method, ())
+    return CURVE_COLUMNS + method_named(method).curve_columns
 
 
 def label(model, dataset, *rest) -> str:
@@ -110,33 +108,15 @@ def label(model, dataset, *rest) -> str:
     return " / ".join([model, dataset] + [f"n_mem={part}" if isinstance(part, (int, np.integer)) else str(part) for part in rest])
 
 
-def max_tokens(group: pd.DataFrame) -> int:
-    """The longest length whose mean accuracy is >= FIT (0 if none); `group` has `length` and `acc` columns."""
-    mean_acc = group.groupby("length")["acc"].mean()
-    fits = mean_acc.index[mean_acc >= FIT]
-    return int(fits.max()) if len(fits) else 0
-
-
-def longest_rows(group: pd.DataFrame) -> pd.DataFrame:
-    """Each run's (sample, restart's) row of its longest horizon over the group's lengths."""
-    return group.loc[group.groupby(RUN)["horizon"].idxmax()]
-
-
-def scored_rows(method: str, group: pd.DataFrame) -> pd.DataFrame:
-    """The rows a group's gain, information gain and bits are averaged over: progressive, each run's horizon row;
-    full, the samples that did not fit (acc <= FIT: the vectors are saturated) at every length."""
-    return longest_rows(group) if method == "progressive" else group[group["acc"] <= FIT]
-
-
 def analysed_rows(results: pd.DataFrame) -> pd.DataFrame:
     """The scored rows of every (GROUP, method) group that the bits analysis ran on, in group order."""
-    parts = [scored_rows(method, group) for (*_, method), group in results.groupby([*GROUP, "method"], sort=True)]
+    parts = [method_named(method).scored_rows(group) for (*_, method), group in results.groupby([*GROUP, "method"], sort=True)]
     rows = pd.concat(parts) if parts else results
     return rows[rows["roundings"].map(len) > 0]
 
 
 def bits_columns(analysed: pd.DataFrame, numbers: int, log2_vocab: float, reached: float) -> dict:
-    """BITS_COLUMNS of a group's analysed scored rows; `reached`: the group's gain (full) or mean horizon (progressive)."""
+    """BITS_COLUMNS of a group's analysed scored rows; `reached`: what the group's vectors hold (Method.reached)."""
     needed = analysed["bits_needed"]
     theoretical = numbers * needed.mean() / log2_vocab if len(analysed) else math.nan
     return {
@@ -155,18 +135,18 @@ def capacity_row(method: str, group: pd.DataFrame) -> dict:
     n_mem, hidden, vocab = (int(group[key].iloc[0]) for key in ("n_mem", "hidden", "vocab_size"))
     theoretical = n_mem * hidden * 16 / math.log2(vocab)
     horizon = longest_rows(group)["horizon"]
-    scored = scored_rows(method, group)
-    gain_mean = scored["gain_tokens"].mean()
-    reached = gain_mean if method == "full" else horizon.mean()
+    one = method_named(method)
+    scored = one.scored_rows(group)
+    reached = one.reached(scored, horizon)
     trained = int(group["trained_numbers"].iloc[0])
     analysed = scored[scored["roundings"].map(len) > 0]
     return {
-        "max_tokens": max_tokens(group) if method == "full" else math.nan,
+        "max_tokens": one.max_tokens(group),
         "horizon_mean": horizon.mean(),
         "horizon_std": horizon.std(),
         "horizon_min": horizon.min(),
         "horizon_max": horizon.max(),
-        "gain_tokens_mean": gain_mean,
+        "gain_tokens_mean": scored["gain_tokens"].mean(),
         "gain_tokens_std": scored["gain_tokens"].std(),
         "info_gain_bits_mean": scored["info_gain_bits"].mean(),
         "info_gain_bits_std": scored["info_gain_bits"].std(),
@@ -203,11 +183,6 @@ def cell_frame(states) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
-def restart_metric(method: str) -> str:
-    """What the restarts of a sample compete on: the horizon (progressive) or the accuracy (full)."""
-    return "horizon" if method == "progressive" else "acc"
-
-
 def growth_points(restarts: int) -> list[int]:
     """The R of best-of-R's growth: 1, 2, 4, ... below `restarts`, then `restarts`."""
     points = [1]
@@ -240,18 +215,13 @@ def mean_pairwise_cosine(memories: list) -> float:
     return float(cosine_matrix(memories)[np.triu_indices(len(memories), k=1)].mean())
 
 
-def solved(method: str, rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose vectors are a solution: full, every row (its best forward's vectors); progressive, those with a
-    horizon (without one the stored vectors are the init, untouched)."""
-    return rows[rows["horizon"] > 0] if method == "progressive" else rows
-
-
 def restart_row(method: str, cell_rows: pd.DataFrame, restarts: int) -> dict:
     """RESTART_COLUMNS after the cell's keys, from a cell's rows: per sample over its restarts, then means over samples.
     best_of_<r>: the best of restarts 0..r-1 (`best_of_r`: of all R); worst_of_r and restart_std: the per-sample min
     and std over the R; cosine_mean: the per-sample mean pairwise cosine of its solutions (`solved`), over the samples
     with two or more."""
-    metric = restart_metric(method)
+    one = method_named(method)
+    metric = one.restart_metric
     samples = cell_rows.sort_values("restart").groupby("sample")
     best = {growth_column(r): samples.apply(lambda s, r=r: s.loc[s["restart"] < r, metric].max()).mean() for r in growth_points(restarts)}
     return {
@@ -261,7 +231,7 @@ def restart_row(method: str, cell_rows: pd.DataFrame, restarts: int) -> dict:
         "best_of_r": samples[metric].max().mean(),
         "worst_of_r": samples[metric].min().mean(),
         "restart_std": samples[metric].std().mean(),
-        "cosine_mean": solved(method, cell_rows).groupby("sample")["memory"].apply(lambda m: mean_pairwise_cosine(list(m))).mean(),
+        "cosine_mean": one.solved(cell_rows).groupby("sample")["memory"].apply(lambda m: mean_pairwise_cosine(list(m))).mean(),
         **best,
     }
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..config import load_sweep_config
-from ..engine.cram import leading_matches
 from ..engine.model import attention_implementation, autocast, load_model, resolve_attention
+from ..engine.scores import leading_matches
 from ..errors import UserError
+from ..methods import method
 from ..results.store import SweepDir, read_results
 from ..sweep.grid import method_settings
 
@@ -82,8 +83,8 @@ def decode_command(args) -> int:
     row = select_row(read_results(sweep).to_pandas(), args)
     cfg = load_sweep_config(sweep.config)
     lm = load_model(row["model"], cfg.models[row["model"]], cfg.device, row["precision"])
-    method = method_settings(cfg)[row["method"]].method
-    given = method.given
+    settings = method_settings(cfg)[row["method"]].method
+    given = settings.given
     decoded, prefix = decode_row(lm, row, given, cfg.attention)
     ids, tok = list(row["token_ids"]), lm.tokenizer
     reproduced = given + prefix  # text tokens reproduced, the given one included
@@ -101,7 +102,7 @@ def decode_command(args) -> int:
         f"matched prefix: {prefix} of {len(ids) - given} predicted tokens; exact match: {'yes' if reproduced == len(ids) else 'no'}"
         f" (stored: greedy_prefix {row['greedy_prefix']}, greedy_exact {row['greedy_exact']})"
     )
-    if row["method"] == "progressive":
-        ok = row["horizon"] > 0 and reproduced - method.counted_from >= row["horizon"]  # horizons count after the prefix
-        print(f"horizon {row['horizon']} of {len(ids)} tokens: the horizon prefix decodes exactly: {'yes' if ok else 'no'}")
+    closing = method(row["method"]).decode_line(row, reproduced, settings.counted_from)
+    if closing:
+        print(closing)
     return 0

@@ -1,7 +1,7 @@
 """The report's text: report/capacity.md and the summary lines `report` prints, from the capacity, cell and restart tables.
 
 A value that is NaN (a column the method does not define, a cell without finished samples) reads as "–";
-the text states each definition of the capacity module with the same FIT.
+the text states each method's definitions (methods/: `Method.definition`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import pandas as pd
 
 from ..engine.roundings import FULL_WIDTH
-from .capacity import CELL_GROUP, FIT, growth_columns, label
+from ..methods import method
+from .capacity import CELL_GROUP, growth_columns, label
 
 
 def summary_lines(capacity: pd.DataFrame) -> list[str]:
@@ -17,16 +18,9 @@ def summary_lines(capacity: pd.DataFrame) -> list[str]:
     lines = []
     for r in capacity.itertuples():
         name = label(r.model, r.dataset, r.n_mem)
-        if r.method == "full":
-            fits = f"up to {r.max_tokens:.0f} tokens" if r.max_tokens else "no length of the grid (add shorter lengths or more steps)"
-            lines.append(f"{name}: full cramming fits {fits}: the longest length whose mean teacher-forced accuracy is >= {FIT}")
-        else:
-            lines.append(
-                f"{name}: progressive horizon {r.horizon_mean:.1f} tokens on average ({r.horizon_min:.0f}-{r.horizon_max:.0f}): "
-                "the longest prefix the vectors reproduce exactly, greedy decoding included"
-            )
+        lines.append(method(r.method).summary_line(name, r))
         if not pd.isna(r.bits_needed_mean):
-            kept = "horizon" if r.method == "progressive" else "accuracy"
+            kept = "horizon" if method(r.method).restart_metric == "horizon" else "accuracy"
             lines.append(
                 f"{name} ({r.method}): the vectors keep their {kept} at {r.bits_needed_mean:.1f} bits per number on average "
                 f"({r.bits_needed_min:.0f}-{r.bits_needed_max:.0f}): utilization {_percent(r.utilization_at_bits)} of the capacity at "
@@ -206,13 +200,8 @@ def report_markdown(name: str, capacity: pd.DataFrame, cell_rows: pd.DataFrame, 
 {_capacity_markdown(capacity)}
 
 Horizon: per sample, the longest prefix its stored vectors reproduce exactly (greedy), the most over the
-lengths; mean ± std over the samples [min–max]. Progressive: the longest converged stage.
-Full: max tokens is the longest length whose mean accuracy is >= {FIT}; gain tokens and info gain are
-mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit);
-utilization: mean gain / theoretical tokens.
-Progressive: gain tokens and info gain are those of each sample's horizon prefix (tokens 1..horizon-1);
-utilization: mean horizon / theoretical tokens.
-Theoretical tokens: n_mem · hidden · 16 / log2(vocab size): the vectors' numbers at 16 bits each, whatever was trained.
+lengths; mean ± std over the samples [min–max].
+{"".join(method(name).definition for name in sorted(set(capacity["method"])))}Theoretical tokens: n_mem · hidden · 16 / log2(vocab size): the vectors' numbers at 16 bits each, whatever was trained.
 Utilization of trained: the same over the trained numbers per sample (param=lowdim: n_mem · k, plus (k + 1) · hidden
 where the projection is trained) · 16 / log2(vocab size).
 {sections}

@@ -14,7 +14,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..engine.roundings import FP8, FULL_WIDTH, width
-from .capacity import CELL_GROUP, FIT, GROUP, label
+from ..methods.base import FIT
+from .capacity import CELL_GROUP, GROUP, label
 
 
 def _colours(keys) -> dict:
@@ -39,9 +40,10 @@ def _axes(width: float, height: float):
 
 
 def plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
-    """Full cramming's mean accuracy against the length, one line per (model, dataset, method, n_mem), and the FIT line."""
+    """Mean accuracy against the length of `cell_rows` (one method's cells), one line per (model, dataset, method, n_mem),
+    and the FIT line."""
     fig, ax = _axes(7, 4.5)
-    finished = cell_rows[cell_rows["method"] == "full"].dropna(subset=["acc_mean"])
+    finished = cell_rows.dropna(subset=["acc_mean"])
     groups = finished.groupby(CELL_GROUP)
     colours = _colours(groups.groups)
     for key, group in groups:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from ..config import SweepConfig
+from ..methods import method
 from ..sweep.grid import Cell, cells
 from .store import IDENTITY
 
@@ -50,7 +51,7 @@ def cell_state(cell: Cell, runs: int, done: Sequence[Mapping], failed: Iterable[
         "failed": len(failed_samples),
         "pending": max(runs - len(done_samples) - len(failed_samples), 0),
         **{name: mean(key) for name, key in MEANS.items()},
-        **({"acc_mean": math.nan} if cell.method == "progressive" else {}),
+        **({} if method(cell.method).has_mean_accuracy else {"acc_mean": math.nan}),
         "greedy_prefix_max": max((row["greedy_prefix"] for row in done), default=math.nan),
         "horizon_min": min((row["horizon"] for row in done), default=math.nan),
         "horizon_max": max((row["horizon"] for row in done), default=math.nan),

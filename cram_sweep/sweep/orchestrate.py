@@ -21,6 +21,7 @@ from ..engine.cram import SampleSpec
 from ..engine.layout import batch_rows
 from ..engine.model import load_tokenizer, model_context, slow_bf16_warning
 from ..errors import UserError, one_line
+from ..methods import method
 from ..results import store
 from ..results.cellstate import STATE_COLUMNS, by_cell, cell_state, runs_per_cell
 from ..results.columns import CellColumns, FailureRow, ResultRow, StageRow
@@ -179,7 +180,7 @@ class Sweep:
                     result = event.finished.result
                     self.accept(event.finished)
                     workers.row(event.node)
-                    progress.sample_done(result.cell, len(self.failed), result.horizon if result.method == "progressive" else None)
+                    progress.sample_done(result.cell, len(self.failed), method(result.method).progress(result))
                 elif isinstance(event, Beat):
                     beat = event.heartbeat
                     progress.heartbeat(event.item.label, beat.live, beat.steps, len(self.failed), beat.stage_length, beat.compile_seconds)

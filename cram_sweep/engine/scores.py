@@ -1,0 +1,112 @@
+"""One forward's scores: per-token CE and correctness of a batch's rows, and their per-row reductions.
+
+A row's numbers depend on the shapes of the forward it ran in (the layout's, layout.py) and on nothing else of its
+batch-mates: reductions run at the row's own group width, through one masked path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .loss import cross_entropy_and_argmax, linear_head
+from .model import autocast, compiled
+
+
+def leading_matches(correct: torch.Tensor) -> torch.Tensor:
+    """Per row of a (B, N) boolean tensor, the number of leading True entries: how many tokens a greedy
+    decode gets right before its first error."""
+    return correct.long().cumprod(dim=1).sum(dim=1)
+
+
+def token_scores(
+    model,
+    memory: Optional[torch.Tensor],
+    text_embeds: torch.Tensor,
+    targets: torch.Tensor,
+    precision: str,
+    cast_cache=True,
+    compile_mode: Optional[str] = None,
+):
+    """Per-token CE and correctness (B, P) of the P = targets.shape[1] predictions made by the P positions
+    before the last input position (the last text position predicts nothing).
+
+    memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P). `compile_mode`: the model's
+    network runs compiled (model.compiled), else eagerly."""
+    inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
+    count = targets.shape[1]
+    predicting = torch.arange(inputs.shape[1] - count - 1, inputs.shape[1] - 1, device=inputs.device)
+    with autocast(model, precision, cast_cache):
+        head = linear_head(model)
+        network = model if head is None else model.base_model
+        network = network if compile_mode is None else compiled(network, compile_mode)
+        if head is None:  # logits of exactly the predicting positions: no (B, T, V) slice in the backward
+            states, weight = network(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits, None
+        else:
+            states, weight = network(inputs_embeds=inputs, use_cache=False).last_hidden_state[:, predicting], head.weight
+        ce, argmax = cross_entropy_and_argmax(states, weight, targets)
+    return ce, argmax == targets
+
+
+def reduce_scores(ce_tok: torch.Tensor, correct: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    """Per-row mean CE, accuracy and greedy prefix over the targets in `mask` (None: all), at the width of `ce_tok`
+    (a reduction's rounding depends on its width: the engine reduces every row at a width of its own).
+
+    Greedy decoding from the vectors reproduces the text up to the first wrong teacher-forced prediction
+    (until then it sees exactly the teacher-forced inputs), so the greedy prefix is the number of leading
+    correct predictions: the greedy check costs nothing beyond the forward."""
+    mask = torch.ones_like(correct) if mask is None else mask
+    count = mask.sum(dim=1)
+    ce = torch.where(mask, ce_tok, torch.zeros_like(ce_tok)).sum(dim=1) / count
+    return ce, (correct & mask).sum(dim=1) / count, leading_matches(correct & mask)
+
+
+def with_inert_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` rows: inert rows (zero vectors and text) that no loss reads."""
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+@dataclass
+class Scores:
+    """One step's verdict per row, handed to the rule; each group of the layout puts its rows'."""
+
+    ce: torch.Tensor  # (B,) mean CE over the row's targets (nats)
+    acc: torch.Tensor  # (B,) teacher-forced accuracy
+    prefix: torch.Tensor  # (B,) leading correct predictions
+    finite: torch.Tensor  # (B,) the loss is finite
+    ce_tok: torch.Tensor  # (B, P) per-target CE, zero past a row's group width
+    correct: torch.Tensor  # (B, P)
+    vectors: torch.Tensor  # (B, n_mem, H) the vectors of this forward (before its update)
+
+    @classmethod
+    def empty(cls, rows: int, targets: int, vectors: torch.Tensor) -> Scores:
+        device = vectors.device
+        return cls(
+            ce=torch.zeros(rows, device=device),
+            acc=torch.zeros(rows, device=device),
+            prefix=torch.zeros(rows, dtype=torch.long, device=device),
+            finite=torch.zeros(rows, dtype=torch.bool, device=device),
+            ce_tok=torch.zeros(rows, targets, device=device),
+            correct=torch.zeros(rows, targets, dtype=torch.bool, device=device),
+            vectors=vectors,
+        )
+
+    @torch.no_grad()
+    def put(self, index: torch.Tensor, ce, acc, prefix, finite, ce_tok, correct) -> None:
+        """The scores of the rows at `index` (copies: no arithmetic, so a row's numbers are its group's)."""
+        for mine, theirs in ((self.ce, ce), (self.acc, acc), (self.prefix, prefix), (self.finite, finite)):
+            mine[index] = theirs.detach()
+        self.ce_tok[index, : ce_tok.shape[1]] = ce_tok.detach()
+        self.correct[index, : correct.shape[1]] = correct
+
+
+def weighted_ce(ce_tok: torch.Tensor, mask: torch.Tensor, optim) -> torch.Tensor:
+    """Per-row mean CE with the first `optim.leading_count` targets weighing `optim.leading_weight` (the reference's
+    leading_token_loss_*: normalized by the count of targets, not by the weights)."""
+    position = torch.arange(ce_tok.shape[1], device=ce_tok.device)[None]
+    weights = torch.where(position < optim.leading_count, optim.leading_weight, 1.0)
+    return torch.where(mask, ce_tok * weights, torch.zeros_like(ce_tok)).sum(dim=1) / mask.sum(dim=1)

@@ -1,0 +1,145 @@
+"""Full cramming (Kuratov et al., ACL 2025): one target, the whole text, the first token given.
+
+A sample ends at accuracy 1.0, after `patience` steps without a better accuracy, or at `max_steps`; it keeps the
+vectors of its best-accuracy forward. A group's capacity is `max_tokens`: the longest grid length whose mean
+teacher-forced accuracy reaches FIT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..engine.rows import RowState
+from .base import ACC_TOLERANCE, DONE, FIT, LN2, NONFINITE, RUNNING, Judged, Method, StepRows, horizon_of, max_tokens
+
+
+@dataclass
+class FullRows(RowState):
+    best_acc: torch.Tensor  # (B,) the best teacher-forced accuracy so far (-1 before the first forward)
+    best_step: torch.Tensor  # (B,) the step that reached it
+    best_prefix: torch.Tensor  # (B,) its forward's leading correct predictions (the greedy prefix)
+    best_ce: torch.Tensor  # (B,) the lowest mean CE so far (nats)
+    best_vectors: torch.Tensor  # (B, n_mem, hidden) the vectors of the best-accuracy forward
+
+
+class FullRule:
+    def __init__(self, method, optim):
+        self.method, self.optim = method, optim
+        self.offset, self.start = method.given, method.counted_from  # the first token (or the prefix) is given
+
+    def first_target(self, length: int) -> int:
+        return length - self.offset
+
+    def plan(self, length: int) -> None:
+        return None
+
+    def new_rows(self, count: int, vectors: torch.Tensor, params: RowState, width: int) -> FullRows:
+        zeros = torch.zeros(count, dtype=torch.long, device=vectors.device)
+        return FullRows(
+            best_acc=torch.full((count,), -1.0, device=vectors.device),
+            best_step=zeros.clone(),
+            best_prefix=zeros.clone(),
+            best_ce=torch.full((count,), math.inf, device=vectors.device),
+            best_vectors=vectors.detach().clone(),
+        )
+
+    def judge(self, rows: FullRows, t: StepRows, scores, params: RowState, adam) -> Judged:
+        """Keep the best forward of each running row; end the rows that converged, went stale or ran out of steps."""
+        live = t.status == RUNNING
+        steps = t.steps + live.long()  # this forward counts
+        improved = live & (scores.acc > rows.best_acc)
+        rows.best_acc = torch.where(improved, scores.acc, rows.best_acc)
+        rows.best_step = torch.where(improved, steps, rows.best_step)
+        rows.best_prefix = torch.where(improved, scores.prefix, rows.best_prefix)
+        rows.best_vectors = torch.where(improved[:, None, None], scores.vectors.detach(), rows.best_vectors)
+        rows.best_ce = torch.where(live & (scores.ce < rows.best_ce), scores.ce, rows.best_ce)
+        stale = steps - rows.best_step >= self.optim.patience
+        ends = live & ((scores.acc >= 1.0) | stale | (steps >= self.optim.max_steps) | ~scores.finite)
+        status = torch.where(ends, torch.where(scores.finite, DONE, NONFINITE), t.status)
+        return Judged(status=status, counted=live, updated=live & ~ends)
+
+    def end_stages(self, rows: FullRows, t: StepRows, plans: list, targets: list[int]) -> None:
+        """One stage: nothing to decide on the host."""
+
+    def memory(self, rows: FullRows, i: int, param) -> torch.Tensor:
+        return rows.best_vectors[i]
+
+    def result(self, rows: FullRows, text, plan, i: int, length: int) -> dict:
+        o = self.offset
+        n_pred = length - o  # tokens o..length-1; ce0_tok[j - 1] is token j's
+        ce_no_mem_bits = text.ce0_tok[i, o - 1 : length - 1].mean().item() * n_pred / LN2
+        acc_no_mem = text.correct0_tok[i, o - 1 : length - 1].float().mean().item()
+        ce_bits = rows.best_ce[i].item() * n_pred / LN2
+        acc, prefix = rows.best_acc[i].item(), int(rows.best_prefix[i])
+        return dict(
+            acc_no_mem=acc_no_mem,
+            acc=acc,
+            ce_no_mem_bits=ce_no_mem_bits,
+            ce_bits=ce_bits,
+            info_gain_bits=ce_no_mem_bits - ce_bits,
+            gain_tokens=(acc - acc_no_mem) * n_pred,
+            converged=acc >= 1.0,
+            greedy_prefix=prefix,
+            greedy_exact=prefix == n_pred,
+            horizon=horizon_of(prefix, o, self.start),
+            stages=1,
+            fail_acc=math.nan if acc >= 1.0 else acc,
+        )
+
+    def stage_length(self, targets: list[int]) -> int:
+        return 0
+
+    @staticmethod
+    def keeps(result: dict, horizon: int, acc: float) -> bool:
+        """Whether rounded vectors scoring `acc` keep what the sample reached: its accuracy."""
+        return acc >= result["acc"] - ACC_TOLERANCE
+
+    @staticmethod
+    def scored_length(result: dict, length: int) -> int:
+        """The text tokens the bits analysis feeds: the whole text, whose accuracy the sample reached."""
+        return length
+
+
+class Full(Method):
+    name = "full"
+    restart_metric = "acc"
+    curve_columns = ("max_tokens",)
+    definition = (
+        f"Full: max tokens is the longest length whose mean accuracy is >= {FIT}; gain tokens and info gain are\n"
+        f"mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit);\n"
+        "utilization: mean gain / theoretical tokens.\n"
+    )
+
+    def check(self, method) -> Optional[str]:
+        if method.predict_first:
+            return "method.predict_first=true needs method=progressive (full cramming gives the first token, as Kuratov et al.)"
+        return None
+
+    def rule(self, method, optim) -> FullRule:
+        return FullRule(method, optim)
+
+    def scored_rows(self, group):
+        """The samples that did not fit (acc <= FIT: the vectors are saturated), at every length."""
+        return group[group["acc"] <= FIT]
+
+    def reached(self, scored, horizon) -> float:
+        return scored["gain_tokens"].mean()
+
+    def max_tokens(self, group) -> float:
+        return max_tokens(group)
+
+    def summary_line(self, name: str, r) -> str:
+        fits = f"up to {r.max_tokens:.0f} tokens" if r.max_tokens else "no length of the grid (add shorter lengths or more steps)"
+        return f"{name}: full cramming fits {fits}: the longest length whose mean teacher-forced accuracy is >= {FIT}"
+
+    def plots(self, results, cell_rows, sweep, out) -> list:
+        from ..report import plots
+
+        return [plots.plot_accuracy(cell_rows[cell_rows["method"] == self.name], out / "accuracy_vs_length.png")]
+
+
+METHOD = Full()
