@@ -153,7 +153,7 @@ def publish_report(sweep: SweepDir, cfg) -> None:
     parent run (MLflow failing loses no file). `cfg` is the sweep's config as this process holds it (real URIs)."""
     from .report.build import SweepRecords, build_report
     from .report.markdown import summary_lines
-    from .tracking.tracker import Tracker, log_report
+    from .tracking.tracker import Tracker
 
     records = SweepRecords.read(sweep, cfg)  # cfg: name and grid as in sweep.yaml (resume overrides change neither)
     report = build_report(sweep, records)
@@ -164,7 +164,7 @@ def publish_report(sweep: SweepDir, cfg) -> None:
         tracker.start()
         tracker.record_cells(records.states)
         tracker.flush(force=True)
-        log_report(tracker, report)
+        tracker.report(report)
     except Exception as err:  # the files are written; MLflow can be re-synced with `report` later
         logging.getLogger("cram_sweep").warning(
             "report not logged to MLflow (%s): run `cram-sweep report %s` again", one_line(err, 200), sweep.path

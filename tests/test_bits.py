@@ -17,7 +17,7 @@ from cram_sweep.methods.base import horizon_of
 from cram_sweep.report.build import build_report
 from cram_sweep.results.columns import SampleColumns
 from cram_sweep.sweep.grid import Cell
-from cram_sweep.tracking.tracker import report_curves
+from cram_sweep.tracking.curves import report_curves
 
 from .helpers import TINY, TINY_PROGRESSIVE, result_row, specs_for, tiny_config
 from .test_report import make_sweep

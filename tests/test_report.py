@@ -193,8 +193,10 @@ def test_a_report_run_reads_sweep_yaml_and_each_store_once(tmp_path, monkeypatch
         def flush(self, force=False):
             return True
 
+        def report(self, written):
+            logged.append(written)
+
     monkeypatch.setattr(tracking, "Tracker", Sink)
-    monkeypatch.setattr(tracking, "log_report", lambda tracker, written: logged.append(written))
     assert cli.main(["report", str(sweep.path)]) == 0
     assert reads == {"load_sweep_config": 1, "read_results": 1, "read_failures": 1}
     assert [(cell.id, state["done"], state["failed"]) for cell, state in synced] == list(

@@ -9,7 +9,9 @@ import pytest
 from cram_sweep.config import compose_config
 from cram_sweep.results.store import SweepDir
 from cram_sweep.sweep.grid import Cell
-from cram_sweep.tracking.tracker import MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS, Backoff, RunIds, Tracker
+from cram_sweep.tracking.connection import MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS, Backoff
+from cram_sweep.tracking.runs import RunIds
+from cram_sweep.tracking.tracker import Tracker
 
 NOW = 1000.0  # a time.monotonic() value
 

@@ -25,7 +25,7 @@ from .layout import MAX_PADDING, Group, Layout
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
 from .samples import SampleResult, SampleSpec, finished_result
-from .scores import Scores, reduce_scores, token_scores, weighted_ce, with_inert_rows
+from .scores import Scores, reduce_scores, token_scores, weighted_ce, with_inert_rows, without_vectors
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Batch:
         longest = max(len(s.token_ids) for s in specs)
         ids = torch.tensor([s.token_ids + [0] * (longest - len(s.token_ids)) for s in specs], device=self.device)
         text_embeds = self.embed(ids)
-        text = TextRows(ids, text_embeds, *self._text_alone(specs, ids, text_embeds))
+        text = TextRows(ids, text_embeds, *without_vectors(self.token_scores, [len(s.token_ids) for s in specs], ids, text_embeds))
         params = self.param.init(specs)
         targets = [self.rule.first_target(len(s.token_ids)) for s in specs]
         zeros = torch.zeros(len(specs), dtype=torch.long, device=self.device)
@@ -98,19 +98,6 @@ class Batch:
         self.plans += [self.rule.plan(len(s.token_ids)) for s in specs]
         self.targets += targets
         self.seconds += [0.0] * len(specs)
-
-    @torch.no_grad()
-    def _text_alone(self, specs: list[SampleSpec], ids: torch.Tensor, text_embeds: torch.Tensor):
-        """Per-token CE and correctness of each text's tokens 1..L-1 without vectors, right-padded; each length in
-        forwards of its own, so a sample's numbers do not depend on its batch-mates' lengths."""
-        width = ids.shape[1] - 1
-        ce0_tok = torch.zeros(len(specs), width, device=self.device)
-        correct0_tok = torch.zeros(len(specs), width, dtype=torch.bool, device=self.device)
-        for length in sorted({len(s.token_ids) for s in specs}):
-            rows = torch.tensor([i for i, s in enumerate(specs) if len(s.token_ids) == length], device=self.device)
-            ce_tok, correct = self.token_scores(None, text_embeds[rows, :length], ids[rows, 1:length])
-            ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
-        return ce0_tok, correct0_tok
 
     def token_scores(self, vectors: Optional[torch.Tensor], fed: torch.Tensor, targets: torch.Tensor, compile_mode=None):
         """`token_scores` of these rows in forwards of at most `layout.rows` rows, each at the layout's row count (inert

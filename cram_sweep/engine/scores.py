@@ -110,3 +110,17 @@ def weighted_ce(ce_tok: torch.Tensor, mask: torch.Tensor, optim) -> torch.Tensor
     position = torch.arange(ce_tok.shape[1], device=ce_tok.device)[None]
     weights = torch.where(position < optim.leading_count, optim.leading_weight, 1.0)
     return torch.where(mask, ce_tok * weights, torch.zeros_like(ce_tok)).sum(dim=1) / mask.sum(dim=1)
+
+
+@torch.no_grad()
+def without_vectors(score, lengths: list[int], ids: torch.Tensor, text_embeds: torch.Tensor):
+    """Per-token CE and correctness of each text's tokens 1..L-1 without vectors, right-padded (`score`: the batch's
+    token_scores); each length in forwards of its own, so a sample's numbers do not depend on its batch-mates' lengths."""
+    width = ids.shape[1] - 1
+    ce0_tok = torch.zeros(len(lengths), width, device=ids.device)
+    correct0_tok = torch.zeros(len(lengths), width, dtype=torch.bool, device=ids.device)
+    for length in sorted(set(lengths)):
+        rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=ids.device)
+        ce_tok, correct = score(None, text_embeds[rows, :length], ids[rows, 1:length])
+        ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
+    return ce0_tok, correct0_tok
