@@ -29,17 +29,9 @@ from .config import compose_config
 from .data import sample_token_ids
 from .engine.batching import auto_batch_size
 from .engine.cram import SampleSpec, cram
-from .engine.model import (
-    BF16_FORWARD,
-    autocast,
-    clear_cache,
-    graphs_compiled,
-    load_model,
-    resolve_attention,
-    resolve_compile,
-    resolve_device,
-)
+from .engine.model import clear_cache, load_model, resolve_attention, resolve_device
 from .engine.roundings import BF16
+from .engine.runtime import BF16_FORWARD, autocast, graphs_compiled, resolve_compile
 from .sweep.grid import Cell, sample_seed
 
 # Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cram_sweep.engine.cram import Heartbeat, SampleResult, cram
-from cram_sweep.engine.model import graphs_compiled, resolve_compile
+from cram_sweep.engine.runtime import graphs_compiled, resolve_compile
 
 from .helpers import assert_bit_identical, assert_same_result, by_sample, specs_for, tiny_config
 

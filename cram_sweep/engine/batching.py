@@ -31,7 +31,7 @@ BYTES_PER_VOCAB_ENTRY = 6
 
 def auto_batch_size(lm, length: int, n_mem: int, precision: str = "fp32") -> int:
     """CPU: 4 samples per core keeps the matmuls large. GPU: what fits in GPU_MEMORY_SHARE of free memory, after the bf16
-    copies of the weights that a bf16 forward casts once (model.autocast), by the fitted bytes per sample and position.
+    copies of the weights that a bf16 forward casts once (runtime.autocast), by the fitted bytes per sample and position.
     Free memory changes from run to run: for bit-identical reruns on CUDA give batch_size as a number
     (docs/determinism.md)."""
     if lm.device.type != "cuda":

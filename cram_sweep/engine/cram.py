@@ -16,8 +16,8 @@ from typing import Optional, Union
 from ..config import AnalysisConfig, MethodConfig, OptimConfig
 from .batch import Batch
 from .layout import MAX_PADDING
-from .model import attention_implementation, graphs_compiled
 from .param import Direct
+from .runtime import attention_implementation, graphs_compiled
 from .samples import Heartbeat, SampleResult, SampleSpec
 
 

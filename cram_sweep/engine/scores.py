@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .loss import cross_entropy_and_argmax, linear_head
-from .model import autocast, compiled
+from .runtime import autocast, compiled
 
 
 def leading_matches(correct: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def token_scores(
     before the last input position (the last text position predicts nothing).
 
     memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P). `compile_mode`: the model's
-    network runs compiled (model.compiled), else eagerly."""
+    network runs compiled (runtime.compiled), else eagerly."""
     inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
     count = targets.shape[1]
     predicting = torch.arange(inputs.shape[1] - count - 1, inputs.shape[1] - 1, device=inputs.device)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..config import load_sweep_config
-from ..engine.model import attention_implementation, autocast, load_model, resolve_attention
+from ..engine.model import load_model, resolve_attention
+from ..engine.runtime import attention_implementation, autocast
 from ..engine.scores import leading_matches
 from ..errors import UserError
 from ..methods import method

@@ -19,8 +19,9 @@ from ..config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, S
 from ..engine.batching import auto_batch_size, cram_fitting
 from ..engine.cram import Heartbeat, SampleResult, SampleSpec
 from ..engine.layout import batch_rows
-from ..engine.model import load_model, resolve_attention, resolve_compile, resolve_precision
+from ..engine.model import load_model, resolve_attention, resolve_precision
 from ..engine.param import Basis, parametrization
+from ..engine.runtime import resolve_compile
 from . import faults
 from .grid import method_settings, rows_per_length
 
