@@ -17,3 +17,9 @@ def one_line(message: object, limit: Optional[int] = None) -> str:
     """`message` (an exception, or any text) with its whitespace runs collapsed; at most `limit` characters."""
     text = " ".join(str(message).split())
     return text if limit is None else text[:limit]
+
+
+def require(ok: bool, message: str) -> None:
+    """A config check: `message` (the key to change, and how) as a UserError where `ok` is false."""
+    if not ok:
+        raise UserError(message)

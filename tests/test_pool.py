@@ -14,9 +14,10 @@ import ray
 
 from cram_sweep.engine.cram import SampleResult, SampleSpec
 from cram_sweep.results.store import SweepDir
+from cram_sweep.sweep.events import Beat, Grew, Lost, Retired, Row, Stranded, Worker
 from cram_sweep.sweep.faults import restarted
 from cram_sweep.sweep.orchestrate import Sweep
-from cram_sweep.sweep.pool import Beat, Grew, Lost, Retired, Row, Stranded, Worker, WorkerPool
+from cram_sweep.sweep.pool import WorkerPool
 from cram_sweep.sweep.worker import Finished, Placement, Started, WorkItem
 from cram_sweep.tracking.tracker import Tracker
 
@@ -142,7 +143,7 @@ def test_a_task_that_raised_before_started_counts_all_its_samples_and_its_worker
     pool.submit(item("raise_loading", samples=3))
     (lost,) = of(events_until(pool, lambda e: of(e, Lost)), Lost)
     assert isinstance(lost.error, ray.exceptions.RayTaskError) and lost.started == 3
-    assert pool.has_free() and len(pool.workers()) == 1, "a task error leaves the worker idle, not restarting"
+    assert pool._idle and len(pool.workers()) == 1, "a task error leaves the worker idle, not restarting"
 
 
 def test_the_pool_grows_while_items_are_queued_and_the_request_follows_the_items_left():

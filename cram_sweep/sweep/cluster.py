@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..config import SweepConfig, WorkerConfig
 from ..errors import UserError, one_line
 from . import interrupt
-from .pool import Worker
+from .events import Worker
 from .worker import CramWorker, WorkerSettings
 
 log = logging.getLogger("cram_sweep")

@@ -29,8 +29,9 @@ from ..results.init_from import Starts
 from ..tracking.tracker import Tracker
 from . import interrupt
 from .cluster import Scaler, connect_ray
+from .events import Beat, Grew, Lost, Retired, Row, Stalled, Stranded
 from .grid import Cell, cells, method_settings, rows_per_length, sample_seed
-from .pool import Beat, Grew, Lost, Retired, Row, Stalled, Stranded, WorkerPool
+from .pool import WorkerPool
 from .progress import Progress
 from .worker import Finished, WorkItem
 

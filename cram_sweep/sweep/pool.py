@@ -36,29 +36,15 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Optional, Protocol, Union
+from typing import Protocol
 
 import ray
 
-from ..engine.cram import Heartbeat, SampleSpec
-from .worker import Finished, Started, WorkItem, stream
+from ..engine.cram import Heartbeat
+from .events import Beat, Event, Grew, Lost, Retired, Row, Stalled, Stranded, Worker
+from .worker import Started, WorkItem, stream
 
 log = logging.getLogger("cram_sweep")
-
-
-@dataclass(eq=False)
-class Worker:
-    """One CramWorker actor as the pool knows it."""
-
-    actor: object
-    kind: str  # "gpu" | "cpu"
-    target: Optional[str] = None  # the node it was started for (soft affinity)
-    node: str = ""  # the node its latest ping answered from
-
-    @property
-    def claim(self) -> Optional[str]:
-        """The node whose slot it holds or is headed for (None: anywhere)."""
-        return self.node or self.target
 
 
 @dataclass
@@ -70,6 +56,19 @@ class Call:
     last: float  # when it last streamed anything (or was started): the stall clock
     batch_size: int = 0  # from Started; 0 while the model loads
 
+    def take(self, out) -> list[Event]:
+        """What the call streamed (Started, a Heartbeat or a Finished sample) as events; a finished sample leaves `item`."""
+        self.last = time.monotonic()
+        if isinstance(out, Started):
+            self.batch_size = out.batch_size
+            return []
+        if isinstance(out, Heartbeat):
+            return [Beat(self.item, out)]
+        finished = out.result.key
+        row = Row(self.item, out, self.worker.node)
+        self.item = replace(self.item, specs=[s for s in self.item.specs if s.key != finished])
+        return [row]
+
 
 @dataclass
 class Waking:
@@ -78,55 +77,6 @@ class Waking:
     worker: Worker
     since: float  # its first ping: RESTART_SECONDS count from here
     ping_at: float = 0.0  # after a failed ping: when to ping it again
-
-
-class Stalled(Exception):
-    """A running item streamed nothing (no heartbeat, no result) for worker.stall_seconds."""
-
-
-@dataclass
-class Row:
-    item: WorkItem
-    finished: Finished
-    node: str  # the node of the worker that ran it
-
-
-@dataclass
-class Beat:
-    item: WorkItem
-    heartbeat: Heartbeat
-
-
-@dataclass
-class Lost:
-    item: WorkItem  # only the samples the call had not returned, in order
-    error: BaseException  # the call's RayError, or Stalled
-    started: int  # how many of item.specs, from the first, count as run (an attempt each); the others never started
-    node: str = ""  # where its worker ran ("" if it never answered)
-
-    @property
-    def ran(self) -> list[SampleSpec]:
-        return self.item.specs[: self.started]
-
-
-@dataclass
-class Grew:
-    workers: list[Worker]  # the workers started, each for a slot of its `target` node
-    total: int  # workers in the pool now
-
-
-@dataclass
-class Retired:
-    workers: int  # CPU workers stopped
-    samples: int  # unfinished samples of their items, queued again, uncharged
-
-
-@dataclass
-class Stranded:
-    items: list[WorkItem]
-
-
-Event = Union[Row, Beat, Lost, Grew, Retired, Stranded]
 
 
 class Scaler(Protocol):
@@ -165,10 +115,6 @@ class WorkerPool:
     def has_work(self) -> bool:
         """Items are queued or running."""
         return bool(self._queue or self._running)
-
-    def has_free(self) -> bool:
-        """A worker is idle: it answered its ping and runs nothing."""
-        return bool(self._idle)
 
     def workers(self) -> list[Worker]:
         """Every worker the pool holds: idle, running, or not answering yet."""
@@ -264,32 +210,16 @@ class WorkerPool:
         except ray.exceptions.RayError as err:
             del self._running[ref]
             return [self._lost(call, err)]
-        call.last = time.monotonic()
-        if isinstance(out, Started):
-            call.batch_size = out.batch_size
-            return []
-        if isinstance(out, Heartbeat):
-            return [Beat(call.item, out)]
-        row = Row(call.item, out, call.worker.node)
-        finished = out.result.key
-        call.item = replace(call.item, specs=[s for s in call.item.specs if s.key != finished])
-        return [row]
+        return call.take(out)
 
     def _lost(self, call: Call, err: BaseException) -> Lost:
-        """The unreturned samples of a failed or stalled call, with how many count as run (see the module's
-        docstring). A task that raised leaves its worker fine, idle again; a dead or killed worker is pinged
-        until Ray has restarted it."""
-        worker, item, started = call.worker, call.item, min(call.batch_size, len(call.item.specs))
+        """The unreturned samples of a failed or stalled call (`charged`). A task that raised leaves its worker fine, idle
+        again; a dead or killed worker is pinged until Ray has restarted it."""
         if isinstance(err, ray.exceptions.RayTaskError):
-            self._idle.append(worker)
-            return Lost(item, err, started if call.batch_size else len(item.specs), worker.node)
-        self._ping(Waking(worker, time.monotonic()))
-        if call.batch_size:
-            return Lost(replace(item, unstarted_losses=0), err, started, worker.node)
-        losses = item.unstarted_losses + 1
-        if losses == self.MAX_UNSTARTED_LOSSES:
-            return Lost(replace(item, unstarted_losses=0), err, len(item.specs), worker.node)
-        return Lost(replace(item, unstarted_losses=losses), err, 0, worker.node)
+            self._idle.append(call.worker)
+        else:
+            self._ping(Waking(call.worker, time.monotonic()))
+        return charged(call, err, self.MAX_UNSTARTED_LOSSES)
 
     def _overdue(self) -> list[Event]:
         """Stalled calls (their workers killed, restarted by Ray) and workers that never answered (given up)."""
@@ -307,3 +237,16 @@ class WorkerPool:
                 del self._waking[ref]
                 self._give_up(waking.worker, "no answer")
         return events
+
+
+def charged(call: Call, err: BaseException, max_unstarted_losses: int) -> Lost:
+    """The unreturned samples of a lost call, with how many count as run (see the module's docstring)."""
+    item, started = call.item, min(call.batch_size, len(call.item.specs))
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return Lost(item, err, started if call.batch_size else len(item.specs), call.worker.node)
+    if call.batch_size:
+        return Lost(replace(item, unstarted_losses=0), err, started, call.worker.node)
+    losses = item.unstarted_losses + 1
+    if losses == max_unstarted_losses:
+        return Lost(replace(item, unstarted_losses=0), err, len(item.specs), call.worker.node)
+    return Lost(replace(item, unstarted_losses=losses), err, 0, call.worker.node)
