@@ -30,7 +30,7 @@ from cram_sweep.engine.model import load_model
 from cram_sweep.errors import UserError
 from cram_sweep.report.build import load_results
 from cram_sweep.results.store import SweepDir
-from cram_sweep.sweep.orchestrate import prepare_tokens, samples_per_item, work_items
+from cram_sweep.sweep.items import prepare_tokens, samples_per_item, work_items
 
 MAKE_RUN = ["grid.lengths=[8,16,32]", "grid.samples=4", "optim.max_steps=150", "optim.patience=100", "batch_size=4", "precision=fp32"]
 CLAIRVOYANT = "clairvoyant: packed, steps known, longest first"
@@ -119,7 +119,7 @@ def print_table(rows: dict) -> None:
 
 
 def replay_sweep(sweep_dir: str) -> None:
-    """Replay a stored sweep's full-cramming samples in its work items (orchestrate.work_items' order and size)."""
+    """Replay a stored sweep's full-cramming samples in its work items (items.work_items' order and size)."""
     sweep = SweepDir(sweep_dir)
     cfg = load_sweep_config(sweep.config)
     if cfg.batch_size == "auto":

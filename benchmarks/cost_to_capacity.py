@@ -24,7 +24,7 @@ from cram_sweep.config import compose_config
 from cram_sweep.engine.cram import Heartbeat, SampleResult, cram
 from cram_sweep.engine.model import load_model
 from cram_sweep.methods.base import max_tokens
-from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.sweep.items import prepare_tokens, work_items
 
 
 def run(overrides: list[str], batch_size: int) -> tuple[list[SampleResult], float]:

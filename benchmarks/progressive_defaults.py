@@ -23,7 +23,7 @@ import torch
 from cram_sweep.config import compose_config
 from cram_sweep.engine.cram import Heartbeat, cram
 from cram_sweep.engine.model import load_model
-from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.sweep.items import prepare_tokens, work_items
 
 REFERENCE = ["optim.lr=0.1", "optim.init=uniform", "optim.schedule=cosine", "optim.warmup_steps=100", "optim.min_lr=0.001"]
 KURATOV = ["optim.lr=0.01", "optim.init=embed_std", "optim.schedule=constant", "optim.warmup_steps=0", "optim.min_lr=0.0"]

@@ -16,8 +16,8 @@ import time
 import ray
 
 from cram_sweep.config import compose_config
-from cram_sweep.sweep.cluster import QUIET
-from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
+from cram_sweep.sweep.items import prepare_tokens, work_items
+from cram_sweep.sweep.ray_session import QUIET
 from cram_sweep.sweep.worker import CramWorker, Finished, WorkerSettings, stream
 
 

@@ -73,7 +73,7 @@ def cmd_run(overrides, show_config: bool) -> int:
         return 0
     cfg = to_sweep_config(node)
     from .results.init_from import load_starts
-    from .sweep.orchestrate import prepare_tokens
+    from .sweep.items import prepare_tokens
 
     _check_out_dir(cfg.out_dir)
     _check_models(cfg)
@@ -109,7 +109,7 @@ def cmd_resume(path: str, overrides) -> int:
             file=sys.stderr,
         )
     from .results.init_from import load_starts
-    from .sweep.orchestrate import prepare_tokens
+    from .sweep.items import prepare_tokens
 
     _check_models(cfg)
     tokens, starts = prepare_tokens(cfg), load_starts(cfg)
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             from .report.decode import decode_command
 
             return decode_command(args)
-        from .bench import bench_command
+        from .bench.run import bench_command
 
         return bench_command(args)
     except UserError as err:

@@ -225,7 +225,7 @@ def uninterrupted_rows(cfg, batch_size: int) -> dict:
     through the sweep's work items without interruption, as a worker runs them (one thread, eager attention)."""
     from cram_sweep.engine.cram import cram
     from cram_sweep.engine.model import load_model
-    from cram_sweep.sweep.orchestrate import prepare_tokens, work_items
+    from cram_sweep.sweep.items import prepare_tokens, work_items
 
     rows = {}
     threads = torch.get_num_threads()

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from cram_sweep.bench import BenchRow, peak_flops
+from cram_sweep.bench.measure import BenchRow, peak_flops
 from cram_sweep.cli import main
 from cram_sweep.config import compose_config
 from cram_sweep.engine.model import load_model

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from cram_sweep.errors import UserError
-from cram_sweep.sweep import cluster
+from cram_sweep.sweep import cluster, ray_session
 from cram_sweep.sweep.cluster import Node
 
 from .helpers import TINY, seed_mlflow_db, session_pids, start_cli, tiny_config, wait_for
@@ -20,8 +20,8 @@ from .helpers import TINY, seed_mlflow_db, session_pids, start_cli, tiny_config,
 
 def test_private_ray_apis_are_where_ray_keeps_them():
     """Each private Ray function cluster.py calls has a fallback; this fails loudly when Ray moves one."""
-    moved = [f"{module}.{name}" for key, (module, name) in cluster.PRIVATE_RAY_APIS.items() if cluster._private(key) is None]
-    assert not moved, f"Ray moved {moved}: update cluster.PRIVATE_RAY_APIS (the fallbacks keep working meanwhile)"
+    moved = [f"{module}.{name}" for key, (module, name) in ray_session.PRIVATE_RAY_APIS.items() if ray_session._private(key) is None]
+    assert not moved, f"Ray moved {moved}: update ray_session.PRIVATE_RAY_APIS (the fallbacks keep working meanwhile)"
 
 
 def test_joining_the_stale_recorded_cluster_is_one_error_naming_the_file(stale_ray_tmpdir, monkeypatch):
@@ -30,7 +30,7 @@ def test_joining_the_stale_recorded_cluster_is_one_error_naming_the_file(stale_r
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     started = time.monotonic()
     with pytest.raises(UserError) as raised:
-        cluster.connect_ray(tiny_config("cluster=ray"))
+        ray_session.connect_ray(tiny_config("cluster=ray"))
     message = str(raised.value)
     assert "nothing answers at " in message and f":{dead.split(':')[1]}" in message  # Ray resolves 127.0.0.1 to the node's IP
     assert str(temp / "ray" / "ray_current_cluster") in message
@@ -43,7 +43,7 @@ def local_ray():
     """This process's own local Ray instance, as `cluster=local` starts it (1 CPU)."""
     import ray
 
-    cluster.connect_ray(tiny_config())
+    ray_session.connect_ray(tiny_config())
     yield
     ray.shutdown()
 

@@ -22,7 +22,8 @@ from cram_sweep import cli
 from cram_sweep.errors import UserError
 from cram_sweep.redact import MASK, is_redacted, redact, redact_record
 from cram_sweep.results.store import SweepDir
-from cram_sweep.tracking import tracker as tracking
+from cram_sweep.tracking import connection as tracking
+from cram_sweep.tracking.runs import flat_params
 
 from .helpers import TINY, cli_env, free_port, run_cli, seed_mlflow_db, tiny_config, wait_for
 
@@ -61,7 +62,7 @@ def _server_config(uri: str):
 
 
 def test_params_carry_the_uri_masked():
-    params = tracking._flat_params(_server_config(f"http://cram:{SECRET}@127.0.0.1:5000"))
+    params = flat_params(_server_config(f"http://cram:{SECRET}@127.0.0.1:5000"))
     assert params["tracking.uri"] == "http://cram:***@127.0.0.1:5000"
     assert not [key for key, value in params.items() if SECRET in value]
 

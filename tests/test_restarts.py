@@ -19,7 +19,7 @@ from cram_sweep.report.build import build_report
 from cram_sweep.results.cellstate import STATE_COLUMNS, cell_state
 from cram_sweep.results.store import SweepDir, read_results, read_stages
 from cram_sweep.sweep.grid import Cell, cells, derived_seed, sample_seed
-from cram_sweep.sweep.orchestrate import work_items
+from cram_sweep.sweep.items import work_items
 from cram_sweep.tracking.curves import report_curves
 
 from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, kill_mid_sweep, result_row, run_cli, tiny_config

@@ -277,7 +277,7 @@ def test_pg19_loader_reads_the_other_local_formats(tmp_path):
 def test_ray_cluster_unreachable_is_one_clear_error(monkeypatch):
     """ray.init alone retries an address where nothing listens for many minutes."""
     from cram_sweep.errors import UserError
-    from cram_sweep.sweep.cluster import connect_ray
+    from cram_sweep.sweep.ray_session import connect_ray
 
     address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)  # no cluster.address: RAY_ADDRESS is used

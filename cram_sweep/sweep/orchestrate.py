@@ -9,17 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import replace
 from typing import Optional
 
 import ray
 
 from ..config import SweepConfig
-from ..data import sample_token_ids
-from ..engine.cram import SampleSpec
 from ..engine.layout import batch_rows
-from ..engine.model import load_tokenizer, model_context, slow_bf16_warning
+from ..engine.model import slow_bf16_warning
 from ..errors import UserError, one_line
 from ..methods import method
 from ..results import store
@@ -28,65 +26,19 @@ from ..results.columns import CellColumns, FailureRow, ResultRow, StageRow
 from ..results.init_from import Starts
 from ..tracking.tracker import Tracker
 from . import interrupt
-from .cluster import Scaler, connect_ray
+from .cluster import Scaler
 from .events import Beat, Grew, Lost, Retired, Row, Stalled, Stranded
-from .grid import Cell, cells, method_settings, rows_per_length, sample_seed
+from .grid import Cell, cells, method_settings, rows_per_length
+from .items import work_items
 from .pool import WorkerPool
-from .progress import Progress
+from .progress import Progress, WorkerLines
+from .ray_session import connect_ray
 from .worker import Finished, WorkItem
 
 log = logging.getLogger("cram_sweep")
 # Rows held before a flush is due whatever flush_seconds says: bounds the driver's memory (a row carries its vectors)
 # and the rows a crash can lose. A constant, not a config key: flush_seconds is the user's knob, this only a cap.
 STORE_FLUSH_ROWS = 512
-
-
-def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int]]]:
-    """Token ids of every sample, at the grid's longest length; all input errors surface here, before any work."""
-    longest = max(cfg.grid.lengths)
-    tokens = {}
-    for model in cfg.grid.models:
-        context = model_context(model, cfg.models[model])
-        if longest + max(cfg.grid.n_mem) > context:
-            raise UserError(
-                f"grid.lengths max {longest} + grid.n_mem max {max(cfg.grid.n_mem)} exceeds the context of model {model} ({context} positions): lower them"
-            )
-        tokenizer = load_tokenizer(model, cfg.models[model])
-        for dataset in cfg.grid.datasets:
-            tokens[model, dataset] = sample_token_ids(cfg.datasets[dataset], dataset, tokenizer, cfg.grid.samples, longest, cfg.seed)
-    return tokens
-
-
-def samples_per_item(cfg: SweepConfig) -> int:
-    """How many samples one work item (one `cram` call on a worker) holds."""
-    return cfg.worker.samples_per_item or (4 * cfg.batch_size if cfg.batch_size != "auto" else 64)
-
-
-def work_items(cfg: SweepConfig, tokens, done: set, starts: Optional[Starts] = None) -> list[WorkItem]:
-    """The pending (sample, restart) runs not in `done` (their (cell, sample, restart) keys), grouped by (model, method,
-    n_mem) across cells and datasets, shortest text first, in items of `worker.samples_per_item`: a worker's batch runs
-    full from one cell into the next. A sample's restarts are specs like its other samples', each with its own seed."""
-    per_item, starts = samples_per_item(cfg), starts or Starts()
-    groups: dict[tuple[str, str, int], list[SampleSpec]] = defaultdict(list)
-    for cell in sorted(cells(cfg), key=lambda c: c.length):
-        groups[cell.model, cell.method, cell.n_mem] += [
-            SampleSpec(
-                i,
-                tokens[cell.model, cell.dataset][i][: cell.length],
-                sample_seed(cfg.seed, cell, i, restart),
-                cell.id,
-                starts.vectors.get((cell.id, i)),
-                restart,
-            )
-            for i in range(cfg.grid.samples)
-            for restart in range(cfg.grid.restarts)
-            if (cell.id, i, restart) not in done
-        ]
-    return [
-        WorkItem(model, method, n_mem, specs[start : start + per_item], basis=starts.bases.get((method, model)))
-        for (model, method, n_mem), specs in groups.items()
-        for start in range(0, len(specs), per_item)
-    ]
 
 
 class Sweep:
@@ -237,47 +189,6 @@ class Sweep:
     def give_up(self, item: WorkItem, reason: str) -> None:
         for spec in item.specs:
             self.fail(self.cells[spec.cell], spec.sample, spec.restart, reason, final=True)
-
-
-class WorkerLines:
-    """The driver's lines about its workers, on stderr: the pool it starts with, the workers added later (for nodes
-    that joined, or slots whose worker was given up), and each such node's first sample, with the seconds since
-    its worker was added."""
-
-    def __init__(self, grows: bool):
-        self.grows = grows  # the pool follows the cluster (cluster=ray, no fixed worker.count)
-        self.started = False
-        self.joined: dict[str, float] = {}  # node -> when workers were added for it, until its first sample
-
-    def grew(self, event: Grew) -> None:
-        kinds = ", ".join(f"{count} {kind.upper()}" for kind, count in sorted(Counter(w.kind for w in event.workers).items()))
-        nodes = sorted({worker.target for worker in event.workers if worker.target})
-        where = f" on node{'s' * (len(nodes) != 1)} {', '.join(node[:8] for node in nodes)}" if nodes else ""
-        if self.started:
-            self.joined.update({node: time.monotonic() for node in nodes})
-            print(f"workers: {kinds} added{where}; {event.total} in all", file=sys.stderr, flush=True)
-        else:
-            more = "; more as nodes join while work is queued" if self.grows else ""
-            print(f"workers: {kinds}{where}{more}", file=sys.stderr, flush=True)
-        self.started = True
-
-    def row(self, node: str) -> None:
-        joined = self.joined.pop(node, None)
-        if joined is not None:
-            print(
-                f"workers: node {node[:8]} returned its first sample {time.monotonic() - joined:.1f} s after its worker was added",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    @staticmethod
-    def retired(event: Retired) -> None:
-        print(
-            f"workers: GPU workers are up: {event.workers} CPU workers stopped; their {event.samples} unfinished samples run on GPUs "
-            "(no attempt charged)",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def execute_on_cluster(cfg: SweepConfig, state: Sweep, items: list[WorkItem], pending: int) -> None:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from typing import Optional
 
 from tqdm import tqdm
+
+from .events import Grew, Retired
 
 
 class Progress:
@@ -63,3 +66,44 @@ class Progress:
             self.bar.close()
         else:
             self._line(force=True)
+
+
+class WorkerLines:
+    """The driver's lines about its workers, on stderr: the pool it starts with, the workers added later (for nodes
+    that joined, or slots whose worker was given up), and each such node's first sample, with the seconds since
+    its worker was added."""
+
+    def __init__(self, grows: bool):
+        self.grows = grows  # the pool follows the cluster (cluster=ray, no fixed worker.count)
+        self.started = False
+        self.joined: dict[str, float] = {}  # node -> when workers were added for it, until its first sample
+
+    def grew(self, event: Grew) -> None:
+        kinds = ", ".join(f"{count} {kind.upper()}" for kind, count in sorted(Counter(w.kind for w in event.workers).items()))
+        nodes = sorted({worker.target for worker in event.workers if worker.target})
+        where = f" on node{'s' * (len(nodes) != 1)} {', '.join(node[:8] for node in nodes)}" if nodes else ""
+        if self.started:
+            self.joined.update({node: time.monotonic() for node in nodes})
+            print(f"workers: {kinds} added{where}; {event.total} in all", file=sys.stderr, flush=True)
+        else:
+            more = "; more as nodes join while work is queued" if self.grows else ""
+            print(f"workers: {kinds}{where}{more}", file=sys.stderr, flush=True)
+        self.started = True
+
+    def row(self, node: str) -> None:
+        joined = self.joined.pop(node, None)
+        if joined is not None:
+            print(
+                f"workers: node {node[:8]} returned its first sample {time.monotonic() - joined:.1f} s after its worker was added",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @staticmethod
+    def retired(event: Retired) -> None:
+        print(
+            f"workers: GPU workers are up: {event.workers} CPU workers stopped; their {event.samples} unfinished samples run on GPUs "
+            "(no attempt charged)",
+            file=sys.stderr,
+            flush=True,
+        )

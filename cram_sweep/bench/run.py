@@ -14,134 +14,23 @@ every shape before the rounds: `compile_s` is what that took). One step costs ab
 from __future__ import annotations
 
 import csv
-import re
-import resource
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .config import compose_config
-from .data import sample_token_ids
-from .engine.batching import auto_batch_size
-from .engine.cram import SampleSpec, cram
-from .engine.model import clear_cache, load_model, resolve_attention, resolve_device
-from .engine.roundings import BF16
-from .engine.runtime import BF16_FORWARD, autocast, graphs_compiled, resolve_compile
-from .sweep.grid import Cell, sample_seed
-
-# Dense peak FLOP/s of common accelerators per precision (fp32 runs its matmuls as TF32), for MFU.
-# Matched by substring of the device name, in this order (A100 before A10).
-PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp32": 495e12},
-    "H200": {"bf16": 989e12, "fp32": 495e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-    "L40S": {"bf16": 362e12, "fp32": 181e12},
-    "A10": {"bf16": 125e12, "fp32": 62.5e12},
-}
-
-
-@dataclass
-class BenchRow:
-    method: str
-    precision: str
-    batch_size: int
-    seconds: float  # wall time, per-sample set-up included
-    step_seconds: float  # time in optimization steps alone
-    samples: int
-    sample_steps: float
-    peak_mem_gb: float
-    flops: float
-    compile_seconds: float = 0.0  # the engine's warm-up at this shape, where it compiled
-
-    @property
-    def sample_steps_per_s(self) -> float:
-        return self.sample_steps / self.step_seconds
-
-    @property
-    def samples_per_hour(self) -> float:
-        return 3600 * self.samples / self.seconds
-
-    def plus(self, other: BenchRow) -> BenchRow:
-        """This row and another round of the same measurement, as one."""
-        return replace(
-            self,
-            seconds=self.seconds + other.seconds,
-            step_seconds=self.step_seconds + other.step_seconds,
-            samples=self.samples + other.samples,
-            sample_steps=self.sample_steps + other.sample_steps,
-            peak_mem_gb=max(self.peak_mem_gb, other.peak_mem_gb),
-            flops=self.flops + other.flops,
-        )
-
-    def as_dict(self, baseline: BenchRow, device_peaks: Optional[dict[str, float]]) -> dict:
-        sample_steps = self.sample_steps_per_s
-        base_steps = baseline.sample_steps_per_s
-        achieved = self.flops / self.step_seconds
-        return {
-            "method": self.method,
-            "precision": self.precision,
-            "batch": self.batch_size,
-            "sample_steps_per_s": round(sample_steps, 3),
-            "samples_per_hour": round(self.samples_per_hour, 1),
-            "x_steps_vs_paper": round(sample_steps / base_steps, 2),
-            "peak_mem_gb": round(self.peak_mem_gb, 2),
-            "gflop_s": round(achieved / 1e9, 1),
-            "mfu": round(achieved / device_peaks[BF16 if self.precision in BF16_FORWARD else self.precision], 3) if device_peaks else "",
-            "compile_s": round(self.compile_seconds, 1),
-        }
-
-
-class PeakMemory:
-    """Peak GPU memory, or the process's peak resident memory on CPU (Linux resets it on entry)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif Path("/proc/self/clear_refs").exists():
-            Path("/proc/self/clear_refs").write_text("5")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif Path("/proc/self/status").exists():
-            self.peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-        else:  # the peak since the process started (bytes on macOS)
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    @property
-    def gb(self) -> float:
-        return self.peak / 1e9
-
-
-def paper_sample(model, token_ids: list[int], n_mem: int, steps: int, init_seed: int, precision: str, optim) -> None:
-    """One sample as the reference script runs it: its own vector and AdamW, full logits, batch size 1."""
-    device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
-    gen = torch.Generator().manual_seed(init_seed)
-    memory = torch.nn.Parameter((torch.randn(n_mem, embed.weight.shape[1], generator=gen) * embed.weight.std().item()).to(device))
-    opt = torch.optim.AdamW([memory], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
-    ids = torch.tensor(token_ids, device=device)[None]
-    text = embed(ids)
-    for _ in range(steps):
-        with autocast(model, precision, cast_cache=False):
-            logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
-        loss = F.cross_entropy(logits.float(), ids[0, 1:])
-        # the reference reads each step's accuracy on the host to test convergence: one device sync per step
-        (logits.argmax(-1) == ids[0, 1:]).float().mean().item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+from ..config import compose_config
+from ..data import sample_token_ids
+from ..engine.batching import auto_batch_size
+from ..engine.cram import SampleSpec, cram
+from ..engine.model import clear_cache, load_model, resolve_attention, resolve_device
+from ..engine.runtime import graphs_compiled, resolve_compile
+from ..sweep.grid import Cell, sample_seed
+from .measure import BenchRow, PeakMemory, peak_flops, sync
+from .paper import paper_sample
 
 
 def resolve_batch_sizes(batch_sizes, lm, length: int, n_mem: int, precisions) -> list[int]:
@@ -154,15 +43,6 @@ def resolve_batch_sizes(batch_sizes, lm, length: int, n_mem: int, precisions) ->
             print(f"  batch size auto: {batch}", file=sys.stderr, flush=True)
         resolved.append(batch)
     return list(dict.fromkeys(resolved))
-
-
-def peak_flops(device_name: str) -> Optional[dict[str, float]]:
-    return next((peaks for name, peaks in PEAK_FLOPS.items() if name in device_name), None)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench(
@@ -224,7 +104,7 @@ def bench(
                     lm = load_model(model_name, cfg.models[model_name], device, precision)
                 t1 = time.perf_counter()
                 paper_sample(model_for(precision), spec.token_ids, n_mem, steps, spec.init_seed, precision, cfg.optim)
-                _sync(dev)
+                sync(dev)
                 t2 = time.perf_counter()
                 seconds, step_seconds = seconds + t2 - t0, step_seconds + t2 - t1
         method = "paper loop + 2 loads/sample" if reloads else "paper loop"
@@ -257,7 +137,7 @@ def bench(
                     compile_mode=compile_mode,
                 )
             )
-            _sync(dev)
+            sync(dev)
         sample_steps = sum(r.steps for r in done)
         step_seconds = sum(r.seconds for r in done)  # each sample's share of the batch steps' time (compiling steps not)
         return BenchRow(
