@@ -26,7 +26,8 @@ from cram_sweep.data import sample_token_ids
 from cram_sweep.engine.cram import SampleSpec, cram
 from cram_sweep.engine.model import load_model, resolve_attention
 from cram_sweep.report.markdown import md_table
-from cram_sweep.sweep.grid import Cell, sample_seed
+from cram_sweep.results.columns import Cell
+from cram_sweep.sweep.grid import sample_seed
 
 HEADER = ["precision", "batch", "scenario", "fixed shapes (sample-steps/s)", "packed (sample-steps/s)", "fixed / packed"]
 

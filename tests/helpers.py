@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from cram_sweep.config import compose_config
 from cram_sweep.engine.param import initial_vectors
 from cram_sweep.engine.rows import RowState
+from cram_sweep.results.columns import Cell
 from cram_sweep.results.store import FailureRow, ResultRow
-from cram_sweep.sweep.grid import Cell
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cram_sweep.cli"]
@@ -300,9 +300,14 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None):
     }
 
 
+BLANK = {"int": 0, "float": 0.0, "bool": False, "str": ""}  # by a column's type; lists: []
+
+
 def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_size=10, **values) -> ResultRow:
-    """A stored row with plausible defaults; `values` set any other column."""
-    row = {
+    """A stored row: every column blank (zero, false, empty) where it does not matter here, plausible where it does;
+    `values` set any other column. A column added to the schema needs nothing here."""
+    blank = {f.name: [] if f.type.startswith("list") else BLANK[f.type] for f in dataclasses.fields(ResultRow)}
+    plausible = {
         "cell": Cell(model, "pydoc", n_mem, length).id,
         "model": model,
         "dataset": "pydoc",
@@ -310,15 +315,11 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "length": length,
         "n_mem": n_mem,
         "sample": sample,
-        "restart": 0,
-        "seed": 0,
         "token_ids": list(range(length)),
         "acc_no_mem": 0.1,
         "acc": acc,
         "ce_no_mem_bits": 100.0,
         "ce_bits": 100.0,
-        "info_gain_bits": 0.0,
-        "gain_tokens": 0.0,
         "seconds": 2.0,
         "steps": 50,
         "converged": acc == 1.0,
@@ -328,7 +329,6 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "hidden": hidden,
         "vocab_size": vocab_size,
         "method": "full",
-        "predict_first": False,
         "horizon": length if acc == 1.0 else 0,
         "stages": 1,
         "fail_acc": math.nan if acc == 1.0 else acc,
@@ -336,14 +336,10 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
         "trained_numbers": n_mem * hidden,
         "batch_invariant": True,
         "forward_rows": 16,
-        "roundings": [],
-        "horizon_at_bits": [],
-        "acc_at_bits": [],
         "bits_needed": 32,
         "stored_bits": n_mem * hidden * 32,
-        "bits_seconds": 0.0,
     }
-    return ResultRow(**{**row, **values})
+    return ResultRow(**{**blank, **plausible, **values})
 
 
 def failure_row(cell: str, sample: int, attempt: int = 1, error: str = "OOM", restart: int = 0) -> FailureRow:

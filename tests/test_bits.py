@@ -15,8 +15,7 @@ from cram_sweep.engine.roundings import FULL_WIDTH, bits_needed, rounding_names
 from cram_sweep.engine.scores import reduce_scores, token_scores
 from cram_sweep.methods.base import horizon_of
 from cram_sweep.report.build import build_report
-from cram_sweep.results.columns import SampleColumns
-from cram_sweep.sweep.grid import Cell
+from cram_sweep.results.columns import Cell, SampleColumns
 from cram_sweep.tracking.curves import report_curves
 
 from .helpers import TINY, TINY_PROGRESSIVE, result_row, specs_for, tiny_config

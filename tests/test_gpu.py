@@ -17,7 +17,8 @@ from cram_sweep.engine.batching import auto_batch_size, cram_fitting
 from cram_sweep.engine.cram import SampleSpec, cram
 from cram_sweep.engine.model import load_model, resolve_attention
 from cram_sweep.engine.scores import reduce_scores, token_scores
-from cram_sweep.sweep.grid import Cell, sample_seed
+from cram_sweep.results.columns import Cell
+from cram_sweep.sweep.grid import sample_seed
 
 from .helpers import assert_bit_identical, assert_same_result, by_sample, naive_cram, specs_for, tiny_config
 

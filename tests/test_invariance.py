@@ -78,7 +78,8 @@ def test_smollm2_bf16_progressive_horizon_does_not_move_with_the_batch():
     """docs/beyond.md's case: SmolLM2, pydoc, bf16, progressive at cap 24 with 30 steps a stage; sample 2 alone and
     beside 3 others ended 0.012 apart when the padded width followed the batch-mates' stages."""
     from cram_sweep.engine.model import load_model
-    from cram_sweep.sweep.grid import Cell, sample_seed
+    from cram_sweep.results.columns import Cell
+    from cram_sweep.sweep.grid import sample_seed
 
     cfg = tiny_config("grid.models=[smollm2]", "method=progressive", "method.steps_per_stage=30", "method.step=8", "optim.max_steps=120")
     lm = load_model("smollm2", cfg.models["smollm2"], "cpu")

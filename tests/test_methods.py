@@ -20,8 +20,7 @@ from cram_sweep.methods import method, register, registered
 from cram_sweep.report.capacity import capacity_table, cell_frame, curve_columns
 from cram_sweep.report.markdown import report_markdown, summary_lines
 from cram_sweep.results.cellstate import cell_state
-from cram_sweep.results.columns import CellColumns, ResultRow
-from cram_sweep.sweep.grid import Cell
+from cram_sweep.results.columns import Cell, CellColumns, ResultRow
 
 from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, specs_for
 from .toy_method import METHOD as TOY

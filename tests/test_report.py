@@ -14,8 +14,8 @@ from cram_sweep.errors import UserError
 from cram_sweep.report import build as report
 from cram_sweep.report.build import build_report, cell_table, load_capacity
 from cram_sweep.report.capacity import BITS_COLUMNS, CAPACITY_COLUMNS
+from cram_sweep.results.columns import Cell
 from cram_sweep.results.store import SweepDir, write_failures, write_results
-from cram_sweep.sweep.grid import Cell
 from cram_sweep.tracking import tracker as tracking
 
 from .helpers import failure_row, result_row

@@ -17,8 +17,9 @@ from cram_sweep.config import load_sweep_config
 from cram_sweep.engine.cram import SampleSpec, cram
 from cram_sweep.report.build import build_report
 from cram_sweep.results.cellstate import STATE_COLUMNS, cell_state
+from cram_sweep.results.columns import Cell
 from cram_sweep.results.store import SweepDir, read_results, read_stages
-from cram_sweep.sweep.grid import Cell, cells, derived_seed, sample_seed
+from cram_sweep.sweep.grid import cells, derived_seed, sample_seed
 from cram_sweep.sweep.items import work_items
 from cram_sweep.tracking.curves import report_curves
 

@@ -6,7 +6,8 @@ from cram_sweep.config import compose_config
 from cram_sweep.data import sample_token_ids
 from cram_sweep.engine.cram import SampleSpec, cram
 from cram_sweep.engine.model import load_model, resolve_attention, resolve_precision
-from cram_sweep.sweep.grid import Cell, sample_seed
+from cram_sweep.results.columns import Cell
+from cram_sweep.sweep.grid import sample_seed
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from cram_sweep.config import compose_config
+from cram_sweep.results.columns import Cell
 from cram_sweep.results.store import SweepDir
-from cram_sweep.sweep.grid import Cell
 from cram_sweep.tracking.connection import MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS, Backoff
 from cram_sweep.tracking.runs import RunIds
 from cram_sweep.tracking.tracker import Tracker

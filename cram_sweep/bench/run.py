@@ -28,7 +28,8 @@ from ..engine.batching import auto_batch_size
 from ..engine.cram import SampleSpec, cram
 from ..engine.model import clear_cache, load_model, resolve_attention, resolve_device
 from ..engine.runtime import graphs_compiled, resolve_compile
-from ..sweep.grid import Cell, sample_seed
+from ..results.columns import Cell
+from ..sweep.grid import sample_seed
 from .measure import BenchRow, PeakMemory, peak_flops, sync
 from .paper import paper_sample
 

@@ -18,8 +18,8 @@ from ..config import SweepConfig, load_sweep_config
 from ..errors import UserError
 from ..methods import method
 from ..results.cellstate import cell_states, runs_per_cell
+from ..results.columns import Cell
 from ..results.store import SweepDir, read_failures, read_results
-from ..sweep.grid import Cell
 from .capacity import analysed_rows, capacity_table, cell_frame, restart_table
 from .markdown import report_markdown
 

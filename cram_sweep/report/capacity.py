@@ -25,12 +25,15 @@ table has one row per cell of the grid, in grid order, with CELL_COLUMNS (cellst
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 
 from ..methods import method as method_named
 from ..methods.base import longest_rows
+from ..results.cellstate import MEANS
+from ..results.columns import CELL_KEYS
 
 GROUP = ["model", "dataset", "n_mem"]
 CELL_GROUP = ["model", "dataset", "method", "n_mem"]  # the cells of one curve: they differ in length alone
@@ -64,24 +67,7 @@ CAPACITY_COLUMNS = [
     "utilization_trained",
     *BITS_COLUMNS,
 ]
-CELL_COLUMNS = [
-    "model",
-    "dataset",
-    "method",
-    "n_mem",
-    "length",
-    "cell",
-    "done",
-    "failed",
-    "pending",
-    "acc_mean",
-    "gain_tokens_mean",
-    "info_gain_bits_mean",
-    "greedy_exact_share",
-    "horizon_mean",
-    "horizon_max",
-    "seconds_mean",
-]
+CELL_COLUMNS = [*CELL_KEYS, "cell", "done", "failed", "pending", *MEANS, "horizon_max"]  # cellstate.cell_state's
 # The capacity columns tracking logs as curves over n_mem (the paper's capacity-vs-vectors figure), for every method;
 # a method adds its own (Method.curve_columns).
 CURVE_COLUMNS = (
@@ -168,19 +154,7 @@ def capacity_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def cell_frame(states) -> pd.DataFrame:
     """One row per (cell, state) of cellstate.cell_states, in its order; cells without finished samples have NaN means."""
-    rows = [
-        {
-            "model": cell.model,
-            "dataset": cell.dataset,
-            "method": cell.method,
-            "n_mem": cell.n_mem,
-            "length": cell.length,
-            "cell": cell.id,
-            **state,
-        }
-        for cell, state in states
-    ]
-    return pd.DataFrame(rows, columns=CELL_COLUMNS)
+    return pd.DataFrame([{**asdict(cell), "cell": cell.id, **state} for cell, state in states], columns=CELL_COLUMNS)
 
 
 def growth_points(restarts: int) -> list[int]:

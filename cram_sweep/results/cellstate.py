@@ -15,11 +15,10 @@ import pyarrow as pa
 
 from ..config import SweepConfig
 from ..methods import method
-from ..sweep.grid import Cell, cells
+from ..sweep.grid import cells
+from .columns import Cell
 from .store import IDENTITY
 
-# The result columns the state reads.
-STATE_COLUMNS = ["acc", "gain_tokens", "info_gain_bits", "seconds", "greedy_exact", "greedy_prefix", "horizon"]
 MEANS = {
     "acc_mean": "acc",
     "horizon_mean": "horizon",
@@ -28,6 +27,7 @@ MEANS = {
     "greedy_exact_share": "greedy_exact",
     "seconds_mean": "seconds",
 }
+STATE_COLUMNS = [*MEANS.values(), "greedy_prefix"]  # the result columns the state reads
 
 
 def runs_per_cell(cfg: SweepConfig) -> int:

@@ -1,4 +1,4 @@
-"""The stores' rows, each column defined once (store.py derives the Parquet schemas from these dataclasses).
+"""A cell's identity (`Cell`: its keys and its name) and the stores' rows, each column defined once (store.py derives the Parquet schemas from these dataclasses).
 
 A `results/` row is a sample's own columns (`SampleColumns`: what the engine computes) next to its cell's
 (`CellColumns`: what the driver and the worker know). The engine's `cram.SampleResult` is `SampleColumns` plus
@@ -9,6 +9,32 @@ No dependencies beyond the standard library: the engine and the workers import t
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    dataset: str
+    n_mem: int
+    length: int
+    method: str = "full"
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}/L={self.length}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Its keys as MLflow tags (strings)."""
+        return {name: str(getattr(self, name)) for name in CELL_KEYS}
+
+    @property
+    def text_id(self) -> str:
+        """What the sample's text and vectors' shape depend on: the cell without its method."""
+        return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
+
+
+CELL_KEYS = tuple(f.name for f in fields(Cell))  # a cell's identity, and the columns of its rows that name it
 
 
 def _values(row, row_type) -> dict:

@@ -19,9 +19,11 @@ import torch
 from ..config import SweepConfig
 from ..engine.param import Basis
 from ..errors import UserError
-from ..sweep.grid import Cell, cells, method_settings
+from ..sweep.grid import cells, method_settings
+from .columns import CELL_KEYS, Cell
+from .store import IDENTITY
 
-STORED_COLUMNS = ["model", "dataset", "n_mem", "length", "sample", "restart", "method", "memory"]
+STORED_COLUMNS = [*CELL_KEYS, *IDENTITY[1:], "memory"]  # a row's cell, its (sample, restart) and its vectors
 
 
 @dataclass

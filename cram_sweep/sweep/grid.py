@@ -1,6 +1,6 @@
 """The grid: a sweep's cells and each sample's seed.
 
-A cell is (model, dataset, method, n_mem, length); `cells` lists them in grid order (lengths ascending within
+A cell (results/columns.py: `Cell`) is (model, dataset, n_mem, length, method); `cells` lists them in grid order (lengths ascending within
 each group). A sample's init seed is a function of (sweep seed, the cell without its method, sample index,
 restart index) alone: the same whatever its batch, worker or resume, and the same under every method; restart 0
 has the seed a sweep without restarts gives the sample.
@@ -9,27 +9,9 @@ has the seed a sweep without restarts gives the sample.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 from ..config.schema import MethodSettings, SweepConfig
-
-
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    dataset: str
-    n_mem: int
-    length: int
-    method: str = "full"
-
-    @property
-    def id(self) -> str:
-        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}/L={self.length}"
-
-    @property
-    def text_id(self) -> str:
-        """What the sample's text and vectors' shape depend on: the cell without its method."""
-        return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
+from ..results.columns import Cell
 
 
 def method_settings(cfg: SweepConfig) -> dict[str, MethodSettings]:

@@ -22,13 +22,13 @@ from ..errors import UserError, one_line
 from ..methods import method
 from ..results import store
 from ..results.cellstate import STATE_COLUMNS, by_cell, cell_state, runs_per_cell
-from ..results.columns import CellColumns, FailureRow, ResultRow, StageRow
+from ..results.columns import Cell, CellColumns, FailureRow, ResultRow, StageRow
 from ..results.init_from import Starts
 from ..tracking.tracker import Tracker
 from . import interrupt
 from .cluster import Scaler
 from .events import Beat, Grew, Lost, Retired, Row, Stalled, Stranded
-from .grid import Cell, cells, method_settings, rows_per_length
+from .grid import cells, method_settings, rows_per_length
 from .items import work_items
 from .pool import WorkerPool
 from .progress import Progress, WorkerLines
@@ -218,9 +218,9 @@ def run_sweep(cfg: SweepConfig, sweep: store.SweepDir, tokens, starts: Optional[
     done = state.load_existing()
     items = work_items(cfg, tokens, done, starts)
     pending = sum(len(item.specs) for item in items)
-    total = len(cells(cfg)) * runs_per_cell(cfg)
+    total = len(state.cells) * runs_per_cell(cfg)
     restarts = f" ({cfg.grid.samples} samples x {cfg.grid.restarts} restarts per cell)" if cfg.grid.restarts > 1 else ""
-    print(f"{total} samples in {len(cells(cfg))} cells{restarts}: {total - pending} done, {pending} to run", flush=True)
+    print(f"{total} samples in {len(state.cells)} cells{restarts}: {total - pending} done, {pending} to run", flush=True)
     warning = slow_bf16_warning(cfg.precision, cfg.device) if cfg.cluster.kind == "local" else None
     if warning and items:
         print(f"warning: {warning}", file=sys.stderr, flush=True)

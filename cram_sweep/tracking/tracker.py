@@ -16,8 +16,8 @@ from typing import Optional
 from ..config import SweepConfig
 from ..errors import UserError
 from ..redact import redact
+from ..results.columns import Cell
 from ..results.store import SweepDir
-from ..sweep.grid import Cell
 from .connection import (
     HTTP_BACKOFF_FACTOR,
     HTTP_RETRIES,
@@ -91,8 +91,7 @@ class Tracker:
         return self.ids.cells[cell_id]
 
     def record(self, cell: Cell, metrics: dict[str, float]) -> None:
-        tags = {"model": cell.model, "dataset": cell.dataset, "n_mem": str(cell.n_mem), "length": str(cell.length), "method": cell.method}
-        self.pending[cell.id] = (metrics, tags)
+        self.pending[cell.id] = (metrics, cell.tags)
 
     def record_cells(self, states) -> None:
         """Queue every cell with stored samples or failures (cellstate.cell_states): re-syncs MLflow from the store."""
