@@ -7,7 +7,7 @@ reduction by its width), so a row's numbers depend on the shapes of the forward 
   targets past the stage masked), so rows are grouped by width and each group runs its own forward;
 - that forward has exactly `rows` rows (the batch size), the group's live rows followed by inert ones (zero vectors
   and text, no loss);
-- every reduction over a row's positions runs at its width (cram.py reduces each group at its own width).
+- every reduction over a row's positions runs at its width (batch.py reduces each group at its own width).
 Then the same kernels, at the same shapes, compute a row whatever its batch-mates, and where the kernels do not
 depend on the row count (this project's CPUs: measured in docs/determinism.md) whatever the batch size.
 

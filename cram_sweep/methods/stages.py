@@ -1,6 +1,6 @@
 """Progressive cramming's stage plan for one sample: which prefix length to target next, from the stages so far.
 
-Pure bookkeeping, no tensors: the engine (cram.py) runs a stage until its target converges or fails and
+Pure bookkeeping, no tensors: the progressive rule (progressive.py) runs a stage until its target converges or fails and
 then asks `StagePlan.next` where to go. Semantics (Tarasov et al., `FusionBrainLab/progressive_cramming`):
 
 - linear growth: min_length, then +step after each converged stage, up to the cap; a failed stage ends

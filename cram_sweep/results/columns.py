@@ -1,7 +1,7 @@
 """A cell's identity (`Cell`: its keys and its name) and the stores' rows, each column defined once (store.py derives the Parquet schemas from these dataclasses).
 
 A `results/` row is a sample's own columns (`SampleColumns`: what the engine computes) next to its cell's
-(`CellColumns`: what the driver and the worker know). The engine's `cram.SampleResult` is `SampleColumns` plus
+(`CellColumns`: what the driver and the worker know). The engine's `SampleResult` (engine/samples.py) is `SampleColumns` plus
 what travels with it but is not stored in the row; a `stages/` row is a `StageRecord` with its cell and sample.
 No dependencies beyond the standard library: the engine and the workers import this, and nothing heavy.
 """
