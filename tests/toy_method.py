@@ -5,13 +5,12 @@ the last one: no early stop, no best-of. Its capacity is the longest length its 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from cram_sweep.engine.rows import RowState
-from cram_sweep.methods.base import DONE, LN2, NONFINITE, RUNNING, Judged, Method, StepRows, horizon_of, max_tokens
+from cram_sweep.methods.base import DONE, NONFINITE, RUNNING, Judged, Method, StepRows, max_tokens, whole_text_columns
 
 TOY_YAML = """# @package _global_
 # A toy method for tests/test_methods.py: exactly optim.max_steps forwards, the last one's vectors kept.
@@ -60,24 +59,8 @@ class LastRule:
         return rows.vectors[i]
 
     def result(self, rows: LastRows, text, plan, i: int, length: int) -> dict:
-        o, n_pred = self.offset, length - self.offset
-        ce_no_mem_bits = text.ce0_tok[i, o - 1 : length - 1].sum().item() / LN2
-        acc_no_mem = text.correct0_tok[i, o - 1 : length - 1].float().mean().item()
-        acc, prefix, ce_bits = rows.acc[i].item(), int(rows.prefix[i]), rows.ce[i].item() * n_pred / LN2
-        return dict(
-            acc_no_mem=acc_no_mem,
-            acc=acc,
-            ce_no_mem_bits=ce_no_mem_bits,
-            ce_bits=ce_bits,
-            info_gain_bits=ce_no_mem_bits - ce_bits,
-            gain_tokens=(acc - acc_no_mem) * n_pred,
-            converged=acc >= 1.0,
-            greedy_prefix=prefix,
-            greedy_exact=prefix == n_pred,
-            horizon=horizon_of(prefix, o, self.start),
-            stages=1,
-            fail_acc=math.nan if acc >= 1.0 else acc,
-        )
+        acc, prefix, ce = rows.acc[i].item(), int(rows.prefix[i]), rows.ce[i].item()
+        return whole_text_columns(text, i, length, self.offset, self.start, acc, prefix, ce)
 
     def stage_length(self, targets: list[int]) -> int:
         return 0

@@ -127,6 +127,29 @@ def longest_rows(group):
     return group.loc[group.groupby(RUN)["horizon"].idxmax()]
 
 
+def whole_text_columns(text, i: int, length: int, offset: int, start: int, acc: float, prefix: int, ce: float) -> dict:
+    """The columns of row i whose target is its whole text (tokens offset..length-1), from the forward it keeps: its
+    accuracy, greedy prefix and mean CE (nats); `text` holds the no-vector baseline (ce0_tok[j - 1] is token j's)."""
+    n_pred = length - offset
+    ce_no_mem_bits = text.ce0_tok[i, offset - 1 : length - 1].mean().item() * n_pred / LN2
+    acc_no_mem = text.correct0_tok[i, offset - 1 : length - 1].float().mean().item()
+    ce_bits = ce * n_pred / LN2
+    return dict(
+        acc_no_mem=acc_no_mem,
+        acc=acc,
+        ce_no_mem_bits=ce_no_mem_bits,
+        ce_bits=ce_bits,
+        info_gain_bits=ce_no_mem_bits - ce_bits,
+        gain_tokens=(acc - acc_no_mem) * n_pred,
+        converged=acc >= 1.0,
+        greedy_prefix=prefix,
+        greedy_exact=prefix == n_pred,
+        horizon=horizon_of(prefix, offset, start),
+        stages=1,
+        fail_acc=math.nan if acc >= 1.0 else acc,
+    )
+
+
 def horizon_of(prefix: int, offset: int, start: int) -> int:
     """The horizon a greedy prefix of `prefix` predictions reaches, counted in text tokens from `start`: the given tokens
     before the first target (offset - start of them) count once the first prediction is right; 0 if it is not."""

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..engine.rows import RowState
-from .base import ACC_TOLERANCE, DONE, FIT, LN2, NONFINITE, RUNNING, Judged, Method, StepRows, horizon_of, max_tokens
+from .base import ACC_TOLERANCE, DONE, FIT, NONFINITE, RUNNING, Judged, Method, StepRows, max_tokens, whole_text_columns
 
 
 @dataclass
@@ -69,26 +69,8 @@ class FullRule:
         return rows.best_vectors[i]
 
     def result(self, rows: FullRows, text, plan, i: int, length: int) -> dict:
-        o = self.offset
-        n_pred = length - o  # tokens o..length-1; ce0_tok[j - 1] is token j's
-        ce_no_mem_bits = text.ce0_tok[i, o - 1 : length - 1].mean().item() * n_pred / LN2
-        acc_no_mem = text.correct0_tok[i, o - 1 : length - 1].float().mean().item()
-        ce_bits = rows.best_ce[i].item() * n_pred / LN2
-        acc, prefix = rows.best_acc[i].item(), int(rows.best_prefix[i])
-        return dict(
-            acc_no_mem=acc_no_mem,
-            acc=acc,
-            ce_no_mem_bits=ce_no_mem_bits,
-            ce_bits=ce_bits,
-            info_gain_bits=ce_no_mem_bits - ce_bits,
-            gain_tokens=(acc - acc_no_mem) * n_pred,
-            converged=acc >= 1.0,
-            greedy_prefix=prefix,
-            greedy_exact=prefix == n_pred,
-            horizon=horizon_of(prefix, o, self.start),
-            stages=1,
-            fail_acc=math.nan if acc >= 1.0 else acc,
-        )
+        acc, prefix, ce = rows.best_acc[i].item(), int(rows.best_prefix[i]), rows.best_ce[i].item()
+        return whole_text_columns(text, i, length, self.offset, self.start, acc, prefix, ce)
 
     def stage_length(self, targets: list[int]) -> int:
         return 0
