@@ -262,8 +262,9 @@ def naive_parameters(model, n_mem, init_seed, optim, k=None):
     return [first, linear.weight, linear.bias], lambda: linear(first)
 
 
-def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None):
-    """The paper's procedure, one sample at a time, written independently of the engine."""
+def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=False):
+    """The paper's procedure, one sample at a time, written independently of the engine. `keep_last`: the toy method's
+    (tests/toy_method.py): exactly `optim.max_steps` forwards, the last one's vectors and CE kept."""
     embed = model.get_input_embeddings()
     device = embed.weight.device
     params, vectors = naive_parameters(model, n_mem, init_seed, optim, k)
@@ -281,10 +282,10 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None):
         logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(-1) == target).float().mean().item()
-        if acc > best_acc:
+        if acc > best_acc or keep_last:
             best_acc, best_step, best_memory = acc, step, memory.detach().clone()
-        best_ce = min(best_ce, loss.item())
-        if acc == 1.0 or step - best_step >= optim.patience:
+        best_ce = loss.item() if keep_last else min(best_ce, loss.item())
+        if not keep_last and (acc == 1.0 or step - best_step >= optim.patience):
             break
         opt.zero_grad()
         loss.backward()

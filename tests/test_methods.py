@@ -3,7 +3,7 @@ split in two as a resume splits it), decoding a stored row reproduces its greedy
 state and the MLflow curves take its rows. A toy method (tests/toy_method.py) runs beside the built-in ones: a new
 method is one module plus its YAML.
 
-The engine against each method's independent naive loop: tests/test_cram.py (full), tests/test_progressive.py.
+Each method's engine against its independent naive loop (NAIVE; more cases: tests/test_cram.py, tests/test_progressive.py).
 """
 
 import dataclasses
@@ -22,7 +22,8 @@ from cram_sweep.report.markdown import report_markdown, summary_lines
 from cram_sweep.results.cellstate import cell_state
 from cram_sweep.results.columns import Cell, CellColumns, ResultRow
 
-from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, specs_for
+from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, assert_same_result, naive_cram, specs_for
+from .test_progressive import compare, naive_progressive
 from .toy_method import METHOD as TOY
 from .toy_method import TOY_YAML
 
@@ -30,6 +31,16 @@ compose_module = importlib.import_module("cram_sweep.config.compose")  # the pac
 METHODS = [*registered(), TOY.name]
 SHORT = ["optim.max_steps=40", "optim.patience=40", "method.steps_per_stage=20"]
 OWN = {"progressive": TINY_PROGRESSIVE}  # the settings a method's tiny runs need beyond `method=<name>`
+# Each method's naive loop, one sample at a time and written independently of the engine, held against a result.
+NAIVE = {
+    "full": lambda lm, cfg, spec, row: assert_same_result(row, naive_cram(lm.model, spec.token_ids, 2, spec.init_seed, cfg.optim)),
+    "progressive": lambda lm, cfg, spec, row: compare(
+        row, naive_progressive(lm.model, spec.token_ids, 2, spec.init_seed, cfg.optim, cfg.method)
+    ),
+    "toy": lambda lm, cfg, spec, row: assert_same_result(
+        row, naive_cram(lm.model, spec.token_ids, 2, spec.init_seed, cfg.optim, keep_last=True), ce_rel=1e-3
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,16 @@ def test_the_methods_are_the_modules_of_the_methods_folder_and_the_yaml_names_th
 def test_an_unknown_method_is_one_line_naming_the_registered_ones():
     with pytest.raises(UserError, match=r"method.name=nope: choose method=full or method=progressive"):
         compose_module.compose_config(["method.name=nope"])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_engine_is_the_methods_naive_loop(tiny_llama, conf_with_toy, name):
+    assert set(NAIVE) == set(METHODS), "every registered method has its naive loop here"
+    cfg = config(name, "optim.max_steps=60", "optim.patience=60")
+    specs = specs_for(tiny_llama, 8, 3)
+    rows = run(tiny_llama, cfg, specs, batch_size=3)
+    for spec in specs:
+        NAIVE[name](tiny_llama, cfg, spec, rows[spec.cell, spec.sample])
 
 
 @pytest.mark.parametrize("name", METHODS)

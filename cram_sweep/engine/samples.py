@@ -7,7 +7,7 @@ no horizon: it keeps nothing, and its bits columns are those of no analysis).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
@@ -15,9 +15,6 @@ from ..methods.base import NONFINITE, horizon_of
 from ..results.columns import SampleColumns, StageRecord
 from .bits import BitsColumns, Scored, analyse
 from .scores import reduce_scores
-
-if TYPE_CHECKING:
-    from .batch import Batch
 
 
 @dataclass
@@ -60,8 +57,8 @@ class Heartbeat:
     compile_seconds: float = 0.0  # the steps that compiled a graph took so far (compile on)
 
 
-def finished_result(batch: Batch, i: int) -> SampleResult:
-    """Row i of `batch`, finished, as its SampleResult."""
+def finished_result(batch, i: int) -> SampleResult:
+    """Row i of `batch` (engine/batch.py), finished, as its SampleResult."""
     spec, rule, steps = batch.specs[i], batch.rule, int(batch.step_rows.steps[i])
     memory = rule.memory(batch.rule_rows, i, batch.param).float()
     failed = int(batch.step_rows.status[i]) == NONFINITE
@@ -91,7 +88,7 @@ def finished_result(batch: Batch, i: int) -> SampleResult:
 
 
 @torch.no_grad()
-def _bits(batch: Batch, i: int, memory: torch.Tensor, columns: dict, length: int) -> BitsColumns:
+def _bits(batch, i: int, memory: torch.Tensor, columns: dict, length: int) -> BitsColumns:
     """Row i's stored vectors re-scored at each rounding of `analysis`: the roundings are the rows of no-grad forwards
     over the text's first `length` tokens (the rule's `scored_length`), at the layout's row count (so it never needs
     more memory than a step), each scored for its greedy horizon and accuracy over the targets among them."""
