@@ -67,12 +67,11 @@ def test_shape_models_have_the_published_architectures(name, params):
     assert sum(p.numel() for p in model.parameters()) == params
 
 
-def test_every_method_file_composes_alone_and_as_a_grid_axis():
-    names = available("method")
-    assert {"full", "progressive", "progressive_reference"} <= set(names)
-    for name in names:
-        cfg = compose_config([f"method={name}"])
-        assert cfg.method.name in ("full", "progressive") and not cfg.methods
+def test_method_files_compose_as_a_grid_axis():
+    """Each file alone: tests/test_methods.py."""
+    assert {"full", "progressive", "progressive_reference", "onestep"} <= set(available("method"))
+    three = compose_config(["grid.methods=[full,progressive,onestep]", "grid.n_mem=[2]"])
+    assert sorted(three.methods) == ["full", "onestep", "progressive"]
     both = compose_config(["grid.methods=[full,progressive_reference]", "optim.max_steps=300", "methods.full.optim.lr=0.05"])
     assert sorted(both.methods) == ["full", "progressive"]
     assert both.methods["progressive"].method.predict_first and both.methods["progressive"].optim.lr == 0.1, "the method file's own optim"

@@ -37,6 +37,9 @@ NAIVE = {
     "progressive": lambda lm, cfg, spec, row: compare(
         row, naive_progressive(lm.model, spec.token_ids, 2, spec.init_seed, cfg.optim, cfg.method)
     ),
+    "onestep": lambda lm, cfg, spec, row: assert_same_result(
+        row, naive_cram(lm.model, spec.token_ids, 2, spec.init_seed, cfg.optim, one_step=True)
+    ),
     "toy": lambda lm, cfg, spec, row: assert_same_result(
         row, naive_cram(lm.model, spec.token_ids, 2, spec.init_seed, cfg.optim, keep_last=True), ce_rel=1e-3
     ),
@@ -67,11 +70,11 @@ def run(lm, cfg, specs, batch_size=4):
 def test_the_methods_are_the_modules_of_the_methods_folder_and_the_yaml_names_them():
     assert {"full", "progressive"} <= set(registered()), "each module of cram_sweep/methods/ defining METHOD registers itself"
     for name in compose_module.available("method"):
-        assert compose_module.compose_config([f"method={name}"]).method.name in registered(), name
+        assert compose_module.compose_config([f"method={name}", "grid.n_mem=[2]"]).method.name in registered(), name
 
 
 def test_an_unknown_method_is_one_line_naming_the_registered_ones():
-    with pytest.raises(UserError, match=r"method.name=nope: choose method=full or method=progressive"):
+    with pytest.raises(UserError, match=r"method.name=nope: choose method=full or method=onestep or method=progressive"):
         compose_module.compose_config(["method.name=nope"])
 
 
@@ -100,12 +103,10 @@ def test_a_row_keeps_to_itself_beside_other_cells_and_split_as_a_resume_splits_i
 
 @pytest.mark.parametrize("name", METHODS)
 def test_decoding_a_stored_row_reproduces_its_greedy_prefix(tiny_llama, conf_with_toy, name):
-    from cram_sweep.report.decode import decode_row
-
     cfg = config(name, "optim.max_steps=80")
     given = cfg.method.given
     for row in run(tiny_llama, cfg, specs_for(tiny_llama, 10, 2)).values():
-        decoded, prefix = decode_row(tiny_llama, {**dataclasses.asdict(row), "n_mem": 2, "precision": "fp32"}, given)
+        decoded, prefix = method(name).decode(tiny_llama, {**dataclasses.asdict(row), "n_mem": 2, "precision": "fp32"}, given)
         assert prefix >= row.greedy_prefix and decoded[: row.greedy_prefix] == row.token_ids[given : given + row.greedy_prefix]
 
 

@@ -46,7 +46,7 @@ def tiny_sweep(tmp_path_factory, stale_ray_tmpdir):
 def test_local_ray_sweep_end_to_end(tiny_sweep):
     out, proc = tiny_sweep
     assert "sweep directory:" in proc.stdout and "MLflow parent run:" in proc.stdout
-    assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
+    assert "total: 18 done, 0 failed, 0 pending" in proc.stdout
     assert "Failed to connect to GCS" not in proc.stderr, "the stale recorded cluster was not tried"
     assert "Token authentication" not in proc.stderr, "a local instance says nothing about cluster authentication"
     assert "running, step " in proc.stderr, "the progress lines show the steps of running samples"
@@ -205,11 +205,12 @@ def test_print_config():
     assert "sweep directory" not in proc.stdout
 
 
-def test_both_methods_in_one_sweep_end_to_end(tmp_path, capsys):
-    """grid.methods=[full,progressive]: one sweep, one MLflow parent and one report compare the protocols, each
+def test_three_methods_in_one_sweep_end_to_end(tmp_path, capsys):
+    """grid.methods=[full,progressive,onestep]: one sweep, one MLflow parent and one report compare the protocols, each
     method with its own optimizer (its conf/method file's, then methods.<name>.optim.* on top). Progressive's side:
     horizons in the results, every stage in stages/, the report's horizon table and plots, horizon metrics on the
-    MLflow child and parent runs, status and decode of the horizon."""
+    MLflow child and parent runs, status and decode of the horizon. One-step's: its capacity line and curve, and decode's
+    one forward giving the stored greedy prefix."""
     from cram_sweep.cli import main
 
     progressive = [f"methods.progressive.{arg}" for arg in TINY_PROGRESSIVE if not arg.startswith("method=")]
@@ -218,7 +219,7 @@ def test_both_methods_in_one_sweep_end_to_end(tmp_path, capsys):
         "name=both",
         f"out_dir={tmp_path}",
         *TINY,
-        "grid.methods=[full,progressive]",
+        "grid.methods=[full,progressive,onestep]",
         "grid.lengths=[6,12]",
         *progressive,
         "report=true",
@@ -226,19 +227,21 @@ def test_both_methods_in_one_sweep_end_to_end(tmp_path, capsys):
         "progress_line_seconds=0",
     )
     sweep = SweepDir(tmp_path / "both")
-    assert "total: 12 done, 0 failed, 0 pending" in proc.stdout
+    assert "total: 18 done, 0 failed, 0 pending" in proc.stdout
     assert "stages up to length" in proc.stderr, "progress shows the stage lengths reached"
     rows = read_results(sweep).to_pylist()
     assert {(r["cell"], r["method"]) for r in rows} == {
-        (f"tiny_llama/pydoc/{method}/n_mem=2/L={length}", method) for method in ("full", "progressive") for length in (6, 12)
+        (f"tiny_llama/pydoc/{method}/n_mem=2/L={length}", method) for method in ("full", "progressive", "onestep") for length in (6, 12)
     }
     cfg = load_sweep_config(sweep.config)
     assert (cfg.methods["full"].optim.schedule, cfg.methods["progressive"].optim.schedule) == ("constant", "cosine")
     assert cfg.methods["progressive"].optim.lr == 0.1 and cfg.methods["full"].optim.lr == 0.1, "TINY's optim.lr=0.1 applies to both"
     assert cfg.methods["progressive"].optim.max_steps == 300 and cfg.methods["full"].optim.max_steps == 150
     capacity = (sweep.report / "capacity.csv").read_text().splitlines()
-    assert sorted(line.split(",")[3] for line in capacity[1:]) == ["full", "progressive"]
-    assert "full cramming fits" in proc.stdout and "progressive horizon" in proc.stdout, "one line says what each number means"
+    assert sorted(line.split(",")[3] for line in capacity[1:]) == ["full", "onestep", "progressive"]
+    assert all(line in proc.stdout for line in ("full cramming fits", "progressive horizon", "one-step generation fits")), (
+        "one line says what each number means"
+    )
     assert {"horizon_vs_ce.png", "growth.png", "capacity.md"} <= {p.name for p in sweep.report.iterdir()}
 
     progressive_rows = [r for r in rows if r["method"] == "progressive"]
@@ -251,11 +254,17 @@ def test_both_methods_in_one_sweep_end_to_end(tmp_path, capsys):
         assert row["horizon"] == max((s["length"] for s in mine if s["converged"]), default=0)
 
     parents, children = mlflow_runs(tmp_path)
-    assert len(parents) == 1 and sorted(c.data.tags["method"] for c in children) == ["full", "full", "progressive", "progressive"]
+    assert len(parents) == 1 and sorted(c.data.tags["method"] for c in children) == sorted(["full", "onestep", "progressive"] * 2)
     assert all("horizon_mean" in c.data.metrics for c in children if c.data.tags["method"] == "progressive")
-    assert {"max_tokens/tiny_llama/pydoc/full", "horizon_mean/tiny_llama/pydoc/progressive"} <= set(parents[0].data.metrics)
+    assert {"max_tokens/tiny_llama/pydoc/full", "max_tokens/tiny_llama/pydoc/onestep", "horizon_mean/tiny_llama/pydoc/progressive"} <= set(
+        parents[0].data.metrics
+    )
     status = run_cli("status", str(sweep.path)).stdout
-    assert status.count("horizon") == 4 and status.count("mean acc     –") == 2, "progressive has no accuracy"
+    assert status.count("horizon") == 6 and status.count("mean acc     –") == 2, "progressive has no accuracy"
     best = max(progressive_rows, key=lambda r: r["horizon"])
     assert main(["decode", str(sweep.path), "--cell", best["cell"], "--sample", str(best["sample"])]) == 0
     assert f"horizon {best['horizon']} of {best['length']} tokens: the horizon prefix decodes exactly: yes" in capsys.readouterr().out
+    one_step = next(r for r in rows if r["method"] == "onestep")
+    assert main(["decode", str(sweep.path), "--cell", one_step["cell"], "--sample", str(one_step["sample"])]) == 0
+    decoded = capsys.readouterr().out
+    assert f"matched prefix: {one_step['greedy_prefix']} of {one_step['length']} predicted tokens" in decoded, decoded

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from cram_sweep.engine.rows import RowState
+from cram_sweep.engine.scores import text_fed
 from cram_sweep.methods.base import DONE, NONFINITE, RUNNING, Judged, Method, StepRows, max_tokens, whole_text_columns
 
 TOY_YAML = """# @package _global_
@@ -28,6 +29,8 @@ class LastRows(RowState):
 
 
 class LastRule:
+    feed = staticmethod(text_fed)  # [vectors, text]
+
     def __init__(self, method, optim):
         self.method, self.optim = method, optim
         self.offset, self.start = method.given, method.counted_from

@@ -175,9 +175,9 @@ def validate(cfg: SweepConfig) -> None:
     for settings in method_settings(cfg).values():
         method, optim = settings.method, settings.optim
         key = f"methods.{method.name}." if cfg.grid.methods else ""
-        wrong = registered()[method.name].check_lengths(method, shortest)
+        wrong = registered()[method.name].check_grid(method, cfg.grid, key)
         if wrong:
-            raise UserError(key + wrong)
+            raise UserError(wrong)
         if method.prefix_tokens >= shortest:
             raise UserError(
                 f"{key}method.prefix_tokens={method.prefix_tokens} leaves nothing to predict at the shortest length in grid.lengths "

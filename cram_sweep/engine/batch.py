@@ -25,7 +25,7 @@ from .layout import MAX_PADDING, Group, Layout
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
 from .samples import SampleResult, SampleSpec, finished_result
-from .scores import Scores, reduce_scores, token_scores, weighted_ce, with_inert_rows, without_vectors
+from .scores import Scores, reduce_scores, text_fed, token_scores, weighted_ce, with_inert_rows, without_vectors
 
 
 @dataclass
@@ -101,13 +101,14 @@ class Batch:
 
     def token_scores(self, vectors: Optional[torch.Tensor], fed: torch.Tensor, targets: torch.Tensor, compile_mode=None):
         """`token_scores` of these rows in forwards of at most `layout.rows` rows, each at the layout's row count (inert
-        rows appended where batch-invariant)."""
+        rows appended where batch-invariant), fed as the rule feeds them (without vectors: the text alone)."""
         size, ce_parts, correct_parts = self.layout.rows, [], []
+        feed = text_fed if vectors is None else self.rule.feed
         for start in range(0, fed.shape[0], size):
             live = min(size, fed.shape[0] - start)
             rows = self.layout.forward_rows(live)
             part = [None if t is None else with_inert_rows(t[start : start + size], rows) for t in (vectors, fed, targets)]
-            ce_tok, correct = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode)
+            ce_tok, correct = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode, feed)
             ce_parts.append(ce_tok[:live])
             correct_parts.append(correct[:live])
         return torch.cat(ce_parts), torch.cat(correct_parts)

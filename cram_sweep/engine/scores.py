@@ -21,6 +21,12 @@ def leading_matches(correct: torch.Tensor) -> torch.Tensor:
     return correct.long().cumprod(dim=1).sum(dim=1)
 
 
+def text_fed(memory: Optional[torch.Tensor], text_embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The inputs of autoregressive cramming, [vectors, text], and the trailing positions that predict nothing: the
+    last text position's (a method's rule may feed otherwise: its `feed`)."""
+    return (text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)), 1
+
+
 def token_scores(
     model,
     memory: Optional[torch.Tensor],
@@ -29,15 +35,16 @@ def token_scores(
     precision: str,
     cast_cache=True,
     compile_mode: Optional[str] = None,
+    feed=text_fed,
 ):
-    """Per-token CE and correctness (B, P) of the P = targets.shape[1] predictions made by the P positions
-    before the last input position (the last text position predicts nothing).
+    """Per-token CE and correctness (B, P) of the P = targets.shape[1] predictions made by the P positions before the
+    trailing positions that predict nothing, of the inputs `feed` builds (text_fed: [vectors, text]).
 
     memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P). `compile_mode`: the model's
     network runs compiled (runtime.compiled), else eagerly."""
-    inputs = text_embeds if memory is None else torch.cat([memory, text_embeds], dim=1)
-    count = targets.shape[1]
-    predicting = torch.arange(inputs.shape[1] - count - 1, inputs.shape[1] - 1, device=inputs.device)
+    inputs, trailing = feed(memory, text_embeds)
+    end, count = inputs.shape[1] - trailing, targets.shape[1]
+    predicting = torch.arange(end - count, end, device=inputs.device)
     with autocast(model, precision, cast_cache):
         head = linear_head(model)
         network = model if head is None else model.base_model

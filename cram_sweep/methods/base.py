@@ -75,8 +75,9 @@ class Method:
         """What is wrong with `method` (a MethodConfig) for this method, naming keys from `method.`; None if nothing."""
         return None
 
-    def check_lengths(self, method, shortest: int) -> Optional[str]:
-        """What is wrong with `method` for a grid whose shortest length is `shortest`; None if nothing."""
+    def check_grid(self, method, grid, key: str = "") -> Optional[str]:
+        """What is wrong with `method` for the sweep's `grid` (a GridConfig), naming the method's keys from
+        `{key}method.`; None if nothing."""
         return None
 
     def rule(self, method, optim):
@@ -103,12 +104,20 @@ class Method:
         raise NotImplementedError
 
     def plots(self, results, cell_rows, sweep, out) -> list:
-        """The method's own report plots, written under `out`."""
+        """The method's own report plots, written under `out` (accuracy against length: every method with a mean
+        accuracy, in one plot)."""
         return []
 
     def progress(self, result) -> Optional[float]:
         """What a finished sample adds to the progress bar's running mean (None: nothing)."""
         return None
+
+    def decode(self, lm, row: dict, given: int, attention: str = "auto") -> tuple[list[int], int]:
+        """The tokens its stored vectors generate after the `given` ones, and how many match the text before the first
+        error (the stored `greedy_prefix`): greedy autoregressive decoding."""
+        from ..report.decode import decode_row
+
+        return decode_row(lm, row, given, attention)
 
     def decode_line(self, row: dict, reproduced: int, counted_from: int) -> Optional[str]:
         """`decode`'s closing line beyond the matched prefix, for a row that reproduces `reproduced` text tokens."""

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..engine.rows import RowState
+from ..engine.scores import text_fed
 from .base import ACC_TOLERANCE, DONE, FIT, NONFINITE, RUNNING, Judged, Method, StepRows, max_tokens, whole_text_columns
 
 
@@ -27,6 +28,8 @@ class FullRows(RowState):
 
 
 class FullRule:
+    feed = staticmethod(text_fed)  # [vectors, text]
+
     def __init__(self, method, optim):
         self.method, self.optim = method, optim
         self.offset, self.start = method.given, method.counted_from  # the first token (or the prefix) is given
@@ -117,11 +120,6 @@ class Full(Method):
     def summary_line(self, name: str, r) -> str:
         fits = f"up to {r.max_tokens:.0f} tokens" if r.max_tokens else "no length of the grid (add shorter lengths or more steps)"
         return f"{name}: full cramming fits {fits}: the longest length whose mean teacher-forced accuracy is >= {FIT}"
-
-    def plots(self, results, cell_rows, sweep, out) -> list:
-        from ..report import plots
-
-        return [plots.plot_accuracy(cell_rows[cell_rows["method"] == self.name], out / "accuracy_vs_length.png")]
 
 
 METHOD = Full()

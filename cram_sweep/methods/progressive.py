@@ -17,6 +17,7 @@ import torch
 
 from ..engine.adamw import AdamRows, RowAdamW
 from ..engine.rows import RowState, per_position
+from ..engine.scores import text_fed
 from ..results.columns import StageRecord
 from .base import (
     DONE,
@@ -45,6 +46,8 @@ class ProgressiveRows(RowState):
 
 
 class ProgressiveRule:
+    feed = staticmethod(text_fed)  # [vectors, text]
+
     def __init__(self, method, optim):
         self.method, self.optim = method, optim
         # Stage lengths count text tokens from `start` (after the prefix); the first `offset` tokens are fed, not
@@ -187,9 +190,10 @@ class Progressive(Method):
             return f"method.min_length={method.min_length} with predict_first=false: a stage needs a token to predict, set method.min_length >= 2"
         return None
 
-    def check_lengths(self, method, shortest: int) -> Optional[str]:
+    def check_grid(self, method, grid, key: str = "") -> Optional[str]:
+        shortest = min(grid.lengths)
         if method.min_length + method.counted_from > shortest:
-            return f"method.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({shortest}): lower it or raise the lengths"
+            return f"{key}method.min_length={method.min_length} exceeds the shortest cap in grid.lengths ({shortest}): lower it or raise the lengths"
         return None
 
     def rule(self, method, optim) -> ProgressiveRule:

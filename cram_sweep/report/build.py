@@ -94,6 +94,9 @@ def build_report(sweep_dir, records: Optional[SweepRecords] = None) -> Report:
     files.append(out / "capacity.md")
     from . import plots  # matplotlib: paid by a report only, not by `status` or the driver's end-of-sweep table
 
+    accuracy = cell_rows[[method(name).has_mean_accuracy for name in cell_rows["method"]]]
+    if len(accuracy.dropna(subset=["acc_mean"])):
+        files.append(plots.plot_accuracy(accuracy, out / "accuracy_vs_length.png"))
     for name in sorted(set(results["method"])):
         files += method(name).plots(results, cell_rows, sweep, out)
     files += [plots.plot_ce(results, out / "ce_with_vs_without.png"), plots.plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]

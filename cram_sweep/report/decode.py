@@ -86,7 +86,7 @@ def decode_command(args) -> int:
     lm = load_model(row["model"], cfg.models[row["model"]], cfg.device, row["precision"])
     settings = method_settings(cfg)[row["method"]].method
     given = settings.given
-    decoded, prefix = decode_row(lm, row, given, cfg.attention)
+    decoded, prefix = method(row["method"]).decode(lm, row, given, cfg.attention)
     ids, tok = list(row["token_ids"]), lm.tokenizer
     reproduced = given + prefix  # text tokens reproduced, the given one included
     restart = f" restart {row['restart']}" if row["restart"] else ""
