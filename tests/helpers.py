@@ -262,17 +262,18 @@ def naive_parameters(model, n_mem, init_seed, optim, k=None):
     return [first, linear.weight, linear.bias], lambda: linear(first)
 
 
-def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=False, one_step=False):
+def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=False, one_step=False, predict_first=False):
     """The paper's procedure, one sample at a time, written independently of the engine. `keep_last`: the toy method's
     (tests/toy_method.py): exactly `optim.max_steps` forwards, the last one's vectors and CE kept. `one_step`
-    (Mezentsev & Oseledets): [e, m, ..., m] without the text, every token predicted, token 0 included."""
+    (Mezentsev & Oseledets): [e, m, ..., m] without the text, every token predicted, token 0 included. `predict_first`:
+    the last vector predicts token 0 too (the progressive reference's full-cramming trainer)."""
     embed = model.get_input_embeddings()
     device = embed.weight.device
     params, vectors = naive_parameters(model, n_mem, init_seed, optim, k)
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
     ids = torch.tensor(token_ids, device=device)[None]
     text = embed(ids)
-    target = ids[0] if one_step else ids[0, 1:]
+    target = ids[0] if one_step or predict_first else ids[0, 1:]
     with torch.no_grad():
         logits = model(inputs_embeds=text).logits[0, :-1]
         ce0 = F.cross_entropy(logits, ids[0, 1:]).item()
@@ -283,7 +284,7 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
         if one_step:
             logits = model(inputs_embeds=torch.cat([memory[:1], memory[1:].expand(len(token_ids) - 1, -1)])[None]).logits[0]
         else:
-            logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem:-1]
+            logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem - predict_first : -1]
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(-1) == target).float().mean().item()
         if acc > best_acc or keep_last:

@@ -138,10 +138,14 @@ def longest_rows(group):
 
 def whole_text_columns(text, i: int, length: int, offset: int, start: int, acc: float, prefix: int, ce: float) -> dict:
     """The columns of row i whose target is its whole text (tokens offset..length-1), from the forward it keeps: its
-    accuracy, greedy prefix and mean CE (nats); `text` holds the no-vector baseline (ce0_tok[j - 1] is token j's)."""
-    n_pred = length - offset
-    ce_no_mem_bits = text.ce0_tok[i, offset - 1 : length - 1].mean().item() * n_pred / LN2
-    acc_no_mem = text.correct0_tok[i, offset - 1 : length - 1].float().mean().item()
+    accuracy, greedy prefix and mean CE (nats); `text` holds the no-vector baseline (ce0_tok[j - 1] is token j's).
+
+    The baseline covers the predicted tokens from token 1: token 0, predicted where `offset` is 0 (the first token
+    predicted, one-step), has no prediction without an input, so `info_gain_bits` then counts its CE with the vectors
+    against nothing (a lower bound by that one token) and `gain_tokens` its accuracy against none."""
+    n_pred, first = length - offset, max(offset, 1)
+    ce_no_mem_bits = text.ce0_tok[i, first - 1 : length - 1].sum().item() / LN2
+    acc_no_mem = text.correct0_tok[i, first - 1 : length - 1].float().mean().item()
     ce_bits = ce * n_pred / LN2
     return dict(
         acc_no_mem=acc_no_mem,
@@ -149,7 +153,7 @@ def whole_text_columns(text, i: int, length: int, offset: int, start: int, acc: 
         ce_no_mem_bits=ce_no_mem_bits,
         ce_bits=ce_bits,
         info_gain_bits=ce_no_mem_bits - ce_bits,
-        gain_tokens=(acc - acc_no_mem) * n_pred,
+        gain_tokens=acc * n_pred - acc_no_mem * (length - first),
         converged=acc >= 1.0,
         greedy_prefix=prefix,
         greedy_exact=prefix == n_pred,

@@ -1,4 +1,5 @@
-"""Full cramming (Kuratov et al., ACL 2025): one target, the whole text, the first token given.
+"""Full cramming (Kuratov et al., ACL 2025): one target, the whole text, the first token given; with
+`method.predict_first` the last vector predicts it too, as the progressive reference's full-cramming trainer does.
 
 A sample ends at accuracy 1.0, after `patience` steps without a better accuracy, or at `max_steps`; it keeps the
 vectors of its best-accuracy forward. A group's capacity is `max_tokens`: the longest grid length whose mean
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -98,11 +98,6 @@ class Full(Method):
         f"mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit);\n"
         "utilization: mean gain / theoretical tokens.\n"
     )
-
-    def check(self, method) -> Optional[str]:
-        if method.predict_first:
-            return "method.predict_first=true needs method=progressive (full cramming gives the first token, as Kuratov et al.)"
-        return None
 
     def rule(self, method, optim) -> FullRule:
         return FullRule(method, optim)

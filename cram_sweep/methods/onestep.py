@@ -8,10 +8,9 @@ cramming (accuracy 1.0, `patience`, `max_steps`; the best-accuracy forward's vec
 N cross-entropies (the paper's sum, up to a factor AdamW does not see). Its capacity is full cramming's: the longest
 length whose mean accuracy reaches FIT.
 
-Columns: `acc`, `greedy_prefix` and `horizon` count all N tokens from token 0; `ce_bits` is the lowest summed CE of the N
-predictions; the no-vector baseline (`ce_no_mem_bits`, `acc_no_mem`) is the text's own, tokens 1..N-1 as every method
-measures it (token 0 has no prediction without an input), so `info_gain_bits` counts token 0's CE with the vectors
-against nothing: a lower bound by that one token.
+Columns (base.whole_text_columns, offset 0): `acc`, `greedy_prefix` and `horizon` count all N tokens from token 0;
+`ce_bits` is the lowest summed CE of the N predictions; the no-vector baseline is the text's own from token 1, so
+`info_gain_bits` counts token 0's CE with the vectors against nothing: a lower bound by that one token.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from .base import FIT, LN2
-from .full import Full, FullRows, FullRule
+from .base import FIT
+from .full import Full, FullRule
 
 
 def one_step_inputs(memory: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -32,26 +31,6 @@ def one_step_inputs(memory: torch.Tensor, text_embeds: torch.Tensor) -> tuple[to
 
 class OneStepRule(FullRule):
     feed = staticmethod(one_step_inputs)
-
-    def result(self, rows: FullRows, text, plan, i: int, length: int) -> dict:
-        acc, prefix, ce = rows.best_acc[i].item(), int(rows.best_prefix[i]), rows.best_ce[i].item()
-        ce_no_mem_bits = text.ce0_tok[i, : length - 1].sum().item() / LN2
-        acc_no_mem = text.correct0_tok[i, : length - 1].float().mean().item()
-        ce_bits = ce * length / LN2
-        return dict(
-            acc_no_mem=acc_no_mem,
-            acc=acc,
-            ce_no_mem_bits=ce_no_mem_bits,
-            ce_bits=ce_bits,
-            info_gain_bits=ce_no_mem_bits - ce_bits,
-            gain_tokens=acc * length - acc_no_mem * (length - 1),
-            converged=acc >= 1.0,
-            greedy_prefix=prefix,
-            greedy_exact=prefix == length,
-            horizon=prefix,
-            stages=1,
-            fail_acc=float("nan") if acc >= 1.0 else acc,
-        )
 
 
 class OneStep(Full):
