@@ -26,11 +26,11 @@ def _write_config(sweep: SweepDir, cfg) -> None:
 
 def _check_models(cfg) -> None:
     """Read every model's config and tokenizer before any work: a broken path or file is bad input (exit 2)."""
-    from .engine.model import load_tokenizer, model_context
+    from .engine.model import load_tokenizer, model_shape
 
     for name in cfg.grid.models:
         try:
-            model_context(name, cfg.models[name])
+            model_shape(name, cfg.models[name])
             load_tokenizer(name, cfg.models[name])
         except UserError:
             raise

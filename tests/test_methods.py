@@ -116,7 +116,7 @@ def test_the_report_and_the_cell_state_take_the_methods_rows(tiny_llama, conf_wi
     stored = []
     for length in (4, 8):
         cell = Cell("tiny_llama", "pydoc", 2, length, name)
-        columns = CellColumns(cell.id, "tiny_llama", "pydoc", "fp32", length, 2, 0, tiny_llama.hidden, tiny_llama.vocab_size)
+        columns = CellColumns(cell.id, "tiny_llama", "pydoc", "fp32", length, 2, 0, tiny_llama.hidden, tiny_llama.vocab_size, 0)
         rows = run(tiny_llama, cfg, specs_for(tiny_llama, length, 3, cell=cell.id)).values()
         stored += [ResultRow.of(columns, row) for row in rows]
         state = cell_state(cell, 3, [dataclasses.asdict(row) for row in rows], [])

@@ -81,6 +81,7 @@ class Toy(Method):
     name = "toy"
     restart_metric = "acc"
     curve_columns = ("max_tokens",)
+    headline = "max_tokens"
     definition = "Toy: the vectors of the last of optim.max_steps forwards; max tokens as full cramming's.\n"
 
     def rule(self, method, optim) -> LastRule:

@@ -73,6 +73,9 @@ class GridConfig:
     samples: int = 8
     methods: list[str] = field(default_factory=list)  # files of conf/method/ as a grid axis; [] = the one `method`
     restarts: int = 1  # optimizations of each sample from as many initializations (restart 0: the sample's own seed)
+    layers: list[Any] = field(
+        default_factory=lambda: ["all"]
+    )  # decoder layers the model keeps (its first k, then its norm and head), or all
 
     def __post_init__(self):
         _require(
@@ -85,6 +88,12 @@ class GridConfig:
             _require(length >= 2, f"grid.lengths contains {length}: a length must be >= 2 (one given token, one to predict)")
         for n_mem in self.n_mem:
             _require(n_mem >= 1, f"grid.n_mem contains {n_mem}: the number of vectors must be >= 1")
+        for layers in self.layers:
+            _require(
+                layers == "all" or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1),
+                f"grid.layers contains {layers}: give decoder-layer counts >= 1, or all (e.g. grid.layers=[1,2,4,8,all])",
+            )
+        _require(len(set(self.layers)) == len(self.layers), f"grid.layers={list(self.layers)}: each count once")
 
 
 @dataclass

@@ -6,11 +6,13 @@ Loaded models are cached per process (a Ray worker loads each model once, never 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.util
 import os
 import struct
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,7 +29,8 @@ LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, struct.er
 BF16_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
 _MODELS: dict[str, LoadedModel] = {}
 _TOKENIZERS: dict[str, object] = {}
-_CONTEXTS: dict[str, int] = {}
+_SHAPES: dict[str, ModelShape] = {}
+_TRUNCATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -229,18 +232,49 @@ def clear_cache() -> None:
     _TOKENIZERS.clear()
 
 
-def model_context(name: str, cfg: ModelConfig) -> int:
-    """Positions the model accepts, read from its config without loading weights."""
-    if cfg.source == "random":
-        return int(cfg.arch.get("max_position_embeddings", 2048))
+@dataclass(frozen=True)
+class ModelShape:
+    """What the sweep's checks need of a model, read from its config without loading weights."""
+
+    context: int  # positions it accepts
+    layers: int  # its decoder layers
+
+
+def model_shape(name: str, cfg: ModelConfig) -> ModelShape:
     from transformers import AutoConfig
 
     key = _cache_key(name, cfg)
-    if key not in _CONTEXTS:  # reading a GGUF's config parses the whole file (seconds): once per process
-        path, args = _pretrained_args(name, cfg)
-        try:
-            config = AutoConfig.from_pretrained(path, **args)
-        except LOAD_ERRORS as err:
-            raise UserError(f"model {name}: cannot read a model config from {path!r} ({one_line(err, 200)}): fix models.{name}") from None
-        _CONTEXTS[key] = int(getattr(config, "max_position_embeddings", 1 << 30))
-    return _CONTEXTS[key]
+    if key not in _SHAPES:  # reading a GGUF's config parses the whole file (seconds): once per process
+        if cfg.source == "random":
+            config = AutoConfig.for_model(cfg.architecture, **cfg.arch)
+        else:
+            path, args = _pretrained_args(name, cfg)
+            try:
+                config = AutoConfig.from_pretrained(path, **args)
+            except LOAD_ERRORS as err:
+                raise UserError(
+                    f"model {name}: cannot read a model config from {path!r} ({one_line(err, 200)}): fix models.{name}"
+                ) from None
+        context = (
+            cfg.arch.get("max_position_embeddings", 2048) if cfg.source == "random" else getattr(config, "max_position_embeddings", 1 << 30)
+        )
+        _SHAPES[key] = ModelShape(int(context), int(config.num_hidden_layers))
+    return _SHAPES[key]
+
+
+def truncated(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """`model` with only its first `layers` decoder layers, then its final norm and head (0: all of them): the same
+    modules, no weight copied, one per (model, layers) in a process. The decoder layers are those of its base model
+    (`model.base_model.layers`: Llama-family and GPT-NeoX), which run what the list holds."""
+    if layers == 0:
+        return model
+    made = _TRUNCATED.setdefault(model, {})
+    if layers not in made:
+        base = copy.copy(model.base_model)
+        base._modules = dict(base._modules)  # a shallow copy shares its submodule table: this one is its own
+        base.layers = torch.nn.ModuleList(list(base.layers)[:layers])
+        short = copy.copy(model)
+        short._modules = dict(model._modules)
+        setattr(short, model.base_model_prefix, base)
+        made[layers] = short
+    return made[layers]

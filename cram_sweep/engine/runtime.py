@@ -69,11 +69,12 @@ def autocast(model, precision: str, cast_cache: bool = True):
             yield
         return
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if model not in _BF16_LINEAR_WEIGHTS:
-        _BF16_LINEAR_WEIGHTS[model] = [torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False) for m in linears]
+    for m in linears:  # per Linear: a truncated model (engine/model.truncated) shares its layers' casts
+        if m not in _BF16_LINEAR_WEIGHTS:
+            _BF16_LINEAR_WEIGHTS[m] = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
     originals = [m.weight for m in linears]
-    for module, weight in zip(linears, _BF16_LINEAR_WEIGHTS[model]):
-        module.weight = weight
+    for module in linears:
+        module.weight = _BF16_LINEAR_WEIGHTS[module]
     try:
         with torch.autocast(device_type, dtype=torch.bfloat16):
             yield

@@ -68,6 +68,7 @@ class Method:
     name: str
     restart_metric: str  # the column restarts compete on and the bits analysis keeps: "acc" or "horizon"
     curve_columns: tuple[str, ...] = ()  # capacity columns logged to MLflow as curves beyond the shared ones
+    headline: str  # the capacity column that is its answer (against layers: the depth table, plot and curve)
     has_mean_accuracy: bool = True  # whether a cell's mean accuracy says something its horizon does not
     definition: str = ""  # the report's text (Markdown lines) on what its capacity columns mean
 

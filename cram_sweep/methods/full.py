@@ -93,6 +93,7 @@ class Full(Method):
     name = "full"
     restart_metric = "acc"
     curve_columns = ("max_tokens",)
+    headline = "max_tokens"
     definition = (
         f"Full: max tokens is the longest length whose mean accuracy is >= {FIT}; gain tokens and info gain are\n"
         f"mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit);\n"

@@ -179,6 +179,7 @@ def _leading(correct: list[bool]) -> int:
 class Progressive(Method):
     name = "progressive"
     restart_metric = "horizon"
+    headline = "horizon_mean"
     has_mean_accuracy = False  # a row's accuracy is its horizon stage's, >= the threshold by construction
     definition = (
         "Progressive: the horizon is the longest converged stage; gain tokens and info gain are those of each sample's\n"

@@ -99,6 +99,8 @@ def build_report(sweep_dir, records: Optional[SweepRecords] = None) -> Report:
         files.append(plots.plot_accuracy(accuracy, out / "accuracy_vs_length.png"))
     for name in sorted(set(results["method"])):
         files += method(name).plots(results, cell_rows, sweep, out)
+    if capacity["layers"].nunique() > 1:
+        files.append(plots.plot_capacity_vs_layers(capacity, out / "capacity_vs_layers.png"))
     files += [plots.plot_ce(results, out / "ce_with_vs_without.png"), plots.plot_info_gain(capacity, out / "info_gain_vs_n_mem.png")]
     analysed = analysed_rows(results)
     if len(analysed):

@@ -35,8 +35,8 @@ from ..methods.base import longest_rows
 from ..results.cellstate import MEANS
 from ..results.columns import CELL_KEYS
 
-GROUP = ["model", "dataset", "n_mem"]
-CELL_GROUP = ["model", "dataset", "method", "n_mem"]  # the cells of one curve: they differ in length alone
+GROUP = ["model", "dataset", "n_mem", "layers"]
+CELL_GROUP = ["model", "dataset", "method", "n_mem", "layers"]  # the cells of one curve: they differ in length alone
 BITS_COLUMNS = [
     "bits_needed_mean",
     "bits_needed_std",
@@ -50,6 +50,7 @@ CAPACITY_COLUMNS = [
     "model",
     "dataset",
     "n_mem",
+    "layers",
     "method",
     "max_tokens",
     "horizon_mean",
@@ -89,9 +90,16 @@ def curve_columns(method: str) -> tuple[str, ...]:
     return CURVE_COLUMNS + method_named(method).curve_columns
 
 
-def label(model, dataset, *rest) -> str:
-    """A group's name in the report's text and plots: `model / dataset`, then a method and `n_mem=K` where given (ints are n_mem)."""
-    return " / ".join([model, dataset] + [f"n_mem={part}" if isinstance(part, (int, np.integer)) else str(part) for part in rest])
+def label(model, dataset, method=None, n_mem=None, layers=0) -> str:
+    """A group's name in the report's text and plots: `model / dataset`, then its method, `n_mem=K` and `layers=D` where
+    given (no layers part for all layers)."""
+    parts = [model, dataset] + ([method] if method else []) + ([f"n_mem={n_mem}"] if n_mem is not None else [])
+    return " / ".join(parts + ([f"layers={layers}"] if layers else []))
+
+
+def key_label(columns, key) -> str:
+    """`label` of a groupby key over `columns`."""
+    return label(**dict(zip(columns, key)))
 
 
 def analysed_rows(results: pd.DataFrame) -> pd.DataFrame:

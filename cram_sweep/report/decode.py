@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..config import load_sweep_config
-from ..engine.model import load_model, resolve_attention
+from ..engine.model import load_model, resolve_attention, truncated
 from ..engine.runtime import attention_implementation, autocast
 from ..engine.scores import leading_matches
 from ..errors import UserError
@@ -84,6 +86,7 @@ def decode_command(args) -> int:
     row = select_row(read_results(sweep).to_pandas(), args)
     cfg = load_sweep_config(sweep.config)
     lm = load_model(row["model"], cfg.models[row["model"]], cfg.device, row["precision"])
+    lm = replace(lm, model=truncated(lm.model, row["layers"]))
     settings = method_settings(cfg)[row["method"]].method
     given = settings.given
     decoded, prefix = method(row["method"]).decode(lm, row, given, cfg.attention)

@@ -10,14 +10,14 @@ import pandas as pd
 
 from ..engine.roundings import FULL_WIDTH
 from ..methods import method
-from .capacity import CELL_GROUP, growth_columns, label
+from .capacity import CELL_GROUP, growth_columns, key_label, label
 
 
 def summary_lines(capacity: pd.DataFrame) -> list[str]:
     """One line per capacity row that says what its headline number means."""
     lines = []
     for r in capacity.itertuples():
-        name = label(r.model, r.dataset, r.n_mem)
+        name = label(r.model, r.dataset, n_mem=r.n_mem, layers=r.layers)
         lines.append(method(r.method).summary_line(name, r))
         if not pd.isna(r.bits_needed_mean):
             kept = "horizon" if method(r.method).restart_metric == "horizon" else "accuracy"
@@ -73,7 +73,7 @@ def _capacity_markdown(capacity: pd.DataFrame) -> str:
         [
             r.model,
             r.dataset,
-            r.n_mem,
+            _n_mem(r),
             r.method,
             fmt_value(r.max_tokens, ".0f"),
             f"{_pm(r.horizon_mean, r.horizon_std)} [{fmt_value(r.horizon_min, '.0f')}–{fmt_value(r.horizon_max, '.0f')}]",
@@ -107,7 +107,7 @@ def _bits_markdown(capacity: pd.DataFrame) -> str:
         [
             r.model,
             r.dataset,
-            r.n_mem,
+            _n_mem(r),
             r.method,
             r.param,
             f"{_pm(r.bits_needed_mean, r.bits_needed_std)} [{fmt_value(r.bits_needed_min, '.0f')}–{fmt_value(r.bits_needed_max, '.0f')}]",
@@ -133,13 +133,40 @@ the mean bits needed instead of 16.
 """
 
 
+def _n_mem(r) -> str:
+    """A capacity row's n_mem, with the layers its model kept where grid.layers cut it."""
+    return f"{r.n_mem} ({r.layers} layers)" if r.layers else str(r.n_mem)
+
+
+def depth_name(layers: int) -> str:
+    """A grid.layers value as the report shows it: the count, or all (0)."""
+    return str(layers) if layers else "all"
+
+
+def _layers_markdown(capacity: pd.DataFrame) -> str:
+    depths = sorted(capacity["layers"].unique(), key=lambda d: (d == 0, d))
+    header = ["model", "dataset", "method", "n_mem", "capacity", *(f"{depth_name(d)} layers" for d in depths)]
+    rows = []
+    for (model, dataset, name, n_mem), group in capacity.groupby(["model", "dataset", "method", "n_mem"], sort=True):
+        headline = method(name).headline
+        by_depth = dict(zip(group["layers"], group[headline]))
+        rows.append([model, dataset, name, n_mem, headline, *(fmt_value(by_depth.get(d, float("nan")), ".1f") for d in depths)])
+    return f"""## Capacity against layers
+
+{md_table(header, rows)}
+
+The model cut to its first d decoder layers, then its final norm and head (`grid.layers`; all: the whole model); each
+method's headline capacity (full and one-step: max tokens; progressive: the mean horizon).
+"""
+
+
 def _restarts_markdown(restarts: pd.DataFrame) -> str:
     growth = growth_columns(restarts.columns)
     header = ["cell", "samples × restarts", "metric", "best of R", "worst of R", "std across restarts", "mean pairwise cosine"]
     header += [f"best of {r}" for r in growth]
     rows = [
         [
-            f"{label(r['model'], r['dataset'], r['method'], r['n_mem'])} / L={r['length']}",
+            f"{label(r['model'], r['dataset'], r['method'], r['n_mem'], r['layers'])} / L={r['length']}",
             f"{r['samples']} × {r['restarts']}",
             r["metric"],
             *(fmt_value(r[key], ".3f" if r["metric"] == "acc" else ".1f") for key in ("best_of_r", "worst_of_r", "restart_std")),
@@ -176,7 +203,7 @@ def _cells_markdown(cell_rows: pd.DataFrame) -> str:
             ]
             for r in group.itertuples()
         ]
-        parts.append(f"### {label(*key)}\n\n" + md_table(header, rows))
+        parts.append(f"### {key_label(CELL_GROUP, key)}\n\n" + md_table(header, rows))
     return "\n\n".join(parts)
 
 
@@ -186,6 +213,7 @@ def report_markdown(name: str, capacity: pd.DataFrame, cell_rows: pd.DataFrame, 
     sections = "".join(
         f"\n{text}"
         for text, shown in (
+            (_layers_markdown(capacity), capacity["layers"].nunique() > 1),
             (_bits_markdown(capacity), capacity["bits_needed_mean"].notna().any()),
             (_restarts_markdown(restarts), len(restarts)),
         )

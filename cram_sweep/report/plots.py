@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from ..engine.roundings import FP8, FULL_WIDTH, width
 from ..methods.base import FIT
-from .capacity import CELL_GROUP, GROUP, label
+from .capacity import CELL_GROUP, GROUP, key_label
 
 
 def _colours(keys) -> dict:
@@ -47,7 +47,7 @@ def plot_accuracy(cell_rows: pd.DataFrame, path: Path) -> Path:
     groups = finished.groupby(CELL_GROUP)
     colours = _colours(groups.groups)
     for key, group in groups:
-        ax.plot(group["length"], group["acc_mean"], marker="o", color=colours[key], label=label(*key))
+        ax.plot(group["length"], group["acc_mean"], marker="o", color=colours[key], label=key_label(CELL_GROUP, key))
     ax.axhline(FIT, color="grey", linestyle="--", linewidth=1, label=f"fits (mean acc ≥ {FIT})")
     lengths = sorted(cell_rows["length"].unique())
     ax.set_xscale("log", base=2)
@@ -68,8 +68,9 @@ def plot_ce(results: pd.DataFrame, path: Path) -> Path:
     colours = _colours(zip(results["model"], results["n_mem"]))
     datasets, methods = sorted(results["dataset"].unique()), sorted(results["method"].unique())
     markers = dict(zip([(d, m) for d in datasets for m in methods], "osD^vP*X"))
-    for (model, dataset, method, n_mem), group in results.groupby(CELL_GROUP):
+    for (model, dataset, method, n_mem, layers), group in results.groupby(CELL_GROUP):
         label = f"{model} / n_mem={n_mem}" + (f" / {dataset}" if len(datasets) > 1 else "") + (f" / {method}" if len(methods) > 1 else "")
+        label += f" / layers={layers}" if layers else ""
         ax.scatter(
             group["ce_no_mem_bits"],
             group["ce_bits"],
@@ -94,7 +95,7 @@ def plot_ce(results: pd.DataFrame, path: Path) -> Path:
 def plot_info_gain(capacity: pd.DataFrame, path: Path) -> Path:
     """The capacity rows' information gain (mean ± std) against n_mem, one line per (model, dataset)."""
     fig, ax = _axes(7, 4.5)
-    groups = capacity.groupby(["model", "dataset"])
+    groups = capacity.groupby(["model", "dataset", "layers"])
     colours = _colours(groups.groups)
     for key, group in groups:
         ax.errorbar(
@@ -104,7 +105,7 @@ def plot_info_gain(capacity: pd.DataFrame, path: Path) -> Path:
             marker="o",
             capsize=4,
             color=colours[key],
-            label=label(*key),
+            label=key_label(["model", "dataset", "layers"], key),
         )
     if capacity["info_gain_bits_mean"].isna().all():
         ax.text(
@@ -177,7 +178,14 @@ def plot_horizon_vs_bits(analysed: pd.DataFrame, path: Path) -> Path:
     for key, row in zip(keys, analysed.to_dict("records")):
         points = list(zip(row["roundings"], row["horizon_at_bits"]))
         line = [(width(name), horizon) for name, horizon in points if name != FP8]
-        ax.plot(*zip(*line), color=colours[key], alpha=0.6, linewidth=1, marker=".", label=None if key in labelled else label(*key))
+        ax.plot(
+            *zip(*line),
+            color=colours[key],
+            alpha=0.6,
+            linewidth=1,
+            marker=".",
+            label=None if key in labelled else key_label([*GROUP, "method"], key),
+        )
         ax.scatter([width(FP8)], [h for name, h in points if name == FP8], s=24, facecolors="none", edgecolors=colours[key])
         labelled.add(key)
     ax.scatter([], [], s=24, facecolors="none", edgecolors="grey", label="fp8 e4m3")
@@ -200,7 +208,30 @@ def plot_bits_needed(analysed: pd.DataFrame, path: Path) -> Path:
     for i, (key, group) in enumerate(groups):
         counts = group["bits_needed"].value_counts()
         positions = np.arange(len(values)) + (i - (groups.ngroups - 1) / 2) * bar
-        ax.bar(positions, [counts.get(v, 0) for v in values], width=bar, color=colours[key], label=label(*key))
+        ax.bar(positions, [counts.get(v, 0) for v in values], width=bar, color=colours[key], label=key_label([*GROUP, "method"], key))
     ax.set_xticks(range(len(values)), [f"{v} (fp32)" if v == FULL_WIDTH else str(v) for v in values])
     ax.set(xlabel="bits needed per number", ylabel="samples", title="Bits the vectors need to keep the horizon / accuracy")
+    return _save(fig, ax, path)
+
+
+def plot_capacity_vs_layers(capacity: pd.DataFrame, path: Path) -> Path:
+    """Each method's headline capacity against the decoder layers its model kept (grid.layers; all last), one line per
+    (model, dataset, method, n_mem)."""
+    from ..methods import method
+
+    fig, ax = _axes(7, 4.5)
+    depths = sorted(capacity["layers"].unique(), key=lambda d: (d == 0, d))
+    groups = capacity.groupby(["model", "dataset", "method", "n_mem"])
+    colours = _colours(groups.groups)
+    for key, group in groups:
+        values = dict(zip(group["layers"], group[method(key[2]).headline]))
+        ax.plot(
+            range(len(depths)), [values.get(d, np.nan) for d in depths], marker="o", color=colours[key], label=key_label(CELL_GROUP, key)
+        )
+    ax.set_xticks(range(len(depths)), [str(d) if d else "all" for d in depths])
+    ax.set(
+        xlabel="decoder layers kept (then the final norm and head)",
+        ylabel="capacity (tokens: max tokens, or the mean horizon)",
+        title="Capacity against the model's depth",
+    )
     return _save(fig, ax, path)

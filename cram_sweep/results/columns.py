@@ -18,10 +18,13 @@ class Cell:
     n_mem: int
     length: int
     method: str = "full"
+    layers: int = 0  # the decoder layers the model keeps (grid.layers), 0: all
 
     @property
     def id(self) -> str:
-        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}/L={self.length}"
+        """Its name: model/dataset/method/n_mem=K[/layers=D]/L=length (all layers: no layers part, as before the axis)."""
+        depth = f"/layers={self.layers}" if self.layers else ""
+        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}{depth}/L={self.length}"
 
     @property
     def tags(self) -> dict[str, str]:
@@ -30,7 +33,7 @@ class Cell:
 
     @property
     def text_id(self) -> str:
-        """What the sample's text and vectors' shape depend on: the cell without its method."""
+        """What the sample's text and vectors' shape depend on: the cell without its method and layers (one init for all)."""
         return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
 
 
@@ -54,6 +57,7 @@ class CellColumns:
     seed: int
     hidden: int
     vocab_size: int
+    layers: int  # the decoder layers the model kept (grid.layers), 0: all
 
 
 @dataclass

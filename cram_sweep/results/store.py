@@ -222,6 +222,7 @@ ADDED_LATER = {
     "restart": 0,  # before restarts: every row was restart 0
     "batch_invariant": False,  # before layout.py: every batch was packed
     "forward_rows": 0,  # ... at row counts that varied
+    "layers": 0,  # before grid.layers: every model kept all its layers
 }
 
 

@@ -19,14 +19,20 @@ def method_settings(cfg: SweepConfig) -> dict[str, MethodSettings]:
     return cfg.methods if cfg.grid.methods else {cfg.method.name: MethodSettings(cfg.method, cfg.optim)}
 
 
+def layer_counts(grid) -> list[int]:
+    """grid.layers as cells hold them: the decoder layers kept, 0 for all."""
+    return [0 if layers == "all" else layers for layers in grid.layers]
+
+
 def cells(cfg: SweepConfig) -> list[Cell]:
     g = cfg.grid
     return [
-        Cell(model, dataset, n_mem, length, method)
+        Cell(model, dataset, n_mem, length, method, layers)
         for model in g.models
         for dataset in g.datasets
         for method in method_settings(cfg)
         for n_mem in g.n_mem
+        for layers in layer_counts(g)
         for length in sorted(g.lengths)
     ]
 

@@ -9,10 +9,10 @@ from typing import Optional
 from ..config import SweepConfig
 from ..data import sample_token_ids
 from ..engine.cram import SampleSpec
-from ..engine.model import load_tokenizer, model_context
+from ..engine.model import load_tokenizer, model_shape
 from ..errors import UserError
 from ..results.init_from import Starts
-from .grid import cells, sample_seed
+from .grid import cells, layer_counts, sample_seed
 from .worker import WorkItem
 
 
@@ -21,10 +21,14 @@ def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int
     longest = max(cfg.grid.lengths)
     tokens = {}
     for model in cfg.grid.models:
-        context = model_context(model, cfg.models[model])
-        if longest + max(cfg.grid.n_mem) > context:
+        shape = model_shape(model, cfg.models[model])
+        if longest + max(cfg.grid.n_mem) > shape.context:
             raise UserError(
-                f"grid.lengths max {longest} + grid.n_mem max {max(cfg.grid.n_mem)} exceeds the context of model {model} ({context} positions): lower them"
+                f"grid.lengths max {longest} + grid.n_mem max {max(cfg.grid.n_mem)} exceeds the context of model {model} ({shape.context} positions): lower them"
+            )
+        if max(layer_counts(cfg.grid)) > shape.layers:
+            raise UserError(
+                f"grid.layers contains {max(layer_counts(cfg.grid))}: model {model} has {shape.layers} decoder layers: lower it or use all"
             )
         tokenizer = load_tokenizer(model, cfg.models[model])
         for dataset in cfg.grid.datasets:
@@ -39,12 +43,12 @@ def samples_per_item(cfg: SweepConfig) -> int:
 
 def work_items(cfg: SweepConfig, tokens, done: set, starts: Optional[Starts] = None) -> list[WorkItem]:
     """The pending (sample, restart) runs not in `done` (their (cell, sample, restart) keys), grouped by (model, method,
-    n_mem) across cells and datasets, shortest text first, in items of `worker.samples_per_item`: a worker's batch runs
+    n_mem, layers) across cells and datasets, shortest text first, in items of `worker.samples_per_item`: a worker's batch runs
     full from one cell into the next. A sample's restarts are specs like its other samples', each with its own seed."""
     per_item, starts = samples_per_item(cfg), starts or Starts()
-    groups: dict[tuple[str, str, int], list[SampleSpec]] = defaultdict(list)
+    groups: dict[tuple[str, str, int, int], list[SampleSpec]] = defaultdict(list)
     for cell in sorted(cells(cfg), key=lambda c: c.length):
-        groups[cell.model, cell.method, cell.n_mem] += [
+        groups[cell.model, cell.method, cell.n_mem, cell.layers] += [
             SampleSpec(
                 i,
                 tokens[cell.model, cell.dataset][i][: cell.length],
@@ -58,7 +62,7 @@ def work_items(cfg: SweepConfig, tokens, done: set, starts: Optional[Starts] = N
             if (cell.id, i, restart) not in done
         ]
     return [
-        WorkItem(model, method, n_mem, specs[start : start + per_item], basis=starts.bases.get((method, model)))
-        for (model, method, n_mem), specs in groups.items()
+        WorkItem(model, method, n_mem, specs[start : start + per_item], basis=starts.bases.get((method, model)), layers=layers)
+        for (model, method, n_mem, layers), specs in groups.items()
         for start in range(0, len(specs), per_item)
     ]

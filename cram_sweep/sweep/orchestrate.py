@@ -90,6 +90,7 @@ class Sweep:
             seed=self.cfg.seed,
             hidden=finished.hidden,
             vocab_size=finished.vocab_size,
+            layers=cell.layers,
         )
         row = ResultRow.of(columns, result)
         self.rows.append(row)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import ray
@@ -19,7 +19,7 @@ from ..config import AnalysisConfig, MethodSettings, ModelConfig, ParamConfig, S
 from ..engine.batching import auto_batch_size, cram_fitting
 from ..engine.cram import Heartbeat, SampleResult, SampleSpec
 from ..engine.layout import batch_rows
-from ..engine.model import load_model, resolve_attention, resolve_precision
+from ..engine.model import load_model, resolve_attention, resolve_precision, truncated
 from ..engine.param import Basis, parametrization
 from ..engine.runtime import resolve_compile
 from . import faults
@@ -72,11 +72,13 @@ class WorkItem:
     batch_size: Optional[int] = None  # None: the sweep's; set lower when Ray's memory monitor killed a worker
     basis: Optional[Basis] = None  # optim.init=pca: the stored sweep's principal directions for this model
     unstarted_losses: int = 0  # its calls lost in a row before it started (pool.WorkerPool.MAX_UNSTARTED_LOSSES)
+    layers: int = 0  # the decoder layers the model keeps (engine/model.truncated), 0: all
 
     @property
     def label(self) -> str:
         cells = sorted({spec.cell for spec in self.specs})
-        return cells[0] if len(cells) == 1 else f"{self.model}/{self.method}/n_mem={self.n_mem} ({len(cells)} cells)"
+        depth = f"/layers={self.layers}" if self.layers else ""
+        return cells[0] if len(cells) == 1 else f"{self.model}/{self.method}/n_mem={self.n_mem}{depth} ({len(cells)} cells)"
 
 
 @dataclass
@@ -132,6 +134,7 @@ class CramWorker:
         s = self.settings
         settings = s.methods[item.method]
         lm = load_model(item.model, s.models[item.model], s.device, s.precision)
+        lm = replace(lm, model=truncated(lm.model, item.layers))  # loaded once, its truncations share its weights
         precision = resolve_precision(s.precision, lm.family, lm.device)
         longest = max(len(spec.token_ids) for spec in item.specs)
         attention = resolve_attention(s.attention, lm.device, longest + item.n_mem)
