@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from cram_sweep.engine.batch import Batch
 from cram_sweep.engine.cram import cram
 from cram_sweep.engine.scores import token_scores
+from cram_sweep.errors import UserError
 from cram_sweep.report.decode import greedy_decode
 
 from .helpers import TINY_PROGRESSIVE, assert_bit_identical, cosine_lambda, naive_parameters, tiny_config
 from .helpers import specs_for as shared_specs_for
 
 GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
+RESET = [*GIVEN_FIRST, "method.reset_lr_on_failure=true", "method.steps_per_stage=12"]
 
 
 def progressive_config(*overrides):
@@ -39,8 +41,8 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method, k=None)
     given = 0 if method.predict_first else 1
     steps, stages, best, snapshot = 0, [], 0, None
 
-    def stage(length):
-        nonlocal steps, snapshot
+    def stage(length, retry=False):
+        nonlocal steps, snapshot, opt, sched
         text = embed(ids[:, :length])
         targets = ids[0, given:length]
         for stage_steps in range(method.steps_per_stage + 1):
@@ -64,6 +66,10 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method, k=None)
             opt.step()
             sched.step()
             steps += 1
+        if method.reset_lr_on_failure and not retry and steps < optim.max_steps:  # once: a fresh optimizer and schedule
+            opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(optim))
+            return stage(length, retry=True)
         stages.append((length, False, stage_steps))
         return False
 
@@ -119,8 +125,9 @@ def compare(result, naive):
         [],
         [*GIVEN_FIRST, "method.growth=geometric", "optim.warmup_steps=10"],
         [*GIVEN_FIRST, "optim.schedule=constant", "optim.lr=0.05", "optim.init=uniform"],
+        RESET,
     ],
-    ids=["linear-cosine", "geometric-bisect-warmup", "constant-lr-uniform-init-first-token-given"],
+    ids=["linear-cosine", "geometric-bisect-warmup", "constant-lr-uniform-init-first-token-given", "reset-lr-on-failure"],
 )
 def test_engine_matches_naive_reference_loop(tiny_llama, overrides):
     cfg = progressive_config(*overrides)
@@ -132,6 +139,28 @@ def test_engine_matches_naive_reference_loop(tiny_llama, overrides):
         compare(results[spec.sample], naive)
         growth.append(len(naive["stages"]))
     assert max(growth) >= 3, f"the samples grew through several stages: {growth}"
+
+
+def test_a_failed_stage_is_retried_once_with_a_fresh_optimizer(tiny_llama):
+    """method.reset_lr_on_failure: a stage that fails runs once more from the tensors it reached, with zero moments and
+    the schedule from its start (the reference's progressive_reset_lr_scheduler_on_non_convergence); its record is the
+    retry's, and the attempt before shows in the total steps."""
+    specs = specs_for(tiny_llama, 12, 3)
+    reset = {
+        r.sample: r
+        for r in cram(
+            tiny_llama.model, specs, 1, progressive_config(*RESET).optim, "fp32", batch_size=3, method=progressive_config(*RESET).method
+        )
+    }
+    retried = [
+        (before.total_steps, record)
+        for row in reset.values()
+        for before, record in zip([None, *row.stage_records], row.stage_records)
+        if before and record.total_steps - before.total_steps > record.steps
+    ]
+    assert retried, "some stage failed once and was retried"
+    with pytest.raises(UserError, match="method.reset_lr_on_failure=true: a stage to retry is progressive cramming's"):
+        tiny_config("method.reset_lr_on_failure=true")
 
 
 def test_mixed_lengths_in_one_batch_give_each_sample_its_solo_trajectory(tiny_llama):

@@ -65,6 +65,7 @@ class MethodConfig:
     steps_per_stage: int = 500  # progressive: a stage without convergence after this many steps fails
     threshold: float = 1.0  # progressive: a stage converges at this teacher-forced accuracy
     prefix_tokens: int = 0  # the text's first P tokens are fed plainly after the vectors and never predicted
+    reset_lr_on_failure: bool = False  # progressive: a stage that fails is retried once, with a fresh optimizer and schedule
 
     def __post_init__(self):
         _require(self.growth in GROWTHS, f"method.growth={self.growth}: choose {' or '.join(GROWTHS)}")

@@ -155,6 +155,8 @@ class Batch:
         t.stage_steps = torch.where(torch.tensor(ended.new_stage, device=device), 0, t.stage_steps)
         if ended.restored_from is not None:
             self.restore(torch.tensor(ended.restored, device=device), *ended.restored_from)
+        if any(ended.fresh_optimizer):
+            self.adamw.restore(torch.tensor(ended.fresh_optimizer, device=device), RowAdamW.fresh(self.params))
 
     def restore(self, rows: torch.Tensor, params: RowState, adam: AdamRows) -> None:
         """Rows `rows` (a boolean mask) take these trainable tensors, moments and schedule positions."""

@@ -51,13 +51,14 @@ class Judged:
 @dataclass
 class StagesEnded:
     """A rule's decision where stages ended, applied by the batch: each row's status and target; the rows that start
-    a new stage (their stage step count restarts) and those restored to `restored_from` (the rule's snapshot:
-    trainable tensors and optimizer rows)."""
+    a new stage (their stage step count restarts), those restored to `restored_from` (the rule's snapshot: trainable
+    tensors and optimizer rows), and those whose optimizer starts afresh (zero moments, the schedule from its start)."""
 
     status: list[int]
     targets: list[int]
     new_stage: list[bool]
     restored: list[bool]
+    fresh_optimizer: list[bool]
     restored_from: Optional[tuple] = None  # (params RowState, AdamRows) where any row is restored
 
 

@@ -100,6 +100,11 @@ class Full(Method):
         "utilization: mean gain / theoretical tokens.\n"
     )
 
+    def check(self, method) -> Optional[str]:
+        if method.reset_lr_on_failure:
+            return "method.reset_lr_on_failure=true: a stage to retry is progressive cramming's (method=progressive)"
+        return None
+
     def rule(self, method, optim) -> FullRule:
         return FullRule(method, optim)
 

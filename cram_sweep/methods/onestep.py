@@ -43,7 +43,7 @@ class OneStep(Full):
     def check(self, method) -> Optional[str]:
         if method.prefix_tokens or not method.predict_first:
             return "method=onestep feeds no text: it takes neither method.prefix_tokens nor method.predict_first=false"
-        return None
+        return super().check(method)
 
     def check_grid(self, method, grid, key: str = "") -> Optional[str]:
         if list(grid.n_mem) != [2]:

@@ -43,6 +43,7 @@ class ProgressiveRows(RowState):
     horizon_correct: torch.Tensor = per_position()  # (B, W) per-token correctness there
     snapshot_params: RowState  # the trainable tensors at the longest converged stage (the init before one)
     snapshot_adam: AdamRows  # the moments and schedule position there
+    retrying: torch.Tensor  # (B,) bool: the current stage is a retry after its failure reset the optimizer
 
 
 class ProgressiveRule:
@@ -69,6 +70,7 @@ class ProgressiveRule:
             horizon_correct=torch.zeros(count, width, dtype=torch.bool, device=device),
             snapshot_params=params.map(lambda t: t.detach().clone()),
             snapshot_adam=RowAdamW.fresh(params),
+            retrying=torch.zeros(count, dtype=torch.bool, device=device),
         )
 
     def judge(self, rows: ProgressiveRows, t: StepRows, scores, params: RowState, adam: AdamRows) -> Judged:
@@ -91,7 +93,9 @@ class ProgressiveRule:
         return Judged(status=torch.where(running & ~scores.finite, NONFINITE, status), counted=active, updated=active)
 
     def end_stages(self, rows: ProgressiveRows, t: StepRows, plans: list[StagePlan], targets: list[int]) -> Optional[StagesEnded]:
-        """Each row whose stage ended gets its next stage (restored from its snapshot on a back-off), or is done."""
+        """Each row whose stage ended gets its next stage (restored from its snapshot on a back-off), or is done. With
+        `reset_lr_on_failure`, a failed stage is first retried once from the current tensors with a fresh optimizer and
+        schedule (the step budget goes on); its record is the retry's."""
         status = t.status.tolist()
         ended = [i for i, s in enumerate(status) if s in (STAGE_CONVERGED, STAGE_FAILED)]
         if not ended:
@@ -99,8 +103,12 @@ class ProgressiveRule:
         stage_steps, steps = t.stage_steps.tolist(), t.steps.tolist()
         last_acc, last_ce = rows.last_acc.tolist(), rows.last_ce.tolist()
         targets, new_stage, restored = list(targets), [False] * len(status), [False] * len(status)
+        fresh, retrying = [False] * len(status), rows.retrying.tolist()
         for i in ended:
-            plan = plans[i]
+            plan, failed = plans[i], status[i] == STAGE_FAILED
+            if failed and self.method.reset_lr_on_failure and not retrying[i] and steps[i] < self.optim.max_steps:
+                status[i], new_stage[i], fresh[i], retrying[i] = RUNNING, True, True, True
+                continue
             record = StageRecord(
                 stage=len(plan.records),
                 length=plan.length,
@@ -115,10 +123,11 @@ class ProgressiveRule:
             if following is None:
                 status[i] = DONE
                 continue
-            status[i], new_stage[i], restored[i] = RUNNING, True, following.restore
+            status[i], new_stage[i], restored[i], retrying[i] = RUNNING, True, following.restore, False
             targets[i] = following.length - (self.offset - self.start)
+        rows.retrying = torch.tensor(retrying, device=rows.retrying.device)
         snapshot = (rows.snapshot_params, rows.snapshot_adam) if any(restored) else None
-        return StagesEnded(status, targets, new_stage, restored, snapshot)
+        return StagesEnded(status, targets, new_stage, restored, fresh, snapshot)
 
     def memory(self, rows: ProgressiveRows, i: int, param) -> torch.Tensor:
         """The vectors at the horizon (the init's where no stage converged)."""
