@@ -88,10 +88,31 @@ def test_capacity_csv_matches_hand_computed_table(tmp_path):
     per_group = [
         # horizon: per sample the longest over its lengths (result_row: the length where acc is 1.0, else 0)
         # param=direct trains the vectors' numbers: utilization_trained = utilization
-        ["m1", "pydoc", 1, 0, "full", 16, 8.0, math.sqrt(128), 0, 16, 12.0, 2.0, 30.0, 10.0, 16.0, 12 / 16, "direct", 8, 12 / 16],
-        ["m1", "pydoc", 2, 0, "full", 32, 32.0, 0.0, 32, 32, nan, nan, nan, nan, 32.0, nan, "direct", 16, nan],
-        ["m2", "pydoc", 1, 0, "full", 0, 0.0, 0.0, 0, 0, 7.0, math.sqrt(20 / 3), 2.5, math.sqrt(5 / 3), 16.0, 7 / 16, "direct", 4, 7 / 16],
-        ["m2", "pydoc", 2, 0, "full", 16, 24.0, math.sqrt(128), 16, 32, 20.0, nan, 50.0, nan, 32.0, 20 / 32, "direct", 8, 20 / 32],
+        ["m1", "pydoc", 1, 0, "full", 16, 0, 8.0, math.sqrt(128), 0, 16, 12.0, 2.0, 30.0, 10.0, 16.0, 12 / 16, "direct", 8, 12 / 16],
+        ["m1", "pydoc", 2, 0, "full", 32, 32, 32.0, 0.0, 32, 32, nan, nan, nan, nan, 32.0, nan, "direct", 16, nan],
+        [
+            "m2",
+            "pydoc",
+            1,
+            0,
+            "full",
+            0,
+            0,
+            0.0,
+            0.0,
+            0,
+            0,
+            7.0,
+            math.sqrt(20 / 3),
+            2.5,
+            math.sqrt(5 / 3),
+            16.0,
+            7 / 16,
+            "direct",
+            4,
+            7 / 16,
+        ],
+        ["m2", "pydoc", 2, 0, "full", 16, 16, 24.0, math.sqrt(128), 16, 32, 20.0, nan, 50.0, nan, 32.0, 20 / 32, "direct", 8, 20 / 32],
     ]
     no_bits = [nan] * len(BITS_COLUMNS)  # no bits analysis in these rows: every bits column NaN
     expected = pd.DataFrame([values + no_bits for values in per_group], columns=CAPACITY_COLUMNS)
@@ -109,8 +130,8 @@ def test_capacity_csv_matches_hand_computed_table(tmp_path):
             assert_png(path)
     md = (sweep.report / "capacity.md").read_text()
     assert "All 16 samples done." in md and "pending:" not in md
-    assert "| m1 | pydoc | 1 | full | 16 | 8.0 ± 11.3 [0–16] | 12.0 ± 2.0 | 30.0 ± 10.0 | 16.0 | 75.0% |" in md
-    assert "| m1 | pydoc | 2 | full | 32 | 32.0 ± 0.0 [32–32] | – | – | 32.0 | – |" in md
+    assert "| m1 | pydoc | 1 | full | 16 (0) | 8.0 ± 11.3 [0–16] | 12.0 ± 2.0 | 30.0 ± 10.0 | 16.0 | 75.0% |" in md
+    assert "| m1 | pydoc | 2 | full | 32 (32) | 32.0 ± 0.0 [32–32] | – | – | 32.0 | – |" in md
 
 
 def test_partial_sweep_shows_failed_and_pending_cells(tmp_path):

@@ -97,6 +97,10 @@ class Method:
         """The group's longest length that fits (FIT), NaN where the method does not define it."""
         return math.nan
 
+    def max_tokens_exact(self, group) -> float:
+        """The group's longest length every sample reproduces exactly (greedy), NaN where the method does not define it."""
+        return math.nan
+
     def solved(self, rows):
         """The rows whose stored vectors are a solution (the restarts' cosine compares those)."""
         return rows
@@ -131,6 +135,12 @@ def max_tokens(group) -> int:
     mean_acc = group.groupby("length")["acc"].mean()
     fits = mean_acc.index[mean_acc >= FIT]
     return int(fits.max()) if len(fits) else 0
+
+
+def max_tokens_exact(group) -> int:
+    """The longest length at which every row of `group` (with `length` and `greedy_exact`) is exact (0 if none)."""
+    exact = group.groupby("length")["greedy_exact"].all()
+    return int(exact.index[exact].max()) if exact.any() else 0
 
 
 def longest_rows(group):

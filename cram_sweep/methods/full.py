@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..engine.rows import RowState
 from ..engine.scores import text_fed
-from .base import ACC_TOLERANCE, DONE, FIT, NONFINITE, RUNNING, Judged, Method, StepRows, max_tokens, whole_text_columns
+from .base import ACC_TOLERANCE, DONE, FIT, NONFINITE, RUNNING, Judged, Method, StepRows, max_tokens, max_tokens_exact, whole_text_columns
 
 
 @dataclass
@@ -92,10 +93,11 @@ class FullRule:
 class Full(Method):
     name = "full"
     restart_metric = "acc"
-    curve_columns = ("max_tokens",)
+    curve_columns = ("max_tokens", "max_tokens_exact")
     headline = "max_tokens"
     definition = (
-        f"Full: max tokens is the longest length whose mean accuracy is >= {FIT}; gain tokens and info gain are\n"
+        f"Full: max tokens is the longest length whose mean accuracy is >= {FIT} (all exact: at which every sample's greedy\n"
+        "decoding reproduces the whole text); gain tokens and info gain are\n"
         f"mean ± std over the samples that did not fit (acc <= {FIT}) across all lengths (– where every sample fit);\n"
         "utilization: mean gain / theoretical tokens.\n"
     )
@@ -117,6 +119,9 @@ class Full(Method):
 
     def max_tokens(self, group) -> float:
         return max_tokens(group)
+
+    def max_tokens_exact(self, group) -> float:
+        return max_tokens_exact(group)
 
     def summary_line(self, name: str, r) -> str:
         fits = f"up to {r.max_tokens:.0f} tokens" if r.max_tokens else "no length of the grid (add shorter lengths or more steps)"

@@ -53,6 +53,7 @@ CAPACITY_COLUMNS = [
     "layers",
     "method",
     "max_tokens",
+    "max_tokens_exact",
     "horizon_mean",
     "horizon_std",
     "horizon_min",
@@ -136,6 +137,7 @@ def capacity_row(method: str, group: pd.DataFrame) -> dict:
     analysed = scored[scored["roundings"].map(len) > 0]
     return {
         "max_tokens": one.max_tokens(group),
+        "max_tokens_exact": one.max_tokens_exact(group),
         "horizon_mean": horizon.mean(),
         "horizon_std": horizon.std(),
         "horizon_min": horizon.min(),
