@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import free_port, tiny_config
+from .helpers import tiny_config
+from .processes import free_port
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch

@@ -1,16 +1,9 @@
-"""Helpers shared by the test modules: the CLI in a fresh process, polling, result comparison, row factories."""
+"""Helpers shared by the test modules: tiny configs, result comparison, naive references, row factories. (Processes:
+tests/processes.py.)"""
 
 import dataclasses
 import functools
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +17,6 @@ from cram_sweep.results.columns import Cell
 from cram_sweep.results.store import FailureRow, ResultRow
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "cram_sweep.cli"]
 
 # A tiny sweep that converges within a few hundred steps on the seeded random models.
 TINY = [
@@ -90,96 +82,6 @@ def cosine_lambda(optim):
         return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) * (1 - optim.min_lr / optim.lr) + optim.min_lr / optim.lr)
 
     return factor
-
-
-def cli_env(**extra) -> dict:
-    """The environment of a CLI process started by a test: unbuffered output, every Ray log line, no injected fault."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", **extra}
-    if "CRAM_SWEEP_FAULT" not in extra:
-        env.pop("CRAM_SWEEP_FAULT", None)
-    return env
-
-
-_MLFLOW_TEMPLATE = Path(tempfile.mkdtemp(prefix="cram-mlflow-template-")) / "mlflow.db"
-
-
-def seed_mlflow_db(args) -> list:
-    """Give the `out_dir=` of these CLI arguments an MLflow database whose tables MLflow itself already created
-    (once per test session): a new database costs each sweep ~4 s of migrations. Returns `args`."""
-    out_dirs = [Path(a.split("=", 1)[1]) for a in args if a.startswith("out_dir=")]
-    if out_dirs and not (out_dirs[0] / "mlflow.db").exists():
-        if not _MLFLOW_TEMPLATE.exists():
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri=f"sqlite:///{_MLFLOW_TEMPLATE}").search_experiments()
-        out_dirs[0].mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_MLFLOW_TEMPLATE, out_dirs[0] / "mlflow.db")
-    return list(args)
-
-
-def start_cli(args, stdout=subprocess.PIPE, env=None, **kwargs) -> subprocess.Popen:
-    """The console entry point in a session of its own, as a user runs it: a test can signal or kill the session
-    (session_pids) without touching its own. Output and errors go to `stdout`."""
-    return subprocess.Popen(
-        CLI + seed_mlflow_db(args),
-        cwd=ROOT,
-        env=env or cli_env(),
-        stdout=stdout,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **kwargs,
-    )
-
-
-def session_pids(sid: int) -> list[int]:
-    """The processes of session `sid` (a process started with start_new_session=True has its pid as sid)."""
-    import psutil
-
-    found = []
-    for pid in psutil.pids():
-        try:
-            found += [pid] if os.getsid(pid) == sid else []
-        except OSError:
-            pass
-    return found
-
-
-def run_cli(*args, check=True, timeout=300, env=None, **kwargs):
-    """The real console entry point in a fresh process, as a user runs it."""
-    seed_mlflow_db(args)
-    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env or cli_env(), **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def kill_mid_sweep(args, sweep, parts: int = 2) -> None:
-    """`cram-sweep` with `args` in a session of its own, SIGKILLed (every process of the session) once `sweep` holds
-    `parts` results files: a driver killed mid-sweep, as kill -9 or a lost node leaves it."""
-    proc = start_cli(args, stdout=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: len(list(sweep.results.glob("part-*.parquet"))) >= parts, f"{parts} results files", timeout=240, proc=proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_for(check, what: str, timeout: float = 180, proc=None, log: Path = None):
-    """Poll `check()` until it returns a true value; fail with the process's log if it exited first or time ran out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception:  # a store or port not there yet
-            value = None
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    state = f"exited {proc.returncode}" if proc is not None and proc.poll() is not None else f"not there after {timeout:.0f} s"
-    raise AssertionError(f"waiting for {what}: {state}\n{tail}")
 
 
 def fields(result) -> dict:
@@ -350,20 +252,6 @@ def result_row(model="m", n_mem=1, length=4, sample=0, acc=1.0, hidden=2, vocab_
 
 def failure_row(cell: str, sample: int, attempt: int = 1, error: str = "OOM", restart: int = 0) -> FailureRow:
     return FailureRow(cell=cell, sample=sample, restart=restart, attempt=attempt, error=error, time=0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 @dataclasses.dataclass

@@ -4,7 +4,6 @@ Planning workers on the nodes (cluster.plan, cluster.Scaler), without Ray. (A lo
 recorded cluster is test_sweep.py's end-to-end sweep; beside a live one, and nodes joining and leaving a
 sweep, test_scale_out.py, where the `ray start` fixture is.)"""
 
-import os
 import signal
 import time
 
@@ -15,7 +14,8 @@ from cram_sweep.errors import UserError
 from cram_sweep.sweep import cluster, ray_session
 from cram_sweep.sweep.cluster import Node
 
-from .helpers import TINY, seed_mlflow_db, session_pids, start_cli, tiny_config, wait_for
+from .helpers import TINY, tiny_config
+from .processes import kill_tree, seed_mlflow_db, session_pids, start_cli, wait_for
 
 
 def test_private_ray_apis_are_where_ray_keeps_them():
@@ -168,5 +168,4 @@ def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
             raise AssertionError(f"{err}: still running: {_commands(session_pids(proc.pid))}") from None
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)

@@ -9,7 +9,8 @@ from cram_sweep.engine.model import truncated
 from cram_sweep.errors import UserError
 from cram_sweep.results.store import SweepDir, read_results
 
-from .helpers import TINY, by_sample, run_cli, specs_for, tiny_config
+from .helpers import TINY, by_sample, specs_for, tiny_config
+from .processes import run_cli
 from .test_sweep import mlflow_runs
 
 

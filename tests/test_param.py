@@ -21,10 +21,10 @@ from .helpers import (
     assert_same_result,
     by_sample,
     naive_cram,
-    run_cli,
     specs_for,
     tiny_config,
 )
+from .processes import run_cli
 from .test_progressive import compare, naive_progressive
 
 LOWDIM = ["param=lowdim", "param.k=8"]

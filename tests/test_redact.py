@@ -7,12 +7,7 @@ which ignores the basic-auth credentials of `http://cram:SECRET@127.0.0.1:PORT`.
 
 import json
 import logging
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +20,8 @@ from cram_sweep.results.store import SweepDir
 from cram_sweep.tracking import connection as tracking
 from cram_sweep.tracking.runs import flat_params
 
-from .helpers import TINY, cli_env, free_port, run_cli, seed_mlflow_db, tiny_config, wait_for
+from .helpers import TINY, tiny_config
+from .processes import MlflowServer, cli_env, free_port, run_cli, seed_mlflow_db
 
 SECRET = f"s3cr3t-{secrets.token_hex(6)}"
 
@@ -95,25 +91,16 @@ def test_a_redacted_stored_uri_takes_the_real_one_from_the_environment(tmp_path,
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """`mlflow server` on a free loopback port, its database and artifacts under one directory."""
+    """`mlflow server` on a free loopback port, its database (SQLite), artifacts and log under one directory (workdir)."""
     root = tmp_path_factory.mktemp("mlflow-server")
     seed_mlflow_db([f"out_dir={root}"])
-    port = free_port()
-    log = root / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
-    command += ["--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen([*command, "--workers", "1"], cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), root)
+    server.start()
     try:
-        health = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        wait_for(health, "mlflow server", timeout=240, proc=proc, log=log)
-        yield {"root": root, "port": port}
+        server.wait()
+        yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the session this fixture started
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        server.stop()
 
 
 def _no_secret_env() -> dict:
@@ -130,7 +117,7 @@ def _files_holding(secret: str, *folders: Path) -> list:
 def test_a_password_in_the_tracking_uri_is_never_printed_or_stored_and_resume_still_reaches_the_server(
     mlflow_server, tmp_path, monkeypatch, capsys
 ):
-    port = mlflow_server["port"]
+    port = mlflow_server.port
     real, shown = f"http://cram:{SECRET}@127.0.0.1:{port}", f"http://cram:{MASK}@127.0.0.1:{port}"
     env = _no_secret_env()
     sweep = SweepDir(tmp_path / "secret")
@@ -167,7 +154,7 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored_and_resume_st
         assert SECRET not in proc.stdout + proc.stderr
     assert SECRET not in overridden.out + overridden.err
     # every file of the sweep (sweep.yaml, tracking.json, store, report) and of the server (database, artifacts)
-    assert _files_holding(SECRET, sweep.path, mlflow_server["root"]) == []
+    assert _files_holding(SECRET, sweep.path, mlflow_server.workdir) == []
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ from cram_sweep.errors import UserError
 from cram_sweep.results import store
 from cram_sweep.results.store import SweepDir, read_failures, read_results
 
-from .helpers import TINY, assert_bit_identical, cli_env, result_row, start_cli, tiny_config, uninterrupted_rows, wait_for
+from .helpers import TINY, assert_bit_identical, result_row, tiny_config, uninterrupted_rows
+from .processes import cli_env, descendants, kill_tree, start_cli, wait_for
 
 # One torch thread per worker: on a loaded 2-core machine two OpenMP threads per worker crawl (spin-waits).
 BASE = [*TINY, "worker.cpus=1"]
@@ -62,37 +63,15 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
     return log.read_text()
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the sweep process, its group, and every process it started (Ray's workers run in their own sessions)."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for child in family:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
-
-
 def cram_workers(proc: subprocess.Popen) -> list:
     """The sweep's Ray worker processes (descendants of this sweep only, never another session's)."""
     found = []
-    try:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if child.name().startswith("ray::CramWorker"):
-                    found.append(child)
-            except psutil.NoSuchProcess:
-                pass
-    except psutil.NoSuchProcess:
-        pass
+    for child in descendants(proc):
+        try:
+            if child.name().startswith("ray::CramWorker"):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 

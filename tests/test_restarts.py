@@ -23,7 +23,8 @@ from cram_sweep.sweep.grid import cells, derived_seed, sample_seed
 from cram_sweep.sweep.items import work_items
 from cram_sweep.tracking.curves import report_curves
 
-from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, kill_mid_sweep, result_row, run_cli, tiny_config
+from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, result_row, tiny_config
+from .processes import kill_mid_sweep, run_cli
 from .test_report import make_sweep
 
 

@@ -23,13 +23,11 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -40,31 +38,11 @@ from cram_sweep.config import compose_config
 from cram_sweep.data import sample_texts
 from cram_sweep.results.store import SweepDir, read_results
 
-from .helpers import ROOT, TINY, cli_env, free_port, port_open, run_cli, session_pids, start_cli, wait_for
+from .helpers import ROOT, TINY
+from .processes import MlflowServer, cli_env, free_port, kill_tree, port_open, run_cli, start_cli, start_session, stop_session, wait_for
 
 FIXTURE_PG19 = ROOT / "tests" / "fixtures" / "pg19"
 BIN = Path(sys.executable).parent
-
-
-def stop_session(*procs: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the session leaders we started, then SIGKILL whatever of their sessions is left."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc in procs:
-        for pid in session_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.wait(10)
 
 
 # --------------------------------------------------------------------------------------------- Ray
@@ -101,13 +79,9 @@ class RayNodes:
     def start(self, name: str, *args: str, env: dict = None) -> subprocess.Popen:
         log = self.temp / f"{name}.log"
         common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", f"--temp-dir={self.temp}", "--disable-usage-stats"]
-        proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", *args, f"--dashboard-agent-listen-port={free_port()}", *common, "--include-log-monitor=false"],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
+        command = [str(BIN / "ray"), "start", *args, f"--dashboard-agent-listen-port={free_port()}", *common, "--include-log-monitor=false"]
+        with log.open("w") as sink:
+            proc = start_session(command, sink, env={**os.environ, **(env or {})})
         proc.log = log
         self.procs.append(proc)
         return proc
@@ -118,19 +92,6 @@ class RayNodes:
 
     def join(self, name: str, env: dict = None) -> subprocess.Popen:
         return self.start(name, f"--address={self.address}", env=env)
-
-    @staticmethod
-    def kill(node: subprocess.Popen) -> None:
-        """As a preempted machine dies: SIGKILL every process of the node at once (its Ray workers included)."""
-        import psutil
-
-        family = psutil.Process(node.pid).children(recursive=True) + [psutil.Process(node.pid)]
-        for proc in family:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        node.wait(10)
 
     def stop(self) -> None:
         stop_session(*self.procs)
@@ -391,7 +352,7 @@ def scaled_sweep(ray_cluster, tmp_path_factory):
         seen["node"] = added.group(1)
         seen["first"], first = run.line(rf"^workers: node {seen['node']} returned its first sample ([\d.]+) s after its worker was added")
         seen["driver_seconds"] = float(first.group(1))
-        nodes.kill(third)
+        kill_tree(third)  # as a preempted machine dies: every process of the node at once, its Ray workers included
         seen["killed"] = time.monotonic()
         seen["lost"] = run.line(
             r"^WARNING cram_sweep: work item of .* failed \(\w+\) on node \w{8}: retrying (\d+) samples \((\d+) had started", timeout=90
@@ -551,59 +512,6 @@ def s3_server():
         server.stop()
 
 
-class MlflowServer:
-    """`mlflow server` on a fixed loopback port, started, killed and restarted by the tests."""
-
-    def __init__(self, postgres: dict, s3: dict, workdir: Path):
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.postgres, self.s3, self.workdir = postgres, s3, workdir
-        self.proc = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.log = self.workdir / f"mlflow-{self.starts}.log"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                self.postgres["url"],
-                "--artifacts-destination",
-                "s3://mlflow/",
-                "--serve-artifacts",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            cwd=self.workdir,
-            env={**os.environ, **self.s3["env"]},
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait(self, timeout: float = 240) -> None:
-        health = lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200  # noqa: E731
-        wait_for(health, "mlflow server", timeout=timeout, proc=self.proc, log=self.log)
-
-    def kill(self) -> None:
-        """As a crash would: SIGKILL the server and its workers at once."""
-        for pid in session_pids(self.proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_session(self.proc, grace=5)
-
-
 @pytest.fixture(scope="module")
 def mlflow_booting(tmp_path_factory):
     """PostgreSQL, the S3 store and `mlflow server`, started without waiting for the server, which
@@ -613,10 +521,10 @@ def mlflow_booting(tmp_path_factory):
     try:
         postgres = stack.enter_context(postgres_server())
         s3 = stack.enter_context(s3_server())
-        server = MlflowServer(postgres, s3, tmp_path_factory.mktemp("mlflow"))
+        server = MlflowServer(postgres["url"], "s3://mlflow/", tmp_path_factory.mktemp("mlflow"), env=s3["env"])
         stack.callback(server.stop)
         server.start()
-        state = {"server": server}
+        state = {"server": server, "postgres": postgres, "s3": s3}
     except pytest.skip.Exception as skip:
         state = {"skip": skip.msg}
     except Exception as err:  # noqa: BLE001 - re-raised by mlflow_server in the tests that need it
@@ -706,7 +614,7 @@ def test_mlflow_refusing_at_start_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_server, mlflow_booting, tmp_path, monkeypatch):
     # The whole scale-out setup: the driver joins the cluster through RAY_ADDRESS, tracks to the server.
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
     monkeypatch.delenv("RAY_AUTH_MODE")  # as `ray start` leaves it: the token alone (RAY_AUTH_TOKEN) must do
@@ -743,12 +651,12 @@ def test_sweep_logs_to_mlflow_server_on_postgres_and_s3(ray_cluster, mlflow_serv
     assert all(c.data.metrics["done"] == 3 and c.info.status == "FINISHED" for c in children)
 
     # The artifacts really are in the S3 bucket, and the runs really are in PostgreSQL.
-    keys = [o["Key"] for o in mlflow_server.s3["client"].list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    keys = [o["Key"] for o in mlflow_booting["s3"]["client"].list_objects_v2(Bucket="mlflow").get("Contents", [])]
     assert any(k.endswith(f"{ids['parent']}/artifacts/report/capacity.csv") for k in keys), keys
     assert any(k.endswith(f"{ids['parent']}/artifacts/sweep.yaml") for k in keys), keys
     import psycopg2
 
-    with psycopg2.connect(host="127.0.0.1", port=mlflow_server.postgres["port"], user="postgres", dbname="mlflow") as conn:
+    with psycopg2.connect(host="127.0.0.1", port=mlflow_booting["postgres"]["port"], user="postgres", dbname="mlflow") as conn:
         cur = conn.cursor()
         cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (ids["parent"],))
         assert cur.fetchone() == ("FINISHED",)
@@ -776,7 +684,7 @@ def test_mlflow_killed_mid_sweep_then_report_resyncs(ray_cluster, mlflow_server,
         "tracking=server",
         f"tracking.uri={mlflow_server.uri}",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    env = cli_env()
     env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the sweep runs with cram-sweep's own settings
     log = tmp_path / "sweep.log"
     proc = start_cli(args, stdout=log.open("w"), env=env)

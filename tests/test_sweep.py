@@ -10,7 +10,8 @@ from cram_sweep.config import load_sweep_config, to_yaml
 from cram_sweep.report.build import cell_table as report_cells
 from cram_sweep.results.store import SweepDir, read_results, read_stages
 
-from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, cli_env, kill_mid_sweep, run_cli, tiny_config, uninterrupted_rows
+from .helpers import TINY, TINY_PROGRESSIVE, assert_bit_identical, tiny_config, uninterrupted_rows
+from .processes import cli_env, kill_mid_sweep, run_cli
 
 pytestmark = pytest.mark.slow  # sweeps in processes of their own
 
