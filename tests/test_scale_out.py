@@ -387,9 +387,10 @@ def test_a_node_killed_mid_sweep_loses_nothing_and_charges_only_the_samples_that
     assert rows.num_rows == total == ds.dataset(sweep.results).count_rows(), "every sample stored once"
     _, lost = seen["lost"]
     retried, started = int(lost.group(1)), int(lost.group(2))
-    # The kill lands after the node's first sample of an item of 3 returned: one running (batch 1) and one queued, or,
-    # where the machine is slow to deliver the kill, the second already returned and the third running.
-    assert started == 1 and retried in (1, 2), "the killed node was into an item of 3: one running (batch 1), at most one queued"
+    # The kill lands after the node's first sample returned, inside an item of 3: one running (batch 1) and one queued;
+    # where the machine is slow to deliver the kill, the second already returned and the third running; or, under
+    # `make test`'s load (seen once), the node had finished that item and was one sample into its next (3 unreturned).
+    assert started == 1 and retried in (1, 2, 3), "the killed node was into an item of 3, one sample of it running (batch 1)"
     failures = read_failures(sweep).to_pylist()
     assert len(failures) == started and failures[0]["attempt"] == 1, "only the running sample was charged, once"
     assert "Actor" in failures[0]["error"], failures
