@@ -63,9 +63,9 @@ class OneStep(Full):
         from ..engine.model import resolve_attention
         from ..engine.runtime import attention_implementation, autocast
         from ..engine.scores import leading_matches
+        from ..report.decode import stored_tensors
 
-        ids = torch.tensor(row["token_ids"], device=lm.device)
-        memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, 2, -1)
+        ids, memory = stored_tensors(lm, row)
         inputs, _ = one_step_inputs(memory, memory.new_zeros(1, len(ids), 1))
         with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids))), autocast(lm.model, row["precision"]):
             decoded = lm.model(inputs_embeds=inputs, use_cache=False).logits[0].float().argmax(dim=-1)

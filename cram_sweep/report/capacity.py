@@ -98,6 +98,16 @@ def label(model, dataset, method=None, n_mem=None, layers=0) -> str:
     return " / ".join(parts + ([f"layers={layers}"] if layers else []))
 
 
+def depths(capacity: pd.DataFrame) -> list[int]:
+    """The capacity table's layer counts in the report's order: ascending, all (0) last."""
+    return sorted(capacity["layers"].unique(), key=lambda d: (d == 0, d))
+
+
+def depth_name(layers: int) -> str:
+    """A grid.layers value as the report shows it: the count, or all (0)."""
+    return str(layers) if layers else "all"
+
+
 def key_label(columns, key) -> str:
     """`label` of a groupby key over `columns`."""
     return label(**dict(zip(columns, key)))

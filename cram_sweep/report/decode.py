@@ -68,13 +68,18 @@ def select_row(table, args) -> dict:
     return restart.iloc[0].to_dict()
 
 
+def stored_tensors(lm, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored row's token ids (L,) and vectors (1, n_mem, hidden) on the model's device."""
+    ids = torch.tensor(row["token_ids"], device=lm.device)
+    return ids, torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
+
+
 def decode_row(lm, row: dict, given: int, attention: str = "auto") -> tuple[list[int], int]:
     """The greedy tokens after the `given` ones (the method's: the prefix, else the first text token, else none with
     `predict_first`), and how many match the text before the first error: the stored `greedy_prefix`.
 
     Runs with the precision and attention implementation the sweep optimized with."""
-    ids = torch.tensor(row["token_ids"], device=lm.device)
-    memory = torch.tensor(row["memory"], dtype=torch.float32, device=lm.device).view(1, row["n_mem"], -1)
+    ids, memory = stored_tensors(lm, row)
     with attention_implementation(lm.model, resolve_attention(attention, lm.device, len(ids) + row["n_mem"])):
         decoded = greedy_decode(lm.model, memory, ids[None, :given], len(ids) - given, row["precision"])
     prefix = int(leading_matches(decoded == ids[None, given:])[0])

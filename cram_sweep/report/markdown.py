@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..engine.roundings import FULL_WIDTH
 from ..methods import method
-from .capacity import CELL_GROUP, growth_columns, key_label, label
+from .capacity import CELL_GROUP, depth_name, depths, growth_columns, key_label, label
 
 
 def summary_lines(capacity: pd.DataFrame) -> list[str]:
@@ -138,19 +138,14 @@ def _n_mem(r) -> str:
     return f"{r.n_mem} ({r.layers} layers)" if r.layers else str(r.n_mem)
 
 
-def depth_name(layers: int) -> str:
-    """A grid.layers value as the report shows it: the count, or all (0)."""
-    return str(layers) if layers else "all"
-
-
 def _layers_markdown(capacity: pd.DataFrame) -> str:
-    depths = sorted(capacity["layers"].unique(), key=lambda d: (d == 0, d))
-    header = ["model", "dataset", "method", "n_mem", "capacity", *(f"{depth_name(d)} layers" for d in depths)]
+    order = depths(capacity)
+    header = ["model", "dataset", "method", "n_mem", "capacity", *(f"{depth_name(d)} layers" for d in order)]
     rows = []
     for (model, dataset, name, n_mem), group in capacity.groupby(["model", "dataset", "method", "n_mem"], sort=True):
         headline = method(name).headline
         by_depth = dict(zip(group["layers"], group[headline]))
-        rows.append([model, dataset, name, n_mem, headline, *(fmt_value(by_depth.get(d, float("nan")), ".1f") for d in depths)])
+        rows.append([model, dataset, name, n_mem, headline, *(fmt_value(by_depth.get(d, float("nan")), ".1f") for d in order)])
     return f"""## Capacity against layers
 
 {md_table(header, rows)}

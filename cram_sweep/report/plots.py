@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from ..engine.roundings import FP8, FULL_WIDTH, width
 from ..methods.base import FIT
-from .capacity import CELL_GROUP, GROUP, key_label
+from .capacity import CELL_GROUP, GROUP, depth_name, depths, key_label
 
 
 def _colours(keys) -> dict:
@@ -220,15 +220,13 @@ def plot_capacity_vs_layers(capacity: pd.DataFrame, path: Path) -> Path:
     from ..methods import method
 
     fig, ax = _axes(7, 4.5)
-    depths = sorted(capacity["layers"].unique(), key=lambda d: (d == 0, d))
+    order = depths(capacity)
     groups = capacity.groupby(["model", "dataset", "method", "n_mem"])
     colours = _colours(groups.groups)
     for key, group in groups:
         values = dict(zip(group["layers"], group[method(key[2]).headline]))
-        ax.plot(
-            range(len(depths)), [values.get(d, np.nan) for d in depths], marker="o", color=colours[key], label=key_label(CELL_GROUP, key)
-        )
-    ax.set_xticks(range(len(depths)), [str(d) if d else "all" for d in depths])
+        ax.plot(range(len(order)), [values.get(d, np.nan) for d in order], marker="o", color=colours[key], label=key_label(CELL_GROUP, key))
+    ax.set_xticks(range(len(order)), [depth_name(d) for d in order])
     ax.set(
         xlabel="decoder layers kept (then the final norm and head)",
         ylabel="capacity (tokens: max tokens, or the mean horizon)",

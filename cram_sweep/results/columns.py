@@ -22,9 +22,8 @@ class Cell:
 
     @property
     def id(self) -> str:
-        """Its name: model/dataset/method/n_mem=K[/layers=D]/L=length (all layers: no layers part, as before the axis)."""
-        depth = f"/layers={self.layers}" if self.layers else ""
-        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}{depth}/L={self.length}"
+        """Its name: model/dataset/method/n_mem=K[/layers=D]/L=length."""
+        return f"{self.model}/{self.dataset}/{self.method}/n_mem={self.n_mem}{depth_part(self.layers)}/L={self.length}"
 
     @property
     def tags(self) -> dict[str, str]:
@@ -35,6 +34,11 @@ class Cell:
     def text_id(self) -> str:
         """What the sample's text and vectors' shape depend on: the cell without its method and layers (one init for all)."""
         return f"{self.model}/{self.dataset}/n_mem={self.n_mem}/L={self.length}"
+
+
+def depth_part(layers: int) -> str:
+    """The part of a name that says the model was cut to its first `layers` layers; none for all (0), as before the axis."""
+    return f"/layers={layers}" if layers else ""
 
 
 CELL_KEYS = tuple(f.name for f in fields(Cell))  # a cell's identity, and the columns of its rows that name it

@@ -18,7 +18,7 @@ from .worker import WorkItem
 
 def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int]]]:
     """Token ids of every sample, at the grid's longest length; all input errors surface here, before any work."""
-    longest = max(cfg.grid.lengths)
+    longest, deepest = max(cfg.grid.lengths), max(layer_counts(cfg.grid))
     tokens = {}
     for model in cfg.grid.models:
         shape = model_shape(model, cfg.models[model])
@@ -26,10 +26,8 @@ def prepare_tokens(cfg: SweepConfig) -> dict[tuple[str, str], dict[int, list[int
             raise UserError(
                 f"grid.lengths max {longest} + grid.n_mem max {max(cfg.grid.n_mem)} exceeds the context of model {model} ({shape.context} positions): lower them"
             )
-        if max(layer_counts(cfg.grid)) > shape.layers:
-            raise UserError(
-                f"grid.layers contains {max(layer_counts(cfg.grid))}: model {model} has {shape.layers} decoder layers: lower it or use all"
-            )
+        if deepest > shape.layers:
+            raise UserError(f"grid.layers contains {deepest}: model {model} has {shape.layers} decoder layers: lower it or use all")
         tokenizer = load_tokenizer(model, cfg.models[model])
         for dataset in cfg.grid.datasets:
             tokens[model, dataset] = sample_token_ids(cfg.datasets[dataset], dataset, tokenizer, cfg.grid.samples, longest, cfg.seed)

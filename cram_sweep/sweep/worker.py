@@ -22,6 +22,7 @@ from ..engine.layout import batch_rows
 from ..engine.model import load_model, resolve_attention, resolve_precision, truncated
 from ..engine.param import Basis, parametrization
 from ..engine.runtime import resolve_compile
+from ..results.columns import depth_part
 from . import faults
 from .grid import method_settings, rows_per_length
 
@@ -77,8 +78,9 @@ class WorkItem:
     @property
     def label(self) -> str:
         cells = sorted({spec.cell for spec in self.specs})
-        depth = f"/layers={self.layers}" if self.layers else ""
-        return cells[0] if len(cells) == 1 else f"{self.model}/{self.method}/n_mem={self.n_mem}{depth} ({len(cells)} cells)"
+        return (
+            cells[0] if len(cells) == 1 else f"{self.model}/{self.method}/n_mem={self.n_mem}{depth_part(self.layers)} ({len(cells)} cells)"
+        )
 
 
 @dataclass
