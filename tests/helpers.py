@@ -168,7 +168,8 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
     """The paper's procedure, one sample at a time, written independently of the engine. `keep_last`: the toy method's
     (tests/toy_method.py): exactly `optim.max_steps` forwards, the last one's vectors and CE kept. `one_step`
     (Mezentsev & Oseledets): [e, m, ..., m] without the text, every token predicted, token 0 included. `predict_first`:
-    the last vector predicts token 0 too (the progressive reference's full-cramming trainer)."""
+    the last vector predicts token 0 too (the progressive reference's full-cramming trainer). `optim.hybrid_alpha`: the
+    reference's hybrid loss, written from its train/loss.py."""
     embed = model.get_input_embeddings()
     device = embed.weight.device
     params, vectors = naive_parameters(model, n_mem, init_seed, optim, k)
@@ -177,7 +178,8 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
     text = embed(ids)
     target = ids[0] if one_step or predict_first else ids[0, 1:]
     with torch.no_grad():
-        logits = model(inputs_embeds=text).logits[0, :-1]
+        alone = model(inputs_embeds=text, output_hidden_states=True)
+        logits = alone.logits[0, :-1]
         ce0 = F.cross_entropy(logits, ids[0, 1:]).item()
         acc0 = (logits.argmax(-1) == ids[0, 1:]).float().mean().item()
     best_acc, best_step, best_ce, best_memory, step = -1.0, 0, math.inf, None, 0
@@ -186,12 +188,18 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
         if one_step:
             logits = model(inputs_embeds=torch.cat([memory[:1], memory[1:].expand(len(token_ids) - 1, -1)])[None]).logits[0]
         else:
-            logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem - predict_first : -1]
-        loss = F.cross_entropy(logits, target)
+            crammed = model(inputs_embeds=torch.cat([memory[None], text], 1), output_hidden_states=True)
+            logits = crammed.logits[0, n_mem - predict_first : -1]
+        ce = F.cross_entropy(logits, target)
+        loss = (
+            ce + optim.hybrid_alpha * naive_alignment(crammed.hidden_states, alone.hidden_states, n_mem, optim)
+            if optim.hybrid_alpha
+            else ce
+        )
         acc = (logits.argmax(-1) == target).float().mean().item()
         if acc > best_acc or keep_last:
             best_acc, best_step, best_memory = acc, step, memory.detach().clone()
-        best_ce = loss.item() if keep_last else min(best_ce, loss.item())
+        best_ce = ce.item() if keep_last else min(best_ce, ce.item())
         if not keep_last and (acc == 1.0 or step - best_step >= optim.patience):
             break
         opt.zero_grad()
@@ -206,6 +214,24 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
         "ce_bits": best_ce * len(target) / math.log(2),
         "memory": best_memory.flatten().tolist(),
     }
+
+
+def naive_alignment(crammed, alone, n_mem, optim):
+    """The reference's activation alignment: per chosen layer (of HF's hidden states, the embeddings first) the mean
+    over the text's positions of a distance, summed over the layers."""
+    total = len(alone)
+    count = min(optim.alignment_layers, total) if optim.alignment_layers > 0 else total
+    chosen = range(total - count, total) if optim.alignment_from == "last" else range(count)
+    loss = 0.0
+    for i in chosen:
+        mine, theirs = crammed[i][:, n_mem:], alone[i]
+        if optim.alignment_loss == "l2":
+            loss = loss + F.mse_loss(mine, theirs, reduction="none").sum(dim=-1).sqrt().mean()
+        elif optim.alignment_loss == "l1":
+            loss = loss + F.l1_loss(mine, theirs, reduction="none").sum(dim=-1).mean()
+        else:
+            loss = loss + (1.0 - F.cosine_similarity(mine, theirs, dim=-1)).mean()
+    return loss
 
 
 BLANK = {"int": 0, "float": 0.0, "bool": False, "str": ""}  # by a column's type; lists: []

@@ -79,7 +79,7 @@ def unrounded_horizon(lm, row, length, offset):
     """A row's greedy horizon over its text's first `length` tokens from its stored vectors, scored here (not by the engine)."""
     ids = torch.tensor(row.token_ids[:length])[None]
     memory = torch.tensor(row.memory).view(1, 2, -1)
-    ce_tok, correct = token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, offset:], "fp32")
+    ce_tok, correct, _ = token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, offset:], "fp32")
     return horizon_of(int(reduce_scores(ce_tok, correct)[2][0]), offset, 0)
 
 

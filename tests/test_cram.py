@@ -34,10 +34,33 @@ def test_full_cramming_with_the_first_token_predicted_is_its_naive_loop(tiny_lla
     for spec in specs:
         row = rows[spec.sample]
         naive = naive_cram(tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, predict_first=True)
-        assert_same_result(row, naive, atol=1e-2, ce_rel=1e-3)  # 110 steps at lr 0.1 carry the first rounding further
+        # 110 steps at lr 0.1 carry the first rounding further: the vectors 1.3e-2 apart at 2 threads (Zen 4), less at 1
+        assert_same_result(row, naive, atol=3e-2, ce_rel=1e-3)
         assert row.predict_first and row.greedy_exact == (row.greedy_prefix == 8)
         decoded, prefix = decode_row(tiny_llama, {**dataclasses.asdict(row), "n_mem": 2, "precision": "fp32"}, 0)
         assert prefix == row.greedy_prefix and decoded[:prefix] == spec.token_ids[:prefix]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim.hybrid_alpha=0.5"],  # l2 over every hidden state, the input embeddings' included
+        ["optim.hybrid_alpha=1.0", "optim.alignment_loss=l1", "optim.alignment_layers=2", "optim.alignment_from=last"],
+        ["optim.hybrid_alpha=0.1", "optim.alignment_loss=cosine", "optim.alignment_layers=2"],
+    ],
+    ids=["l2-all", "l1-last-2", "cosine-first-2"],
+)
+def test_the_hybrid_loss_is_its_naive_loop(tiny_llama, overrides):
+    """optim.hybrid_alpha: CE plus the alignment of the crammed forward's hidden states with the text's own; the
+    trajectory is the reference's loss's, and it is not the CE's alone."""
+    cfg = tiny_config(*overrides)
+    specs = specs_for(tiny_llama, 8, 3)
+    rows = by_sample(cram(tiny_llama.model, specs, 2, cfg.optim, "fp32", batch_size=3))
+    plain = by_sample(cram(tiny_llama.model, specs, 2, tiny_config().optim, "fp32", batch_size=3))
+    for spec in specs:
+        naive = naive_cram(tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim)
+        assert_same_result(rows[spec.sample], naive, ce_rel=2e-3)  # a lowest CE on the steep side (measured: 6e-4)
+    assert any(rows[s].memory != plain[s].memory for s in plain), "the alignment changed the trajectory"
 
 
 def test_batch_does_not_change_a_sample(tiny_llama):
@@ -106,7 +129,7 @@ def test_stored_vectors_give_stored_accuracy_and_greedy_prefix(request, model):
         ids = torch.tensor(row.token_ids)[None]
         memory = torch.tensor(row.memory).view(1, 2, -1)
         with torch.no_grad():
-            _, acc, _ = reduce_scores(*token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "fp32"))
+            _, acc, _ = reduce_scores(*token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")[:2])
         assert acc.item() == pytest.approx(row.acc, abs=1e-6)
         decoded = greedy_decode(lm.model, memory, ids[:, :1], ids.shape[1] - 1, "fp32")
         assert leading_matches(decoded == ids[:, 1:]).item() == row.greedy_prefix
@@ -271,7 +294,7 @@ def test_a_parametrization_with_two_tensors_runs_through_the_engine_unchanged(ti
             memory = torch.tensor(row.memory).view(1, 2, -1)
             with torch.no_grad():
                 _, acc, _ = reduce_scores(
-                    *token_scores(tiny_llama.model, memory, tiny_llama.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")
+                    *token_scores(tiny_llama.model, memory, tiny_llama.model.get_input_embeddings()(ids), ids[:, 1:], "fp32")[:2]
                 )
             assert acc.item() == pytest.approx(row.acc, abs=1e-6)
     # it learns as `direct` does: every sample well above its no-vector accuracy of 0, most of its text reproduced
@@ -303,4 +326,4 @@ def test_bf16_weights_hold_the_model_in_bf16_and_its_rows_reproduce_their_accura
         assert memory.dtype == torch.float32
         with torch.no_grad():
             scores = token_scores(lm.model, memory, lm.model.get_input_embeddings()(ids), ids[:, 1:], "bf16-weights")
-        assert reduce_scores(*scores)[1].item() == pytest.approx(row.acc, abs=1e-6)
+        assert reduce_scores(*scores[:2])[1].item() == pytest.approx(row.acc, abs=1e-6)

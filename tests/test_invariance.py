@@ -1,5 +1,5 @@
 """The promise (layout.py, docs/determinism.md): at a sweep's batch size, a sample's row is bit-identical whatever its
-batch-mates and its place in the batch: full and progressive, direct and lowdim, fp32 and bf16.
+batch-mates and its place in the batch: full and progressive, direct and lowdim, fp32 and bf16, with and without the hybrid loss.
 
 Bit for bit, not within a tolerance: every forward a row runs in has shapes of the row's own (its text's length and
 the batch size's rows), and every reduction over its positions runs at its own width. A kill and resume against an
@@ -17,13 +17,14 @@ from .helpers import TINY_PROGRESSIVE, assert_bit_identical, specs_for, tiny_con
 
 # Short runs: a difference shows from the first step (the packed layout's do, test_packed_batches_give_the_promise_up).
 SHORT = ["optim.max_steps=60", "optim.patience=60", "method.steps_per_stage=20"]
+HYBRID = ("optim.hybrid_alpha=0.5",)  # the hybrid loss over every hidden state
 CASES = [
     (method, param, precision) for method in ("full", "progressive") for param in ("direct", "lowdim") for precision in ("fp32", "bf16")
 ]
 
 
-def run(lm, specs, batch_size, method, param, precision, **options):
-    cfg = tiny_config(*(TINY_PROGRESSIVE if method == "progressive" else []), *SHORT)
+def run(lm, specs, batch_size, method, param, precision, overrides=(), **options):
+    cfg = tiny_config(*(TINY_PROGRESSIVE if method == "progressive" else []), *SHORT, *overrides)
     param_cfg = ParamConfig(name=param, k=8)
     rows = cram(
         lm.model,
@@ -39,14 +40,21 @@ def run(lm, specs, batch_size, method, param, precision, **options):
     return {(r.cell, r.sample): r for r in rows}
 
 
-@pytest.mark.parametrize("method,param,precision", CASES)
-def test_a_row_does_not_feel_its_batch_mates_nor_its_place(tiny_llama, method, param, precision):
+@pytest.mark.parametrize(
+    "method,param,precision,overrides",
+    [
+        *((*case, ()) for case in CASES),
+        ("progressive", "direct", "bf16", HYBRID),  # the alignment masked to each stage, at the cap's width
+        ("full", "lowdim", "fp32", HYBRID),
+    ],
+)
+def test_a_row_does_not_feel_its_batch_mates_nor_its_place(tiny_llama, method, param, precision, overrides):
     """A cell's samples alone, against the same samples beside another cell's (another length), in another order, at
     the same batch size: at any thread count."""
     cell = specs_for(tiny_llama, 8, 3, cell="a")
     other = specs_for(tiny_llama, 12, 3, cell="b")
-    alone = run(tiny_llama, cell, 4, method, param, precision)
-    mixed = run(tiny_llama, [other[0], *cell[::-1], *other[1:]], 4, method, param, precision)
+    alone = run(tiny_llama, cell, 4, method, param, precision, overrides)
+    mixed = run(tiny_llama, [other[0], *cell[::-1], *other[1:]], 4, method, param, precision, overrides)
     assert sorted(mixed) == sorted([*alone, *((s.cell, s.sample) for s in other)])
     for key, row in alone.items():
         assert_bit_identical(mixed[key], row)

@@ -209,6 +209,11 @@ def test_leading_targets_weigh_more_in_the_loss_only(tiny_llama):
         (["optim.init=from_sweep", "optim.init_from=/nonexistent"], "optim.init_from=/nonexistent: not a sweep directory"),
         (["method.prefix_tokens=4"], "method.prefix_tokens=4 leaves nothing to predict at the shortest length"),
         (["optim.leading_count=-1"], "optim.leading_count=-1: must be >= 0"),
+        (["optim.hybrid_alpha=-0.5"], "optim.hybrid_alpha=-0.5: must be >= 0"),
+        (["optim.alignment_loss=mse"], "optim.alignment_loss=mse: choose l2, l1, cosine"),
+        (["method=onestep", "method.prefix_tokens=1"], "method=onestep feeds no text: it takes neither method.prefix_tokens"),
+        (["method=onestep", "optim.hybrid_alpha=0.1"], "optim.hybrid_alpha=0.1: method=onestep feeds no text"),
+        (["method=onestep", "grid.n_mem=[1]"], "grid.n_mem=[1]: method=onestep trains two vectors, e and m"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message):

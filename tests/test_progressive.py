@@ -13,7 +13,7 @@ from cram_sweep.engine.scores import token_scores
 from cram_sweep.errors import UserError
 from cram_sweep.report.decode import greedy_decode
 
-from .helpers import TINY_PROGRESSIVE, assert_bit_identical, cosine_lambda, naive_parameters, tiny_config
+from .helpers import TINY_PROGRESSIVE, assert_bit_identical, cosine_lambda, naive_alignment, naive_parameters, tiny_config
 from .helpers import specs_for as shared_specs_for
 
 GIVEN_FIRST = ["method.predict_first=false", "method.min_length=2"]
@@ -31,7 +31,8 @@ def specs_for(lm, cap, count, cell="c"):
 def naive_progressive(model, token_ids, n_mem, init_seed, optim, method, k=None):
     """The reference's stage loop at batch size 1: torch AdamW with a LambdaLR, a stage is judged on the forward
     before each update, warm starts keep the optimizer, geometric back-offs reload a deep-copied snapshot.
-    `k`: param=lowdim, the vectors are an nn.Linear of z, and one AdamW covers z, W and b (the reference's)."""
+    `k`: param=lowdim, the vectors are an nn.Linear of z, and one AdamW covers z, W and b (the reference's).
+    `optim.hybrid_alpha`: the hybrid loss, the text's own hidden states computed once and sliced to each stage."""
     embed = model.get_input_embeddings()
     params, vectors = naive_parameters(model, n_mem, init_seed, optim, k)
     init = vectors().detach().clone()
@@ -40,6 +41,8 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method, k=None)
     ids = torch.tensor(token_ids)[None]
     given = 0 if method.predict_first else 1
     steps, stages, best, snapshot = 0, [], 0, None
+    with torch.no_grad():
+        alone = model(inputs_embeds=embed(ids), output_hidden_states=True).hidden_states
 
     def stage(length, retry=False):
         nonlocal steps, snapshot, opt, sched
@@ -47,8 +50,11 @@ def naive_progressive(model, token_ids, n_mem, init_seed, optim, method, k=None)
         targets = ids[0, given:length]
         for stage_steps in range(method.steps_per_stage + 1):
             memory = vectors()
-            logits = model(inputs_embeds=torch.cat([memory[None], text], 1)).logits[0, n_mem - 1 + given : n_mem + length - 1]
+            crammed = model(inputs_embeds=torch.cat([memory[None], text], 1), output_hidden_states=True)
+            logits = crammed.logits[0, n_mem - 1 + given : n_mem + length - 1]
             loss = F.cross_entropy(logits, targets)
+            if optim.hybrid_alpha:
+                loss = loss + optim.hybrid_alpha * naive_alignment(crammed.hidden_states, [h[:, :length] for h in alone], n_mem, optim)
             acc = (logits.argmax(-1) == targets).float().mean().item()
             if acc >= method.threshold:
                 snapshot = (
@@ -126,8 +132,9 @@ def compare(result, naive):
         [*GIVEN_FIRST, "method.growth=geometric", "optim.warmup_steps=10"],
         [*GIVEN_FIRST, "optim.schedule=constant", "optim.lr=0.05", "optim.init=uniform"],
         RESET,
+        ["optim.hybrid_alpha=0.1", "optim.alignment_layers=2", "optim.alignment_from=last"],
     ],
-    ids=["linear-cosine", "geometric-bisect-warmup", "constant-lr-uniform-init-first-token-given", "reset-lr-on-failure"],
+    ids=["linear-cosine", "geometric-bisect-warmup", "constant-lr-uniform-init-first-token-given", "reset-lr-on-failure", "hybrid-loss"],
 )
 def test_engine_matches_naive_reference_loop(tiny_llama, overrides):
     cfg = progressive_config(*overrides)
@@ -185,11 +192,11 @@ def test_right_padding_changes_nothing(tiny_llama):
     short, long = specs_for(tiny_llama, 5, 1)[0].token_ids, specs_for(tiny_llama, 11, 2)[1].token_ids
     padded_ids = torch.tensor([short + [0] * 6, long])
     memory = torch.randn(2, 1, embed.weight.shape[1], requires_grad=True)
-    ce, correct = token_scores(tiny_llama.model, memory, embed(padded_ids), padded_ids[:, 1:], "fp32")
+    ce, correct, _ = token_scores(tiny_llama.model, memory, embed(padded_ids), padded_ids[:, 1:], "fp32")
     ce[0, :4].mean().backward()
     alone_memory = memory.detach()[:1].clone().requires_grad_()
     ids = torch.tensor([short])
-    ce_alone, correct_alone = token_scores(tiny_llama.model, alone_memory, embed(ids), ids[:, 1:], "fp32")
+    ce_alone, correct_alone, _ = token_scores(tiny_llama.model, alone_memory, embed(ids), ids[:, 1:], "fp32")
     ce_alone.mean().backward()
     assert torch.allclose(ce[0, :4], ce_alone[0], atol=1e-5) and torch.equal(correct[0, :4], correct_alone[0])
     assert torch.allclose(memory.grad[0], alone_memory.grad[0], atol=1e-6) and memory.grad[1].abs().sum() == 0

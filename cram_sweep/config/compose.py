@@ -183,6 +183,11 @@ def validate(cfg: SweepConfig) -> None:
                 f"{key}method.prefix_tokens={method.prefix_tokens} leaves nothing to predict at the shortest length in grid.lengths "
                 f"({shortest}): lower it below {shortest} or raise the lengths"
             )
+        if optim.hybrid_alpha and not registered()[method.name].feeds_text:
+            raise UserError(
+                f"{key}optim.hybrid_alpha={optim.hybrid_alpha}: method={method.name} feeds no text, so no hidden states align to "
+                "the text's own: set it to 0"
+            )
         if optim.init == "pca" and cfg.param.name != "lowdim":
             raise UserError(f"{key}optim.init=pca draws the low-dimensional coefficients' subspace: it needs param=lowdim")
         if optim.init == "from_sweep" and cfg.grid.restarts > 1:

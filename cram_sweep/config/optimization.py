@@ -10,6 +10,8 @@ from ..errors import require as _require
 
 SCHEDULES = ("constant", "cosine")
 INITS = ("embed_std", "uniform", "mvnormal", "from_sweep", "pca")
+DISTANCES = ("l2", "l1", "cosine")  # the hybrid loss's (engine/alignment.py)
+ENDS = ("first", "last")
 
 
 @dataclass
@@ -28,6 +30,12 @@ class OptimConfig:
     init_from: str = ""  # from_sweep / pca: the sweep directory whose stored vectors are used
     leading_weight: float = 1.0  # the first `leading_count` targets weigh this much in the loss (accuracy stays unweighted)
     leading_count: int = 0
+    # The hybrid loss (engine/alignment.py): CE + hybrid_alpha x the distance of the crammed forward's hidden states
+    # from the text's own, over `alignment_layers` hidden-state layers (0: all) counted from `alignment_from`.
+    hybrid_alpha: float = 0.0  # 0: cross-entropy alone
+    alignment_layers: int = 0
+    alignment_from: str = "first"  # first (the input embeddings on) | last (the final norm's output back)
+    alignment_loss: str = "l2"  # l2 | l1 | cosine
 
     def __post_init__(self):
         for key in ("max_steps", "patience"):
@@ -40,6 +48,10 @@ class OptimConfig:
         _require(self.init_scale > 0, f"optim.init_scale={self.init_scale}: must be > 0")
         _require(self.leading_count >= 0, f"optim.leading_count={self.leading_count}: must be >= 0 (0: every target weighs 1)")
         _require(self.leading_weight > 0, f"optim.leading_weight={self.leading_weight}: must be > 0")
+        _require(self.hybrid_alpha >= 0, f"optim.hybrid_alpha={self.hybrid_alpha}: must be >= 0 (0: cross-entropy alone)")
+        _require(self.alignment_layers >= 0, f"optim.alignment_layers={self.alignment_layers}: must be >= 0 (0: every layer)")
+        _require(self.alignment_from in ENDS, f"optim.alignment_from={self.alignment_from}: choose {' or '.join(ENDS)}")
+        _require(self.alignment_loss in DISTANCES, f"optim.alignment_loss={self.alignment_loss}: choose {', '.join(DISTANCES)}")
         _require(
             self.init not in ("from_sweep", "pca") or bool(self.init_from),
             f"optim.init={self.init} needs optim.init_from=SWEEP_DIR: the sweep whose stored vectors it starts from",

@@ -12,6 +12,7 @@ What is trained is the parametrization's (param.py); what a forward means and wh
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +22,7 @@ from ..config import AnalysisConfig, MethodConfig, OptimConfig
 from ..methods import method as method_named
 from ..methods.base import DONE, NONFINITE, StepRows
 from .adamw import AdamRows, RowAdamW
+from .alignment import Alignment
 from .layout import MAX_PADDING, Group, Layout
 from .param import Direct, as_leaves, trained_tensors
 from .rows import RowState, per_position
@@ -36,6 +38,7 @@ class TextRows(RowState):
     text_embeds: torch.Tensor = per_position()  # (B, W, H)
     ce0_tok: torch.Tensor = per_position(1)  # (B, W-1) CE of tokens 1.. without vectors (nats)
     correct0_tok: torch.Tensor = per_position(1)  # (B, W-1) their argmax is right without vectors
+    states0: torch.Tensor = per_position()  # (B, W, K, H) the hidden states the hybrid loss aligns to (alignment.py; K=0: none)
 
 
 class Batch:
@@ -61,7 +64,7 @@ class Batch:
         self.compile_mode = compile_mode  # the optimization forwards only: the others meet a shape once or a few times
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
-        self.rule, self.optim = method_named(method.name).rule(method, optim), optim
+        self.rule, self.optim, self.alignment = method_named(method.name).rule(method, optim), optim, Alignment.of(optim)
         self.layout = Layout(batch_invariant, max_rows, self.rule.offset, max_padding)  # max_rows: the batch size
         self.param = parametrization(n_mem, self.embed.weight, optim, self.device)
         self.adamw = RowAdamW(optim, self.device)
@@ -81,7 +84,8 @@ class Batch:
         longest = max(len(s.token_ids) for s in specs)
         ids = torch.tensor([s.token_ids + [0] * (longest - len(s.token_ids)) for s in specs], device=self.device)
         text_embeds = self.embed(ids)
-        text = TextRows(ids, text_embeds, *without_vectors(self.token_scores, [len(s.token_ids) for s in specs], ids, text_embeds))
+        baseline = functools.partial(self.token_scores, alignment=self.alignment)
+        text = TextRows(ids, text_embeds, *without_vectors(baseline, [len(s.token_ids) for s in specs], ids, text_embeds))
         params = self.param.init(specs)
         targets = [self.rule.first_target(len(s.token_ids)) for s in specs]
         zeros = torch.zeros(len(specs), dtype=torch.long, device=self.device)
@@ -99,19 +103,26 @@ class Batch:
         self.targets += targets
         self.seconds += [0.0] * len(specs)
 
-    def token_scores(self, vectors: Optional[torch.Tensor], fed: torch.Tensor, targets: torch.Tensor, compile_mode=None):
+    def token_scores(
+        self,
+        vectors: Optional[torch.Tensor],
+        fed: torch.Tensor,
+        targets: torch.Tensor,
+        compile_mode=None,
+        alignment: Optional[Alignment] = None,
+    ):
         """`token_scores` of these rows in forwards of at most `layout.rows` rows, each at the layout's row count (inert
         rows appended where batch-invariant), fed as the rule feeds them (without vectors: the text alone)."""
-        size, ce_parts, correct_parts = self.layout.rows, [], []
+        size, parts = self.layout.rows, []
         feed = text_fed if vectors is None else self.rule.feed
         for start in range(0, fed.shape[0], size):
             live = min(size, fed.shape[0] - start)
             rows = self.layout.forward_rows(live)
             part = [None if t is None else with_inert_rows(t[start : start + size], rows) for t in (vectors, fed, targets)]
-            ce_tok, correct = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode, feed)
-            ce_parts.append(ce_tok[:live])
-            correct_parts.append(correct[:live])
-        return torch.cat(ce_parts), torch.cat(correct_parts)
+            scored = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode, feed, alignment)
+            parts.append([None if t is None else t[:live] for t in scored])
+        ce_tok, correct, states = zip(*parts)
+        return torch.cat(ce_tok), torch.cat(correct), None if alignment is None else torch.cat(states)
 
     def step(self) -> None:
         """One forward of every row's current target (a forward per group of the layout), the rule's verdict, and one
@@ -136,11 +147,15 @@ class Batch:
         o, count = self.rule.offset, group.width - self.rule.offset
         index = torch.tensor(group.rows, device=self.device)
         fed, targets = self.text.text_embeds[index, : group.width], self.text.ids[index, o : group.width]
-        ce_tok, correct = self.token_scores(vectors[index], fed, targets, self.compile_mode)
+        ce_tok, correct, states = self.token_scores(vectors[index], fed, targets, self.compile_mode, self.alignment)
         mask = torch.arange(count, device=self.device)[None] < self.step_rows.targets[index, None]
         ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
         loss_rows = ce if self.optim.leading_count == 0 or self.optim.leading_weight == 1 else weighted_ce(ce_tok, mask, self.optim)
-        finite = torch.isfinite(ce)
+        if self.alignment is not None:  # the fed text's positions after the prefix, to the current target's last
+            position = torch.arange(group.width, device=self.device)[None]
+            aligned = (position >= self.method.prefix_tokens) & (position < o + self.step_rows.targets[index, None])
+            loss_rows = loss_rows + self.alignment.per_row(states, self.text.states0[index, : group.width], aligned)
+        finite = torch.isfinite(loss_rows)
         scores.put(index, ce, acc, prefix, finite, ce_tok, correct)
         return torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum()
 

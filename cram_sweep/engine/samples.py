@@ -98,7 +98,8 @@ def _bits(batch, i: int, memory: torch.Tensor, columns: dict, length: int) -> Bi
 
     def score(vectors: torch.Tensor) -> Scored:
         rows = vectors.shape[0]
-        _, acc, prefix = reduce_scores(*batch.token_scores(vectors, fed.expand(rows, -1, -1), targets.expand(rows, -1)))
+        ce_tok, correct, _ = batch.token_scores(vectors, fed.expand(rows, -1, -1), targets.expand(rows, -1))
+        _, acc, prefix = reduce_scores(ce_tok, correct)
         return Scored([horizon_of(p, o, rule.start) for p in prefix.tolist()], acc.tolist())
 
     return analyse(memory, batch.analysis.uniform_bits, score, lambda horizon, acc: rule.keeps(columns, horizon, acc))

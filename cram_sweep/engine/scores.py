@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .alignment import Alignment
 from .loss import cross_entropy_and_argmax, linear_head
 from .runtime import autocast, compiled
 
@@ -36,9 +37,11 @@ def token_scores(
     cast_cache=True,
     compile_mode: Optional[str] = None,
     feed=text_fed,
+    alignment: Optional[Alignment] = None,
 ):
     """Per-token CE and correctness (B, P) of the P = targets.shape[1] predictions made by the P positions before the
-    trailing positions that predict nothing, of the inputs `feed` builds (text_fed: [vectors, text]).
+    trailing positions that predict nothing, of the inputs `feed` builds (text_fed: [vectors, text]); and with an
+    `alignment`, the hidden states it aligns at the fed text's positions (Alignment.text_states), else None.
 
     memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P). `compile_mode`: the model's
     network runs compiled (runtime.compiled), else eagerly."""
@@ -49,12 +52,16 @@ def token_scores(
         head = linear_head(model)
         network = model if head is None else model.base_model
         network = network if compile_mode is None else compiled(network, compile_mode)
+        kwargs = dict(inputs_embeds=inputs, use_cache=False, output_hidden_states=alignment is not None)
         if head is None:  # logits of exactly the predicting positions: no (B, T, V) slice in the backward
-            states, weight = network(inputs_embeds=inputs, logits_to_keep=predicting, use_cache=False).logits, None
+            out = network(**kwargs, logits_to_keep=predicting)
+            states, weight = out.logits, None
         else:
-            states, weight = network(inputs_embeds=inputs, use_cache=False).last_hidden_state[:, predicting], head.weight
+            out = network(**kwargs)
+            states, weight = out.last_hidden_state[:, predicting], head.weight
         ce, argmax = cross_entropy_and_argmax(states, weight, targets)
-    return ce, argmax == targets
+    aligned = None if alignment is None else alignment.text_states(out.hidden_states, inputs.shape[1] - text_embeds.shape[1])
+    return ce, argmax == targets, aligned
 
 
 def reduce_scores(ce_tok: torch.Tensor, correct: torch.Tensor, mask: Optional[torch.Tensor] = None):
@@ -122,12 +129,18 @@ def weighted_ce(ce_tok: torch.Tensor, mask: torch.Tensor, optim) -> torch.Tensor
 @torch.no_grad()
 def without_vectors(score, lengths: list[int], ids: torch.Tensor, text_embeds: torch.Tensor):
     """Per-token CE and correctness of each text's tokens 1..L-1 without vectors, right-padded (`score`: the batch's
-    token_scores); each length in forwards of its own, so a sample's numbers do not depend on its batch-mates' lengths."""
+    token_scores), and the (B, T, K, H) hidden states the hybrid loss aligns to (K = 0 without it); each length in
+    forwards of its own, so a sample's numbers do not depend on its batch-mates' lengths."""
     width = ids.shape[1] - 1
     ce0_tok = torch.zeros(len(lengths), width, device=ids.device)
     correct0_tok = torch.zeros(len(lengths), width, dtype=torch.bool, device=ids.device)
+    states0 = text_embeds.new_zeros(len(lengths), width + 1, 0, text_embeds.shape[-1])
     for length in sorted(set(lengths)):
         rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=ids.device)
-        ce_tok, correct = score(None, text_embeds[rows, :length], ids[rows, 1:length])
+        ce_tok, correct, states = score(None, text_embeds[rows, :length], ids[rows, 1:length])
         ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
-    return ce0_tok, correct0_tok
+        if states is not None:
+            if states0.shape[2] != states.shape[2]:
+                states0 = states.new_zeros(len(lengths), width + 1, *states.shape[2:])
+            states0[rows, :length] = states
+    return ce0_tok, correct0_tok, states0

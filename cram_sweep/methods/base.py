@@ -71,6 +71,7 @@ class Method:
     curve_columns: tuple[str, ...] = ()  # capacity columns logged to MLflow as curves beyond the shared ones
     headline: str  # the capacity column that is its answer (against layers: the depth table, plot and curve)
     has_mean_accuracy: bool = True  # whether a cell's mean accuracy says something its horizon does not
+    feeds_text: bool = True  # whether its forwards feed the text (the hybrid loss aligns the text's positions)
     definition: str = ""  # the report's text (Markdown lines) on what its capacity columns mean
 
     def check(self, method) -> Optional[str]:

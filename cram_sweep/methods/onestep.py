@@ -35,6 +35,7 @@ class OneStepRule(FullRule):
 
 class OneStep(Full):
     name = "onestep"
+    feeds_text = False
     definition = (
         "One-step: the text from [e, m, ..., m] in one forward; max tokens as full cramming's (all N tokens predicted, "
         "token 0 included); info gain counts token 0 against no baseline.\n"
