@@ -13,11 +13,11 @@ capacity row's bits columns, and for the restarts arm the horizon of every resta
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+from arms import run_arm
 
 from cram_sweep.methods import method
 from cram_sweep.report.build import load_results
@@ -32,18 +32,9 @@ ARMS = {
 }
 
 
-def run_arm(arm: str, args) -> Path:
-    out = Path(args.out)
-    sweep = out / arm
-    command = [sys.executable, "-m", "cram_sweep.cli"]
-    if (sweep / "sweep.yaml").is_file():
-        command += ["resume", str(sweep)]
-    else:
-        steps = [f"grid.lengths=[{args.cap}]", f"optim.max_steps={args.max_steps}", f"method.steps_per_stage={args.steps_per_stage}"]
-        command += ["run", f"name={arm}", f"out_dir={out}", *COMMON, *steps, *ARMS[arm]]
-    print(f"== {arm}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    subprocess.run(command, check=True)
-    return sweep
+def arm_sweep(arm: str, args) -> Path:
+    steps = [f"grid.lengths=[{args.cap}]", f"optim.max_steps={args.max_steps}", f"method.steps_per_stage={args.steps_per_stage}"]
+    return run_arm(arm, Path(args.out), [*COMMON, *steps, *ARMS[arm]])
 
 
 def fmt(value) -> str:
@@ -92,7 +83,7 @@ def main() -> int:
     parser.add_argument("--steps-per-stage", type=int, default=100)
     args = parser.parse_args()
     for arm in args.arms.split(","):
-        results = load_results(run_arm(arm, args))
+        results = load_results(arm_sweep(arm, args))
         print(f"\n## {arm} ({results['precision'].iloc[0]}, {results['param'].iloc[0]})\n")
         print(table(per_sample(results)))
         share = 100 * results["bits_seconds"].sum() / results["seconds"].sum()

@@ -12,11 +12,11 @@ k=32 (the reference quickstart's comparison).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+from arms import run_arm
 from matplotlib.figure import Figure
 
 from cram_sweep.report.build import load_results
@@ -41,23 +41,14 @@ def sweep_name(arm: str) -> str:
     return arm.replace(" / ", "-").replace(" ", "-").replace("=", "")
 
 
-def run_arm(arm: str, args) -> Path:
-    out = Path(args.out)
-    sweep = out / sweep_name(arm)
+def arm_sweep(arm: str, args) -> Path:
     steps = [
         f"optim.max_steps={args.max_steps}",
         f"method.steps_per_stage={args.steps_per_stage}",
         f"optim.patience={args.max_steps // 2}",
     ]
-    command = [sys.executable, "-m", "cram_sweep.cli"]
-    if (sweep / "sweep.yaml").is_file():  # a finished arm, or one to finish, with the settings it was started with
-        command += ["resume", str(sweep)]
-    else:
-        command += ["run", f"name={sweep.name}", f"out_dir={out}", f"grid.lengths=[{args.cap}]", f"grid.samples={args.samples}"]
-        command += [f"batch_size={args.samples}", "report=false", *steps, *ARMS[arm], *args.extra]
-    print(f"== {arm}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    subprocess.run(command, check=True)
-    return sweep
+    run = [f"grid.lengths=[{args.cap}]", f"grid.samples={args.samples}", f"batch_size={args.samples}", "report=false"]
+    return run_arm(sweep_name(arm), Path(args.out), [*run, *steps, *ARMS[arm], *args.extra])
 
 
 def summary(arm: str, rows: pd.DataFrame, samples: int) -> dict:
@@ -114,7 +105,7 @@ def main() -> int:
     parser.add_argument("--plot", default="", help="PNG of the horizon against the trained numbers")
     parser.add_argument("extra", nargs="*", help="more overrides for every arm, e.g. precision=fp32")
     args = parser.parse_args()
-    rows = [summary(arm, load_results(run_arm(arm, args)), args.samples) for arm in args.arms.split(",")]
+    rows = [summary(arm, load_results(arm_sweep(arm, args)), args.samples) for arm in args.arms.split(",")]
     table = pd.DataFrame(rows)
     cells = [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
     print(md_table(list(table.columns), cells))

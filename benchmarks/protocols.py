@@ -12,11 +12,11 @@ rows, and a progressive stage then runs at its own length rather than the cap's 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+from arms import run_arm
 from matplotlib.figure import Figure
 
 from cram_sweep.report.build import load_capacity, load_results
@@ -43,18 +43,6 @@ PARTS = {
         "hybrid-reset": [*CAP_64, "method.reset_lr_on_failure=true"],
     },
 }
-
-
-def run_arm(name: str, overrides: list[str], out: Path) -> Path:
-    sweep = out / name
-    command = [sys.executable, "-m", "cram_sweep.cli"]
-    if (sweep / "sweep.yaml").is_file():  # a finished arm, or one to finish, with the settings it was started with
-        command += ["resume", str(sweep)]
-    else:
-        command += ["run", f"name={name}", f"out_dir={out}", *COMMON, *overrides]
-    print(f"== {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    subprocess.run(command, check=True)
-    return sweep
 
 
 def per_length(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -148,7 +136,7 @@ def main() -> int:
     plots.mkdir(parents=True, exist_ok=True)
     show = {"onestep": onestep_part, "depth": depth_part, "hybrid": hybrid_part}
     for part in args.parts.split(","):
-        sweeps = {name: run_arm(name, overrides, out) for name, overrides in PARTS[part].items()}
+        sweeps = {name: run_arm(name, out, [*COMMON, *overrides]) for name, overrides in PARTS[part].items()}
         show[part](sweeps, plots)
     return 0
 
