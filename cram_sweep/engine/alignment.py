@@ -40,19 +40,23 @@ class Alignment:
         count = min(self.layers, total) if self.layers else total
         return range(total - count, total) if self.start == "last" else range(count)
 
-    def text_states(self, hidden_states: tuple[torch.Tensor, ...], text_start: int) -> torch.Tensor:
-        """(B, T, K, H) fp32: the chosen layers' states of the text positions, from input position `text_start` on."""
-        return torch.stack([hidden_states[i][:, text_start:] for i in self.chosen(len(hidden_states))], dim=2).float()
+    def text_states(self, hidden_states: tuple[torch.Tensor, ...], text_start: int) -> list[torch.Tensor]:
+        """The chosen layers' states (B, T, H) of the text positions, from input position `text_start` on: views, so
+        the crammed forward's states are not copied (an 8B model's, at 1568 tokens, are gigabytes a layer count)."""
+        return [hidden_states[i][:, text_start:] for i in self.chosen(len(hidden_states))]
 
-    def per_row(self, crammed: torch.Tensor, original: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    def per_row(self, crammed: list[torch.Tensor], original: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
         """(B,) the alignment term, alpha times: per layer the mean distance over the `aligned` (B, T) positions,
-        summed over layers. `crammed` and `original`: (B, T, K, H) text_states."""
-        if self.distance == "l2":
-            distance = (crammed - original).square().sum(dim=-1).sqrt()
-        elif self.distance == "l1":
-            distance = (crammed - original).abs().sum(dim=-1)
-        else:
-            distance = 1.0 - torch.nn.functional.cosine_similarity(crammed, original, dim=-1)
+        summed over layers. `crammed`: text_states of the crammed forward; `original`: the text's own, (B, T, K, H)."""
+        distance = torch.stack([self._distance(mine.float(), original[:, :, k]) for k, mine in enumerate(crammed)], dim=2)
         mask = aligned[:, :, None]
         per_layer = torch.where(mask, distance, torch.zeros_like(distance)).sum(dim=1) / mask.sum(dim=1)
         return self.alpha * per_layer.sum(dim=1)
+
+    def _distance(self, mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-position distance of two (B, T, H) fp32 states."""
+        if self.distance == "l2":
+            return (mine - theirs).square().sum(dim=-1).sqrt()
+        if self.distance == "l1":
+            return (mine - theirs).abs().sum(dim=-1)
+        return 1.0 - torch.nn.functional.cosine_similarity(mine, theirs, dim=-1)

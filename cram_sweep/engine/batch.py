@@ -119,10 +119,12 @@ class Batch:
             live = min(size, fed.shape[0] - start)
             rows = self.layout.forward_rows(live)
             part = [None if t is None else with_inert_rows(t[start : start + size], rows) for t in (vectors, fed, targets)]
-            scored = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode, feed, alignment)
-            parts.append([None if t is None else t[:live] for t in scored])
+            ce_tok, correct, states = token_scores(self.model, *part, self.precision, self.cast_cache, compile_mode, feed, alignment)
+            parts.append((ce_tok[:live], correct[:live], None if states is None else [layer[:live] for layer in states]))
         ce_tok, correct, states = zip(*parts)
-        return torch.cat(ce_tok), torch.cat(correct), None if alignment is None else torch.cat(states)
+        if alignment is not None:  # per layer; one part (a step's group): its views, not copied
+            states = [layer[0] if len(layer) == 1 else torch.cat(layer) for layer in zip(*states)]
+        return torch.cat(ce_tok), torch.cat(correct), None if alignment is None else states
 
     def step(self) -> None:
         """One forward of every row's current target (a forward per group of the layout), the rule's verdict, and one

@@ -41,7 +41,8 @@ def token_scores(
 ):
     """Per-token CE and correctness (B, P) of the P = targets.shape[1] predictions made by the P positions before the
     trailing positions that predict nothing, of the inputs `feed` builds (text_fed: [vectors, text]); and with an
-    `alignment`, the hidden states it aligns at the fed text's positions (Alignment.text_states), else None.
+    `alignment`, the hidden states it aligns at the fed text's positions (Alignment.text_states, a (B, T, H) per
+    layer), else None.
 
     memory: (B, n_mem, H) or None; text_embeds: (B, T, H) the fed text; targets: (B, P). `compile_mode`: the model's
     network runs compiled (runtime.compiled), else eagerly."""
@@ -140,7 +141,7 @@ def without_vectors(score, lengths: list[int], ids: torch.Tensor, text_embeds: t
         ce_tok, correct, states = score(None, text_embeds[rows, :length], ids[rows, 1:length])
         ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
         if states is not None:
-            if states0.shape[2] != states.shape[2]:
-                states0 = states.new_zeros(len(lengths), width + 1, *states.shape[2:])
-            states0[rows, :length] = states
+            if states0.shape[2] != len(states):
+                states0 = text_embeds.new_zeros(len(lengths), width + 1, len(states), text_embeds.shape[-1])
+            states0[rows, :length] = torch.stack(states, dim=2).float()
     return ce0_tok, correct0_tok, states0
