@@ -44,8 +44,7 @@ def run(lm, specs, batch_size, method, param, precision, overrides=(), **options
     "method,param,precision,overrides",
     [
         *((*case, ()) for case in CASES),
-        ("progressive", "direct", "bf16", HYBRID),  # the alignment masked to each stage, at the cap's width
-        ("full", "lowdim", "fp32", HYBRID),
+        ("progressive", "lowdim", "bf16", HYBRID),  # the alignment masked to each stage, at the cap's width
     ],
 )
 def test_a_row_does_not_feel_its_batch_mates_nor_its_place(tiny_llama, method, param, precision, overrides):

@@ -132,7 +132,7 @@ def compare(result, naive):
         [*GIVEN_FIRST, "method.growth=geometric", "optim.warmup_steps=10"],
         [*GIVEN_FIRST, "optim.schedule=constant", "optim.lr=0.05", "optim.init=uniform"],
         RESET,
-        ["optim.hybrid_alpha=0.1", "optim.alignment_layers=2", "optim.alignment_from=last"],
+        ["optim.hybrid_alpha=0.2", "optim.alignment_loss=cosine", "optim.alignment_layers=2"],
     ],
     ids=["linear-cosine", "geometric-bisect-warmup", "constant-lr-uniform-init-first-token-given", "reset-lr-on-failure", "hybrid-loss"],
 )
