@@ -142,6 +142,6 @@ def without_vectors(score, lengths: list[int], ids: torch.Tensor, text_embeds: t
         ce0_tok[rows, : length - 1], correct0_tok[rows, : length - 1] = ce_tok, correct
         if states is not None:
             if states0.shape[2] != len(states):
-                states0 = text_embeds.new_zeros(len(lengths), width + 1, len(states), text_embeds.shape[-1])
+                states0 = text_embeds.new_zeros(len(lengths), width + 1, len(states), text_embeds.shape[-1], dtype=torch.float32)
             states0[rows, :length] = torch.stack(states, dim=2).float()
     return ce0_tok, correct0_tok, states0
