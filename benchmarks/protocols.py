@@ -33,6 +33,9 @@ DEPTH += ["optim.lr=0.1", "optim.max_steps=300", "optim.patience=150"]
 # method=progressive's defaults (the reference's optimizer, first token given) on a CPU's budget.
 CAP_64 = ["method=progressive", "grid.lengths=[64]", "grid.samples=8", "batch_size=8"]
 CAP_64 += ["optim.max_steps=1200", "optim.warmup_steps=50", "method.steps_per_stage=200"]
+# The progressive paper's hybrid variant (the reference's README: cosine over the first 8 hidden states); the arms
+# without it run the reference's code defaults (l2 over all of them).
+PAPER_HYBRID = ["optim.alignment_loss=cosine", "optim.alignment_layers=8", "optim.alignment_from=first"]
 PARTS = {
     "onestep": {"onestep": ["method=onestep", *TWO_VECTORS], "full": ["method=full", *TWO_VECTORS]},
     "depth": {"depth": DEPTH},
@@ -40,6 +43,8 @@ PARTS = {
         "hybrid-alpha0": CAP_64,
         "hybrid-alpha0.1": [*CAP_64, "optim.hybrid_alpha=0.1"],
         "hybrid-alpha1": [*CAP_64, "optim.hybrid_alpha=1.0"],
+        "hybrid-cosine8-alpha0.1": [*CAP_64, *PAPER_HYBRID, "optim.hybrid_alpha=0.1"],
+        "hybrid-cosine8-alpha1": [*CAP_64, *PAPER_HYBRID, "optim.hybrid_alpha=1.0"],
         "hybrid-reset": [*CAP_64, "method.reset_lr_on_failure=true"],
     },
 }

@@ -1,7 +1,9 @@
 """The capacity report from a hand-built results store with known values."""
 
 import math
+import warnings
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -166,6 +168,16 @@ def test_partial_sweep_shows_failed_and_pending_cells(tmp_path):
     assert "| 64 | 0 | – | – | – | – (–) | 0 / 3 |" in md
     for name in ("accuracy_vs_length.png", "ce_with_vs_without.png", "info_gain_vs_n_mem.png"):
         assert_png(sweep.report / name)
+
+
+def test_a_sweep_whose_every_horizon_is_zero_plots_without_warnings(tmp_path):
+    """A progressive row at horizon 0 has no CE (its horizon prefix is empty): the CE plot's range must not collapse."""
+    rows = [replace(row("m1", 1, 16, s, 0.0), method="progressive", ce_no_mem_bits=0.0, ce_bits=0.0) for s in range(2)]
+    sweep = make_sweep(tmp_path, ["m1"], [16], [1], 2, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report(sweep)
+    assert_png(sweep.report / "ce_with_vs_without.png")
 
 
 def test_no_finished_samples_is_a_user_error(tmp_path):

@@ -80,7 +80,8 @@ def plot_ce(results: pd.DataFrame, path: Path) -> Path:
             color=colours[(model, n_mem)],
             marker=markers.get((dataset, method), "o"),
         )
-    top = float(np.nanmax(results[["ce_no_mem_bits", "ce_bits"]].to_numpy())) * 1.05
+    # or 1: progressive rows at horizon 0 have no CE, and matplotlib warns on an empty range
+    top = float(np.nanmax(results[["ce_no_mem_bits", "ce_bits"]].to_numpy())) * 1.05 or 1.0
     ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="y = x (no gain)")
     ax.set_xlim(-0.02 * top, top)
     ax.set_ylim(-0.02 * top, top)
