@@ -2,7 +2,7 @@
 cramming, full-cramming capacity against depth, and progressive cramming's horizon under the hybrid loss and the LR
 reset. A table and a plot for each.
 
-    .venv/bin/python benchmarks/protocols.py --out outputs/protocols [--plots docs/protocols] [--parts onestep,depth,hybrid]
+    .venv/bin/python benchmarks/protocols.py --out outputs/protocols [--plots docs/protocols] [--parts onestep,depth,scale,hybrid]
 
 Each arm is `cram-sweep run` as a user runs it (sweep directories under --out, resumable); a finished arm is read
 back, not rerun. The arms run the packed layout (batch_invariant=false): these are capacities, not bit-identical
@@ -16,12 +16,17 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from arms import run_arm
 from matplotlib.figure import Figure
 
+from cram_sweep.config.compose import compose_config
+from cram_sweep.engine.alignment import Alignment
+from cram_sweep.engine.model import load_model
 from cram_sweep.report.build import load_capacity, load_results
 from cram_sweep.report.capacity import depth_name, depths
 from cram_sweep.report.markdown import md_table
+from cram_sweep.sweep.items import prepare_tokens
 
 COMMON = ["batch_invariant=false", "report=true"]
 # One-step and full cramming with the same two vectors, texts and budget: lr 0.1 (full cramming reaches 32 tokens at
@@ -39,6 +44,7 @@ PAPER_HYBRID = ["optim.alignment_loss=cosine", "optim.alignment_layers=8", "opti
 PARTS = {
     "onestep": {"onestep": ["method=onestep", *TWO_VECTORS], "full": ["method=full", *TWO_VECTORS]},
     "depth": {"depth": DEPTH},
+    "scale": {},  # no sweep: the hybrid loss's terms before any step
     "hybrid": {
         "hybrid-alpha0": CAP_64,
         "hybrid-alpha0.1": [*CAP_64, "optim.hybrid_alpha=0.1"],
@@ -121,14 +127,47 @@ def hybrid_part(sweeps: dict[str, Path], plots: Path) -> None:
             }
         )
     print("### Progressive horizon, cap 64: the hybrid loss and the LR reset\n\n" + formatted(pd.DataFrame(summaries)) + "\n")
-    fig = Figure(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
-    ax.boxplot(list(horizons.values()), tick_labels=list(horizons))
+    ax.boxplot(list(horizons.values()), tick_labels=[name.removeprefix("hybrid-").replace("-", "\n") for name in horizons])
     for i, values in enumerate(horizons.values(), start=1):
         ax.scatter([i] * len(values), values, s=12, alpha=0.6)
     ax.set(ylabel="horizon (tokens)", title="Progressive cramming, cap 64, 8 samples")
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(plots / "hybrid-and-reset.png", dpi=120, bbox_inches="tight")
+
+
+def scale_part(sweeps: dict[str, Path], plots: Path) -> None:
+    """The hybrid loss's two terms before any step, on the cap-64 arms' texts: the CE (nats, mean per target) against
+    each hidden state's alignment distance, computed by the engine's Alignment. The vector is N(0, 0.02²) (the
+    reference's random0.02): what the distance measures at init is the vector's presence, not its value."""
+    cfg = compose_config([*COMMON, *CAP_64])
+    texts = torch.tensor(list(prepare_tokens(cfg)["smollm2", "pydoc"].values()))
+    lm = load_model("smollm2", cfg.models["smollm2"], "cpu", "fp32")
+    embeds = lm.model.get_input_embeddings()(texts)
+    vector = torch.randn(len(texts), 1, embeds.shape[-1], generator=torch.Generator().manual_seed(0)) * 0.02
+    with torch.no_grad():
+        alone = lm.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        crammed = lm.model(inputs_embeds=torch.cat([vector, embeds], 1), output_hidden_states=True)
+    ce = torch.nn.functional.cross_entropy(crammed.logits[:, 1:-1].flatten(0, 1), texts[:, 1:].flatten()).item()
+    every = torch.ones(texts.shape, dtype=torch.bool)
+
+    def distance(kind: str, layer: int) -> float:
+        per_row = Alignment(1.0, 0, "first", kind).per_row([crammed.hidden_states[layer][:, 1:]], alone[layer][:, :, None], every)
+        return per_row.mean().item()
+
+    table = pd.DataFrame(
+        {
+            "hidden state": range(len(alone)),
+            "norm": [layer.norm(dim=-1).mean().item() for layer in alone],
+            "l2": [distance("l2", k) for k in range(len(alone))],
+            "cosine": [distance("cosine", k) for k in range(len(alone))],
+        }
+    )
+    print(f"### The hybrid loss's terms at init, {len(texts)} texts of 64 tokens\n\n" + formatted(table) + "\n")
+    print(
+        f"CE {ce:.3f} nats; l2 summed over all {len(alone)}: {table['l2'].sum():.1f}; cosine over the first 8: {table['cosine'][:8].sum():.4f}\n"
+    )
 
 
 def main() -> int:
@@ -139,7 +178,7 @@ def main() -> int:
     args = parser.parse_args()
     out, plots = Path(args.out), Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
-    show = {"onestep": onestep_part, "depth": depth_part, "hybrid": hybrid_part}
+    show = {"onestep": onestep_part, "depth": depth_part, "scale": scale_part, "hybrid": hybrid_part}
     for part in args.parts.split(","):
         sweeps = {name: run_arm(name, out, [*COMMON, *overrides]) for name, overrides in PARTS[part].items()}
         show[part](sweeps, plots)

@@ -164,24 +164,26 @@ def naive_parameters(model, n_mem, init_seed, optim, k=None):
     return [first, linear.weight, linear.bias], lambda: linear(first)
 
 
-def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=False, one_step=False, predict_first=False):
+def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=False, one_step=False, predict_first=False, prefix=0):
     """The paper's procedure, one sample at a time, written independently of the engine. `keep_last`: the toy method's
     (tests/toy_method.py): exactly `optim.max_steps` forwards, the last one's vectors and CE kept. `one_step`
     (Mezentsev & Oseledets): [e, m, ..., m] without the text, every token predicted, token 0 included. `predict_first`:
-    the last vector predicts token 0 too (the progressive reference's full-cramming trainer). `optim.hybrid_alpha`: the
-    reference's hybrid loss, written from its train/loss.py."""
+    the last vector predicts token 0 too (the progressive reference's full-cramming trainer). `prefix`: that many text
+    tokens fed and not predicted (the reference's prefix_len). `optim.hybrid_alpha`: the reference's hybrid loss,
+    written from its train/loss.py."""
     embed = model.get_input_embeddings()
     device = embed.weight.device
     params, vectors = naive_parameters(model, n_mem, init_seed, optim, k)
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
     ids = torch.tensor(token_ids, device=device)[None]
     text = embed(ids)
-    target = ids[0] if one_step or predict_first else ids[0, 1:]
+    first = 0 if one_step or predict_first else max(prefix, 1)  # the first token predicted
+    target, baseline = ids[0, first:], max(first, 1)  # token 0 has no prediction without an input
     with torch.no_grad():
         alone = model(inputs_embeds=text, output_hidden_states=True)
-        logits = alone.logits[0, :-1]
-        ce0 = F.cross_entropy(logits, ids[0, 1:]).item()
-        acc0 = (logits.argmax(-1) == ids[0, 1:]).float().mean().item()
+        logits = alone.logits[0, baseline - 1 : -1]
+        ce0 = F.cross_entropy(logits, ids[0, baseline:]).item()
+        acc0 = (logits.argmax(-1) == ids[0, baseline:]).float().mean().item()
     best_acc, best_step, best_ce, best_memory, step = -1.0, 0, math.inf, None, 0
     for step in range(1, optim.max_steps + 1):
         memory = vectors()
@@ -189,10 +191,10 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
             logits = model(inputs_embeds=torch.cat([memory[:1], memory[1:].expand(len(token_ids) - 1, -1)])[None]).logits[0]
         else:
             crammed = model(inputs_embeds=torch.cat([memory[None], text], 1), output_hidden_states=True)
-            logits = crammed.logits[0, n_mem - predict_first : -1]
+            logits = crammed.logits[0, n_mem - 1 + first : -1]
         ce = F.cross_entropy(logits, target)
         loss = (
-            ce + optim.hybrid_alpha * naive_alignment(crammed.hidden_states, alone.hidden_states, n_mem, optim)
+            ce + optim.hybrid_alpha * naive_alignment(crammed.hidden_states, alone.hidden_states, n_mem, optim, prefix)
             if optim.hybrid_alpha
             else ce
         )
@@ -205,10 +207,9 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
         opt.zero_grad()
         loss.backward()
         opt.step()
-    n_pred = len(token_ids) - 1
     return {
         "acc_no_mem": acc0,
-        "ce_no_mem_bits": ce0 * n_pred / math.log(2),
+        "ce_no_mem_bits": ce0 * (len(token_ids) - baseline) / math.log(2),
         "acc": best_acc,
         "steps": step,
         "ce_bits": best_ce * len(target) / math.log(2),
@@ -216,15 +217,15 @@ def naive_cram(model, token_ids, n_mem, init_seed, optim, k=None, keep_last=Fals
     }
 
 
-def naive_alignment(crammed, alone, n_mem, optim):
+def naive_alignment(crammed, alone, n_mem, optim, prefix=0):
     """The reference's activation alignment: per chosen layer (of HF's hidden states, the embeddings first) the mean
-    over the text's positions of a distance, summed over the layers."""
+    over the text's positions after the `prefix` of a distance, summed over the layers."""
     total = len(alone)
     count = min(optim.alignment_layers, total) if optim.alignment_layers > 0 else total
     chosen = range(total - count, total) if optim.alignment_from == "last" else range(count)
     loss = 0.0
     for i in chosen:
-        mine, theirs = crammed[i][:, n_mem:], alone[i]
+        mine, theirs = crammed[i][:, n_mem + prefix :], alone[i][:, prefix:]
         if optim.alignment_loss == "l2":
             loss = loss + F.mse_loss(mine, theirs, reduction="none").sum(dim=-1).sqrt().mean()
         elif optim.alignment_loss == "l1":

@@ -6,8 +6,8 @@ row's aligned text positions of a per-position distance:
 - the layers are the model's hidden states as HuggingFace counts them (0: the input embeddings, then one per decoder
   layer, the last after the final norm); `optim.alignment_layers` of them from the first or the last
   (`optim.alignment_from`), 0: all;
-- the aligned positions are the text positions after the prefix, up to the last one the row's current target feeds
-  (a progressive stage's); the vectors' own positions have no counterpart in the text alone;
+- the aligned positions are the text positions after the prefix, up to the row's current last target token (a
+  progressive stage's), its own position included; the vectors' own positions have no counterpart in the text alone;
 - the distance (`optim.alignment_loss`) is l2, the Euclidean distance; l1, the sum of absolute differences; cosine,
   1 - the cosine similarity.
 The text's own hidden states are computed once per sample, without grad, with the no-vector baseline (scores.py).

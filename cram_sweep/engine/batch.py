@@ -148,7 +148,7 @@ class Batch:
         """The summed loss of one group's rows, whose scores it writes into `scores` (batch order)."""
         o, count = self.rule.offset, group.width - self.rule.offset
         index = torch.tensor(group.rows, device=self.device)
-        fed, targets = self.text.text_embeds[index, : group.width], self.text.ids[index, o : group.width]
+        fed, targets = self._of_group(self.text.text_embeds, group), self._of_group(self.text.ids, group)[:, o:]
         ce_tok, correct, states = self.token_scores(vectors[index], fed, targets, self.compile_mode, self.alignment)
         mask = torch.arange(count, device=self.device)[None] < self.step_rows.targets[index, None]
         ce, acc, prefix = reduce_scores(ce_tok, correct, mask)
@@ -156,10 +156,18 @@ class Batch:
         if self.alignment is not None:  # the fed text's positions after the prefix, to the current target's last
             position = torch.arange(group.width, device=self.device)[None]
             aligned = (position >= self.method.prefix_tokens) & (position < o + self.step_rows.targets[index, None])
-            loss_rows = loss_rows + self.alignment.per_row(states, self.text.states0[index, : group.width], aligned)
+            loss_rows = loss_rows + self.alignment.per_row(states, self._of_group(self.text.states0, group), aligned)
         finite = torch.isfinite(loss_rows)
         scores.put(index, ce, acc, prefix, finite, ce_tok, correct)
         return torch.where(finite, loss_rows, torch.zeros_like(loss_rows)).sum()
+
+    @staticmethod
+    def _of_group(per_row: torch.Tensor, group: Group) -> torch.Tensor:
+        """The group's rows of a per-row tensor, to the group's width: a view where the group is every row in order (the
+        hybrid loss's states0 are gigabytes a row at 8B and 1568 tokens, not to be copied every step), else a copy."""
+        if group.rows == list(range(per_row.shape[0])):
+            return per_row[:, : group.width]
+        return per_row[torch.tensor(group.rows, device=per_row.device), : group.width]
 
     def _end_stages(self) -> None:
         """The rule's decisions where stages ended: statuses, targets, new stages and restored rows."""
