@@ -113,6 +113,7 @@ def samples(events) -> list[int]:
     return [row.finished.result.sample for row in of(events, Row)]
 
 
+@pytest.mark.slow  # kills Ray worker processes: seconds a restart
 def test_a_lost_call_counts_only_its_batch_as_run_and_the_restarted_worker_takes_the_retry():
     pool = WorkerPool(Scaler(["cpu"]), stall_seconds=60)
     pool.submit(item("die:1"))
@@ -127,6 +128,7 @@ def test_a_lost_call_counts_only_its_batch_as_run_and_the_restarted_worker_takes
     assert sorted(samples(events)) == [1, 2, 3, 4], "the restarted worker ran the retry"
 
 
+@pytest.mark.slow  # kills Ray worker processes: seconds a restart
 def test_losses_before_started_charge_nothing_until_every_third_in_a_row():
     pool = WorkerPool(Scaler(["cpu"]), stall_seconds=60)
     pool.submit(item("die_loading"))
