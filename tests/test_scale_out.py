@@ -48,25 +48,6 @@ BIN = Path(sys.executable).parent
 # --------------------------------------------------------------------------------------------- Ray
 
 
-def refresh_ray_auth() -> None:
-    """Make this process's Ray see the RAY_AUTH_* variables as they are now (Ray caches them)."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:  # a Ray without token authentication
-        return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-@contextlib.contextmanager
-def ray_auth_refreshed():
-    """On exit (after the variables are restored), refresh again: later modules get Ray as it was."""
-    try:
-        yield
-    finally:
-        refresh_ray_auth()
-
-
 class RayNodes:
     """`ray start` node processes of one cluster on loopback, 1 CPU each, in a private temp dir: a head, then nodes
     that join (and are killed) while tests run."""
@@ -97,10 +78,28 @@ class RayNodes:
         stop_session(*self.procs)
 
 
-def alive_cpu_nodes() -> list:
-    import ray
+# A Ray driver's C++ core can abort its whole process (a second ray.init in one process, to another cluster, with
+# another auth token): the state is read by a driver process of its own, never by a pytest worker.
+RAY_STATE = """
+import json, sys, ray
+from ray._private.state import actors
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps({
+    "cpu_nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")],
+    "cram_workers": [
+        {"actor": a["ActorID"], "node": a["Address"]["NodeID"], "job": a["JobID"], "start": a["StartTime"]}
+        for a in actors().values() if a["ActorClassName"].endswith("CramWorker")
+    ],
+}))
+"""
 
-    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
+def ray_state(address: str) -> dict:
+    """The cluster at `address` as a new driver sees it: its alive CPU nodes, and every CramWorker actor it has run
+    (GCS actor table, dead or alive)."""
+    proc = subprocess.run([sys.executable, "-c", RAY_STATE, address], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"reading the Ray cluster at {address} failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -111,52 +110,31 @@ def ray_cluster():
     temp = Path(tempfile.mkdtemp(prefix="cram-ray-"))  # short: Ray's unix socket paths must stay < 108 chars
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     nodes = RayNodes(temp)
-    with ray_auth_refreshed(), pytest.MonkeyPatch.context() as mp:
+
+    def two_cpu_nodes():
+        found = ray_state(nodes.address)["cpu_nodes"]
+        return set(found) if len(found) == 2 else None
+
+    with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
-            mp.setenv(key, value)  # the drivers run_cli starts, and the nodes, inherit the token
-        refresh_ray_auth()  # this process's ray.init below: Ray cached the auth settings when first imported
+            mp.setenv(key, value)  # the nodes, the drivers run_cli starts and ray_state's inherit the token
         try:
             nodes.start_head()
             worker = nodes.join("worker")
-            import ray
-
-            ray.init(address=nodes.address, logging_level="ERROR", log_to_driver=False)
-            try:
-                wait_for(lambda: len(alive_cpu_nodes()) == 2, "ray worker node", timeout=120, proc=worker, log=worker.log)
-                node_ids = set(alive_cpu_nodes())
-            finally:
-                ray.shutdown()
+            node_ids = wait_for(two_cpu_nodes, "ray worker node", timeout=120, proc=worker, log=worker.log)
             yield {"address": nodes.address, "nodes": node_ids, "cluster": nodes}
         finally:
             nodes.stop()
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def cram_worker_count(address: str) -> int:
-    """CramWorker actors the cluster at `address` has ever run (GCS actor table, dead or alive)."""
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        return sum(a["ActorClassName"].endswith("CramWorker") for a in ray._private.state.actors().values())
-    finally:
-        ray.shutdown()
-
-
 def latest_cram_workers(address: str) -> dict:
-    """The CramWorker actors of the latest driver that started some (GCS actor table, dead or alive):
-    actor id -> node id."""
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        actors = [a for a in ray._private.state.actors().values() if a["ActorClassName"].endswith("CramWorker")]
-    finally:
-        ray.shutdown()
+    """The CramWorker actors of the latest driver that started some: actor id -> node id."""
+    actors = ray_state(address)["cram_workers"]
     if not actors:
         return {}
-    job = max(actors, key=lambda a: a["StartTime"])["JobID"]
-    return {a["ActorID"]: a["Address"]["NodeID"] for a in actors if a["JobID"] == job}
+    job = max(actors, key=lambda a: a["start"])["job"]
+    return {a["actor"]: a["node"] for a in actors if a["job"] == job}
 
 
 @pytest.mark.slow
@@ -254,10 +232,10 @@ def test_ray_cluster_unreachable_is_one_clear_error(monkeypatch):
 @pytest.mark.slow
 def test_cluster_local_runs_its_own_instance_beside_a_live_cluster_and_RAY_ADDRESS(ray_cluster, tmp_path):
     """A live `ray start` cluster on the node, named by RAY_ADDRESS too, does not turn cluster=local into a cluster run."""
-    before = cram_worker_count(ray_cluster["address"])
+    before = len(ray_state(ray_cluster["address"])["cram_workers"])
     proc = run_cli("run", "name=own", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", env=cli_env(RAY_ADDRESS=ray_cluster["address"]))
     assert "total: 3 done, 0 failed, 0 pending" in proc.stdout
-    assert cram_worker_count(ray_cluster["address"]) == before, "no worker of the local sweep ran on the live cluster"
+    assert len(ray_state(ray_cluster["address"])["cram_workers"]) == before, "no worker of the local sweep ran on the live cluster"
 
 
 # ------------------------------------------------------------------ the pool follows the cluster; stalls
