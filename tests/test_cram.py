@@ -28,14 +28,15 @@ def test_engine_matches_naive_paper_loop(fixture, request):
 def test_full_cramming_with_the_first_token_predicted_is_its_naive_loop(tiny_llama):
     """method.predict_first=true: the last vector predicts token 0 too, as the progressive reference's full trainer;
     the rows record it, and a decode from no given token reproduces the stored greedy prefix."""
-    cfg = tiny_config("method.predict_first=true")
+    # 60 steps: sample 0 needs ~110 at lr 0.1, and past ~60 the first rounding grows until the step that first fits
+    # moves (109 against 110 on an AMX Xeon, the vectors 4e-2 apart); at 60 they are 1.1e-4 apart there.
+    cfg = tiny_config("method.predict_first=true", "optim.max_steps=60")
     specs = specs_for(tiny_llama, 8, 3)
     rows = by_sample(cram(tiny_llama.model, specs, 2, cfg.optim, "fp32", batch_size=3, method=cfg.method))
     for spec in specs:
         row = rows[spec.sample]
         naive = naive_cram(tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, predict_first=True)
-        # 110 steps at lr 0.1 carry the first rounding further: the vectors 1.3e-2 apart at 2 threads (Zen 4), less at 1
-        assert_same_result(row, naive, atol=3e-2, ce_rel=1e-3)
+        assert_same_result(row, naive, ce_rel=1e-3)
         assert row.predict_first and row.greedy_exact == (row.greedy_prefix == 8)
         decoded, prefix = decode_row(tiny_llama, {**dataclasses.asdict(row), "n_mem": 2, "precision": "fp32"}, 0)
         assert prefix == row.greedy_prefix and decoded[:prefix] == spec.token_ids[:prefix]
