@@ -82,23 +82,25 @@ def test_packed_batches_give_the_promise_up_and_say_so(tiny_llama):
 
 @pytest.mark.slow
 def test_smollm2_bf16_progressive_horizon_does_not_move_with_the_batch():
-    """docs/beyond.md's case: SmolLM2, pydoc, bf16, progressive at cap 24 with 30 steps a stage; sample 2 alone and
-    beside 3 others ended 0.012 apart when the padded width followed the batch-mates' stages."""
+    """A real model in bf16: SmolLM2, pydoc, progressive to cap 12 by 4 tokens a stage, 40 steps a stage. On an AMX
+    Xeon sample 1 reaches 5 tokens in 64 steps while its two batch-mates end at 40; in the packed layout its vectors
+    alone and beside them end 0.10 apart."""
     from cram_sweep.engine.model import load_model
     from cram_sweep.results.columns import Cell
     from cram_sweep.sweep.grid import sample_seed
 
-    cfg = tiny_config("grid.models=[smollm2]", "method=progressive", "method.steps_per_stage=30", "method.step=8", "optim.max_steps=120")
+    overrides = ["method.steps_per_stage=40", "method.step=4", "optim.max_steps=120", "optim.warmup_steps=0", "optim.init=embed_std"]
+    cfg = tiny_config("grid.models=[smollm2]", "method=progressive", *overrides)
     lm = load_model("smollm2", cfg.models["smollm2"], "cpu")
-    specs = specs_for(lm, 24, 4, n_mem=1)
+    specs = specs_for(lm, 12, 3, n_mem=1)
     for spec in specs:  # the sweep's seeds at seed 5
-        spec.init_seed = sample_seed(5, Cell("smollm2", "pydoc", 1, 24), spec.sample)
+        spec.init_seed = sample_seed(5, Cell("smollm2", "pydoc", 1, 12), spec.sample)
 
-    def rows(batch_size, chosen):
-        return {r.sample: r for r in cram(lm.model, chosen, 1, cfg.optim, "bf16", batch_size=batch_size, method=cfg.method)}
+    def rows(chosen):
+        return {r.sample: r for r in cram(lm.model, chosen, 1, cfg.optim, "bf16", batch_size=3, method=cfg.method)}
 
-    alone, batched = rows(4, specs[2:3]), rows(4, specs)
-    assert_bit_identical(batched[2], alone[2])
+    alone, batched = rows(specs[1:2]), rows(specs)
+    assert_bit_identical(batched[1], alone[1])
 
 
 def test_a_worker_runs_no_more_rows_than_a_work_item_holds_at_one_length():
