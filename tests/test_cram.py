@@ -48,8 +48,9 @@ def test_full_cramming_with_the_first_token_predicted_is_its_naive_loop(tiny_lla
         ["optim.hybrid_alpha=0.5"],  # l2 over every hidden state, the input embeddings' included
         ["optim.hybrid_alpha=1.0", "optim.alignment_loss=l1", "optim.alignment_layers=2", "optim.alignment_from=last"],
         ["optim.hybrid_alpha=0.5", "method.prefix_tokens=3"],  # aligned from the first token after the prefix
+        ["optim.hybrid_alpha=0.5", "method.predict_first=true", "optim.max_steps=60"],  # 60: as the test above
     ],
-    ids=["l2-all", "l1-last-2", "l2-after-a-prefix"],  # cosine: tests/test_progressive.py's hybrid case
+    ids=["l2-all", "l1-last-2", "l2-after-a-prefix", "l2-predicting-the-first-token"],  # cosine: tests/test_progressive.py's hybrid case
 )
 def test_the_hybrid_loss_is_its_naive_loop(tiny_llama, overrides):
     """optim.hybrid_alpha: CE plus the alignment of the crammed forward's hidden states with the text's own; the
@@ -59,7 +60,9 @@ def test_the_hybrid_loss_is_its_naive_loop(tiny_llama, overrides):
     rows = by_sample(cram(tiny_llama.model, specs, 2, cfg.optim, "fp32", batch_size=3, method=cfg.method))
     plain = by_sample(cram(tiny_llama.model, specs, 2, tiny_config().optim, "fp32", batch_size=3, method=cfg.method))
     for spec in specs:
-        naive = naive_cram(tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, prefix=cfg.method.prefix_tokens)
+        naive = naive_cram(
+            tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, predict_first=cfg.method.predict_first, prefix=cfg.method.prefix_tokens
+        )
         assert_same_result(rows[spec.sample], naive, ce_rel=2e-3)  # a lowest CE on the steep side (measured: 6e-4)
     assert any(rows[s].memory != plain[s].memory for s in plain), "the alignment changed the trajectory"
 
