@@ -60,9 +60,8 @@ def test_the_hybrid_loss_is_its_naive_loop(tiny_llama, overrides):
     rows = by_sample(cram(tiny_llama.model, specs, 2, cfg.optim, "fp32", batch_size=3, method=cfg.method))
     plain = by_sample(cram(tiny_llama.model, specs, 2, tiny_config().optim, "fp32", batch_size=3, method=cfg.method))
     for spec in specs:
-        naive = naive_cram(
-            tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, predict_first=cfg.method.predict_first, prefix=cfg.method.prefix_tokens
-        )
+        method = dict(predict_first=cfg.method.predict_first, prefix=cfg.method.prefix_tokens)
+        naive = naive_cram(tiny_llama.model, spec.token_ids, 2, spec.init_seed, cfg.optim, **method)
         assert_same_result(rows[spec.sample], naive, ce_rel=2e-3)  # a lowest CE on the steep side (measured: 6e-4)
     assert any(rows[s].memory != plain[s].memory for s in plain), "the alignment changed the trajectory"
 
