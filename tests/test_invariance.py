@@ -80,29 +80,6 @@ def test_packed_batches_give_the_promise_up_and_say_so(tiny_llama):
     assert all(not row.batch_invariant for row in packed.values()) and all(row.batch_invariant for row in fixed.values())
 
 
-@pytest.mark.slow
-def test_smollm2_bf16_progressive_horizon_does_not_move_with_the_batch():
-    """A real model in bf16: SmolLM2, pydoc, progressive to cap 12 by 4 tokens a stage, 40 steps a stage. On an AMX
-    Xeon sample 1 reaches 5 tokens in 64 steps while its two batch-mates end at 40; in the packed layout its vectors
-    alone and beside them end 0.10 apart."""
-    from cram_sweep.engine.model import load_model
-    from cram_sweep.results.columns import Cell
-    from cram_sweep.sweep.grid import sample_seed
-
-    overrides = ["method.steps_per_stage=40", "method.step=4", "optim.max_steps=120", "optim.warmup_steps=0", "optim.init=embed_std"]
-    cfg = tiny_config("grid.models=[smollm2]", "method=progressive", *overrides)
-    lm = load_model("smollm2", cfg.models["smollm2"], "cpu")
-    specs = specs_for(lm, 12, 3, n_mem=1)
-    for spec in specs:  # the sweep's seeds at seed 5
-        spec.init_seed = sample_seed(5, Cell("smollm2", "pydoc", 1, 12), spec.sample)
-
-    def rows(chosen):
-        return {r.sample: r for r in cram(lm.model, chosen, 1, cfg.optim, "bf16", batch_size=3, method=cfg.method)}
-
-    alone, batched = rows(specs[1:2]), rows(specs)
-    assert_bit_identical(batched[1], alone[1])
-
-
 def test_a_worker_runs_no_more_rows_than_a_work_item_holds_at_one_length():
     """Rows are grouped by length: past what the grid puts at one length in a work item, every forward would carry
     inert rows. Packed batches keep the batch size."""
