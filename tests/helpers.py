@@ -122,9 +122,10 @@ def assert_bit_identical(a, b, ignore=NOT_COMPUTED):
         assert same, f"{name} differs: {x if not isinstance(x, list) else x[:4]} against {y if not isinstance(y, list) else y[:4]}"
 
 
-def uninterrupted_rows(cfg, batch_size: int) -> dict:
-    """(cell, sample) -> the engine's result for every sample of a one-method sweep on a tiny model, run in this process
-    through the sweep's work items without interruption, as a worker runs them (one thread, eager attention)."""
+def uninterrupted_rows(cfg, batch_size: int, skip: frozenset = frozenset()) -> dict:
+    """(cell, sample) -> the engine's result for every sample of a one-method sweep on a tiny model but those whose
+    (cell, sample, restart) is in `skip`, run in this process through the sweep's work items without interruption, as
+    a worker runs them (one thread, eager attention)."""
     from cram_sweep.engine.cram import cram
     from cram_sweep.engine.model import load_model
     from cram_sweep.sweep.items import prepare_tokens, work_items
@@ -133,7 +134,7 @@ def uninterrupted_rows(cfg, batch_size: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for item in work_items(cfg, prepare_tokens(cfg), set()):
+        for item in work_items(cfg, prepare_tokens(cfg), set(skip)):
             lm = load_model(item.model, cfg.models[item.model], "cpu")
             options = dict(attention="eager", method=cfg.method, analysis=cfg.analysis)
             for row in cram(lm.model, item.specs, item.n_mem, cfg.optim, "fp32", batch_size=batch_size, **options):

@@ -123,10 +123,13 @@ def test_decode_agrees_with_stored_greedy_check(tiny_sweep, capsys):
     assert "finished samples are [0, 1, 2]" in capsys.readouterr().err
 
 
-def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
+def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path, capsys):
     """kill -9 mid-sweep, then resume with runtime overrides: each sample once, the same MLflow parent (progressive
     and restarts: test_restarts), and every row bit-identical to an uninterrupted run's at the batch size it ran with (1
-    before the kill, 3 after), though it ran beside other samples than there."""
+    before the kill, 3 after), though it ran beside other samples than there. Then `run` as it started: nothing is
+    left to run (in this process: Ray never starts); the same name with another config is refused."""
+    from cram_sweep.cli import main
+
     args = [
         "run",
         "name=killed",
@@ -151,21 +154,16 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path):
     parents, _ = mlflow_runs(tmp_path)
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
     cfg = load_sweep_config(sweep.config)
-    uninterrupted = {rows: uninterrupted_rows(cfg, batch_size=rows) for rows in (1, 3)}
     stored = read_results(sweep).to_pylist()
+    not_at = lambda rows: {(r["cell"], r["sample"], r["restart"]) for r in stored if r["forward_rows"] != rows}  # noqa: E731
+    uninterrupted = {rows: uninterrupted_rows(cfg, batch_size=rows, skip=not_at(rows)) for rows in (1, 3)}
     assert sorted(r["forward_rows"] for r in stored) == sorted([1] * before.num_rows + [3] * (8 - before.num_rows))
     for row in stored:
         assert_bit_identical(row, uninterrupted[row["forward_rows"]][row["cell"], row["sample"]])
 
-
-def test_run_twice_same_config_finishes_and_different_config_refuses(tmp_path, capsys):
-    from cram_sweep.cli import main
-
-    run_cli("run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]")
-    # In this process: neither run below starts Ray (nothing is left to run; a different sweep is refused).
-    assert main(["run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "report=false"]) == 0
-    assert "3 done, 0 to run" in capsys.readouterr().out
-    assert main(["run", "name=same", f"out_dir={tmp_path}", *TINY, "grid.lengths=[4]", "seed=1"]) == 2
+    assert main(args) == 0
+    assert "8 done, 0 to run" in capsys.readouterr().out
+    assert main([*args, "seed=1"]) == 2
     err = capsys.readouterr().err
     assert "holds a different sweep" in err and "resume" in err
 
