@@ -52,7 +52,7 @@ run: setup
 	$(BIN)/cram-sweep run out_dir=$(OUT) $(DEMO) $(RUN_ARGS)
 
 # Two test modules at a time, a module on one worker: one overlaps the other's waits (processes, Ray and servers
-# starting, kills and resumes). On an idle 2-core Zen 4: 9 to 10.3 min, the cores 92 % busy (mostly ~50 CLI processes
+# starting, kills and resumes). On an idle 2-core Zen 4: 8 min 44 s (a clean `bash .ci/run`, set-up included: 9 min 54 s), the cores ~90 % busy (mostly ~50 CLI processes
 # starting torch, MLflow and Ray); a third worker saves ~30 s and starves the timing-sensitive cluster tests.
 test: setup
 	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
