@@ -11,9 +11,9 @@ RUN_ARGS ?=
 setup: $(VENV)/.installed
 
 # The modules are byte-compiled once, on every core (pip compiles one file at a time: a clean set-up took 88 s, now
-# 64 to 78 s on a 2-core Zen 4). Byte-code must be there before the tests: with PYTHONDONTWRITEBYTECODE set, as on these machines,
-# each process would compile torch again (6.8 -> 12.4 s to import the CLI's stack). As with pip, a file in a newer
-# Python's syntax (torch's py312 test helpers) stays uncompiled.
+# 64 to 78 s on a 2-core Zen 4). Byte-code must be there before the tests: with PYTHONDONTWRITEBYTECODE set, as on
+# these machines, each process would compile torch again (6.8 -> 12.4 s to import the CLI's stack). As with pip, a
+# file in a newer Python's syntax (torch's py312 test helpers) stays uncompiled.
 # torch first, pinned to the CPU build on disk: a bare `torch` requirement would pull a multi-GB CUDA build. Everything
 # else at the versions of constraints.txt, which the suite passed with (pyproject.toml keeps only floors, for clusters
 # that bring their own builds): a new upstream release changes nothing here until `make constraints` takes it.
@@ -52,8 +52,9 @@ run: setup
 	$(BIN)/cram-sweep run out_dir=$(OUT) $(DEMO) $(RUN_ARGS)
 
 # Two test modules at a time, a module on one worker: one overlaps the other's waits (processes, Ray and servers
-# starting, kills and resumes). On an idle 2-core Zen 4: 8 min 44 s (a clean `bash .ci/run`, set-up included: 9 min 54 s), the cores ~90 % busy (mostly ~50 CLI processes
-# starting torch, MLflow and Ray); a third worker saves ~30 s and starves the timing-sensitive cluster tests.
+# starting, kills and resumes). On an idle 2-core Zen 4: 8 min 44 s (a clean `bash .ci/run`, set-up included:
+# 9 min 54 s), the cores ~90 % busy (mostly ~50 CLI processes starting torch, MLflow and Ray); a third worker saves
+# ~20 s (measured: 579 -> 562 s) and starves the timing-sensitive cluster tests.
 test: setup
 	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 

@@ -155,8 +155,8 @@ def test_kill_driver_then_resume_runs_only_missing_samples(tmp_path, capsys):
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parent_before]
     cfg = load_sweep_config(sweep.config)
     stored = read_results(sweep).to_pylist()
-    not_at = lambda rows: {(r["cell"], r["sample"], r["restart"]) for r in stored if r["forward_rows"] != rows}  # noqa: E731
-    uninterrupted = {rows: uninterrupted_rows(cfg, batch_size=rows, skip=not_at(rows)) for rows in (1, 3)}
+    ran_elsewhere = {rows: {(r["cell"], r["sample"], r["restart"]) for r in stored if r["forward_rows"] != rows} for rows in (1, 3)}
+    uninterrupted = {rows: uninterrupted_rows(cfg, batch_size=rows, skip=skip) for rows, skip in ran_elsewhere.items()}
     assert sorted(r["forward_rows"] for r in stored) == sorted([1] * before.num_rows + [3] * (8 - before.num_rows))
     for row in stored:
         assert_bit_identical(row, uninterrupted[row["forward_rows"]][row["cell"], row["sample"]])
